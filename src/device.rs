@@ -1,0 +1,74 @@
+//! Choosing where the model runs: CPU, or CUDA when built with the `cuda` feature.
+//!
+//! Owns: the `cpu | cuda | auto` choice and the message saying what was picked. Must not:
+//! run anything; callers dispatch on [`DeviceKind`] to a generic function.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    #[default]
+    Auto,
+}
+
+/// What the run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// Whether this build can use CUDA and a GPU is visible.
+pub fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        std::panic::catch_unwind(|| dfdx::tensor::Cuda::try_build(0).is_ok()).unwrap_or(false)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+impl DeviceChoice {
+    /// Resolves `auto`; asking for CUDA in a build without it is an error, not a panic.
+    pub fn resolve(self) -> Result<DeviceKind> {
+        match self {
+            DeviceChoice::Cpu => Ok(DeviceKind::Cpu),
+            DeviceChoice::Cuda => {
+                if !cfg!(feature = "cuda") {
+                    Err(Error::Device(
+                        "this runner was built without CUDA; rebuild with `cargo build --release --features cuda`".into(),
+                    ))
+                } else if !cuda_available() {
+                    Err(Error::Device(
+                        "built with CUDA, but no GPU is visible".into(),
+                    ))
+                } else {
+                    Ok(DeviceKind::Cuda)
+                }
+            }
+            DeviceChoice::Auto => Ok(if cuda_available() {
+                DeviceKind::Cuda
+            } else {
+                DeviceKind::Cpu
+            }),
+        }
+    }
+}

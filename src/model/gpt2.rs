@@ -1,0 +1,348 @@
+//! GPT-2's forward pass on a dfdx device, with TransformerLens hook points.
+//!
+//! Owns: the device-side parameters ([`HookedGpt2`], laid out for matmuls but named after
+//! TL's state dict) and the forward pass, which calls [`Hooks`] at every TL hook point in
+//! TL's order. Must not: read files, process weights, or compute metrics. The math is
+//! TransformerLens's `HookedTransformer.forward` for GPT-2: embed + pos_embed, blocks of
+//! (LayerNorm, attention, LayerNorm, MLP), final LayerNorm, unembed. Right padding needs no
+//! attention mask: the causal mask already keeps pad tokens out of earlier positions, and
+//! TL does not mask them either.
+
+use dfdx::prelude::*;
+use ndarray::{Array2, ArrayD};
+
+use super::checkpoint::{LayerNormParams, Params};
+use super::config::ModelConfig;
+use super::ops::{self, T1, T2, T3, T4};
+use crate::error::{Error, Result};
+use crate::hooks::{block_hook, Hooks, LOGITS};
+
+struct LayerNorm<D: Device<f32>> {
+    w: T1<D>,
+    b: T1<D>,
+}
+
+/// `blocks.L.attn`: per-head weights concatenated along the output axis for one matmul.
+struct Attention<D: Device<f32>> {
+    /// `W_Q` as `[d_model, n_heads * d_head]`.
+    w_q: T2<D>,
+    w_k: T2<D>,
+    w_v: T2<D>,
+    b_q: T1<D>,
+    b_k: T1<D>,
+    b_v: T1<D>,
+    /// `W_O` as `[n_heads * d_head, d_model]`.
+    w_o: T2<D>,
+    b_o: T1<D>,
+}
+
+/// `blocks.L.mlp`.
+struct Mlp<D: Device<f32>> {
+    w_in: T2<D>,
+    b_in: T1<D>,
+    w_out: T2<D>,
+    b_out: T1<D>,
+}
+
+/// `blocks.L`.
+struct Block<D: Device<f32>> {
+    ln1: Option<LayerNorm<D>>,
+    attn: Attention<D>,
+    ln2: Option<LayerNorm<D>>,
+    mlp: Mlp<D>,
+}
+
+/// A GPT-2 on device `D`, ready to run with hooks.
+pub struct HookedGpt2<D: Device<f32>> {
+    pub cfg: ModelConfig,
+    dev: D,
+    /// `embed.W_E` `[d_vocab, d_model]`.
+    w_e: T2<D>,
+    /// `pos_embed.W_pos` `[n_ctx, d_model]`.
+    w_pos: T2<D>,
+    blocks: Vec<Block<D>>,
+    ln_final: Option<LayerNorm<D>>,
+    /// `unembed.W_U` `[d_model, d_vocab]`.
+    w_u: T2<D>,
+    b_u: T1<D>,
+}
+
+/// What a forward pass returns besides the hook cache.
+pub struct ForwardOutput<D: Device<f32>> {
+    /// `[batch, seq, d_vocab]`, on the device.
+    pub logits: T3<D>,
+}
+
+impl<D: Device<f32>> HookedGpt2<D> {
+    /// Uploads processed host parameters to `dev`.
+    pub fn new(dev: D, cfg: ModelConfig, p: &Params) -> Result<Self> {
+        let (d, h, dh) = (cfg.d_model, cfg.n_heads, cfg.d_head);
+        let up1 = |a: &ndarray::Array1<f32>| ops::upload(&dev, &a.clone().into_dyn(), (a.len(),));
+        let up2 = |a: &Array2<f32>| {
+            let (r, c) = a.dim();
+            ops::upload(&dev, &a.clone().into_dyn(), (r, c))
+        };
+        // TL's [n_heads, d_model, d_head] -> [d_model, n_heads * d_head]
+        let heads_in = |w: &ndarray::Array3<f32>| {
+            let a = w
+                .view()
+                .permuted_axes([1, 0, 2])
+                .as_standard_layout()
+                .into_owned();
+            ops::upload(&dev, &a.into_dyn(), (d, h * dh))
+        };
+        let ln = |l: &Option<LayerNormParams>| -> Result<Option<LayerNorm<D>>> {
+            l.as_ref()
+                .map(|l| {
+                    Ok(LayerNorm {
+                        w: up1(&l.w)?,
+                        b: up1(&l.b)?,
+                    })
+                })
+                .transpose()
+        };
+        let mut blocks = Vec::with_capacity(p.blocks.len());
+        for b in &p.blocks {
+            let a = &b.attn;
+            blocks.push(Block {
+                ln1: ln(&b.ln1)?,
+                attn: Attention {
+                    w_q: heads_in(&a.w_q)?,
+                    w_k: heads_in(&a.w_k)?,
+                    w_v: heads_in(&a.w_v)?,
+                    b_q: ops::upload(&dev, &a.b_q.clone().into_dyn(), (h * dh,))?,
+                    b_k: ops::upload(&dev, &a.b_k.clone().into_dyn(), (h * dh,))?,
+                    b_v: ops::upload(&dev, &a.b_v.clone().into_dyn(), (h * dh,))?,
+                    w_o: ops::upload(&dev, &a.w_o.clone().into_dyn(), (h * dh, d))?,
+                    b_o: up1(&a.b_o)?,
+                },
+                ln2: ln(&b.ln2)?,
+                mlp: Mlp {
+                    w_in: up2(&b.mlp.w_in)?,
+                    b_in: up1(&b.mlp.b_in)?,
+                    w_out: up2(&b.mlp.w_out)?,
+                    b_out: up1(&b.mlp.b_out)?,
+                },
+            });
+        }
+        Ok(HookedGpt2 {
+            w_e: up2(&p.w_e)?,
+            w_pos: up2(&p.w_pos)?,
+            ln_final: ln(&p.ln_final)?,
+            w_u: up2(&p.w_u)?,
+            b_u: up1(&p.b_u)?,
+            blocks,
+            cfg,
+            dev,
+        })
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// Runs a hook point: if it is cached or written, the activation goes to the host and
+    /// (when rewritten) comes back; otherwise nothing leaves the device.
+    fn point<S: Shape>(
+        &self,
+        hooks: &mut Hooks,
+        name: &str,
+        x: Tensor<S, f32, D>,
+    ) -> Result<Tensor<S, f32, D>> {
+        if !hooks.touches(name) {
+            return Ok(x);
+        }
+        let shape = *x.shape();
+        match hooks.visit(name, ops::download(&x))? {
+            Some(new) => ops::upload(&self.dev, &new, shape),
+            None => Ok(x),
+        }
+    }
+
+    /// Like [`Self::point`] for a `[B, S]` LayerNorm scale, which TL shows as `[B, S, 1]`.
+    fn scale_point(&self, hooks: &mut Hooks, name: &str, scale: T2<D>) -> Result<T2<D>> {
+        if !hooks.touches(name) {
+            return Ok(scale);
+        }
+        let (b, s) = *scale.shape();
+        let host = ops::download(&scale)
+            .into_shape_with_order(vec![b, s, 1])
+            .expect("same size");
+        match hooks.visit(name, host)? {
+            Some(new) => ops::upload(&self.dev, &new, (b, s)),
+            None => Ok(scale),
+        }
+    }
+
+    /// TL's LayerNorm / LayerNormPre with its `hook_scale` and `hook_normalized`.
+    fn layer_norm(
+        &self,
+        hooks: &mut Hooks,
+        prefix: &str,
+        x: T3<D>,
+        ln: Option<&LayerNorm<D>>,
+    ) -> Result<T3<D>> {
+        let (centered, scale) = ops::center_and_scale(x, self.cfg.eps);
+        let scale = self.scale_point(hooks, &format!("{prefix}.hook_scale"), scale)?;
+        let normalized = ops::normalize(centered, &scale);
+        let normalized = self.point(hooks, &format!("{prefix}.hook_normalized"), normalized)?;
+        Ok(match ln {
+            Some(l) => ops::affine(normalized, &l.w, &l.b),
+            None => normalized,
+        })
+    }
+
+    /// Checks token ids and shape before anything runs.
+    fn check_tokens(&self, tokens: &Array2<u32>) -> Result<()> {
+        let (b, s) = tokens.dim();
+        if b == 0 || s == 0 {
+            return Err(Error::Other("forward: empty batch".into()));
+        }
+        if s > self.cfg.n_ctx {
+            return Err(Error::Other(format!(
+                "forward: sequence length {s} exceeds the model's context n_ctx = {}",
+                self.cfg.n_ctx
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.d_vocab) {
+            return Err(Error::Other(format!(
+                "forward: token id {t} is outside the vocabulary (d_vocab = {})",
+                self.cfg.d_vocab
+            )));
+        }
+        Ok(())
+    }
+
+    /// The forward pass over `tokens` `[batch, seq]`, visiting every hook point.
+    pub fn forward(&self, tokens: &Array2<u32>, hooks: &mut Hooks) -> Result<ForwardOutput<D>> {
+        self.check_tokens(tokens)?;
+        let (b, s) = tokens.dim();
+        let d = self.cfg.d_model;
+        let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+        let ids: Tensor<(usize, usize), usize, D> = self.dev.tensor_from_vec(ids, (b, s));
+
+        let embed: T3<D> = self.w_e.clone().gather(ids);
+        let embed = self.point(hooks, "hook_embed", embed)?;
+        let pos: T2<D> = self.w_pos.clone().slice((0..s, ..)).realize();
+        let pos: T3<D> = pos.broadcast_like::<_, Axis<0>>(&(b, s, d));
+        let pos = self.point(hooks, "hook_pos_embed", pos)?;
+        let mut resid = embed + pos;
+
+        for (l, block) in self.blocks.iter().enumerate() {
+            resid = self.block(hooks, l, block, resid)?;
+        }
+
+        let x = self.layer_norm(hooks, "ln_final", resid, self.ln_final.as_ref())?;
+        let logits = ops::linear(x, &self.w_u, &self.b_u);
+        let logits = self.point(hooks, LOGITS, logits)?;
+        Ok(ForwardOutput { logits })
+    }
+
+    fn block(&self, hooks: &mut Hooks, l: usize, block: &Block<D>, resid: T3<D>) -> Result<T3<D>> {
+        let name = |h: &str| block_hook(l, h);
+        let resid_pre = self.point(hooks, &name("hook_resid_pre"), resid)?;
+
+        let x = self.layer_norm(hooks, &name("ln1"), resid_pre.clone(), block.ln1.as_ref())?;
+        let attn_out = self.attention(hooks, l, &block.attn, x)?;
+        let attn_out = self.point(hooks, &name("hook_attn_out"), attn_out)?;
+        let resid_mid = self.point(hooks, &name("hook_resid_mid"), resid_pre + attn_out)?;
+
+        let x = self.layer_norm(hooks, &name("ln2"), resid_mid.clone(), block.ln2.as_ref())?;
+        let pre = ops::linear(x, &block.mlp.w_in, &block.mlp.b_in);
+        let pre = self.point(hooks, &name("mlp.hook_pre"), pre)?;
+        let post = self.point(hooks, &name("mlp.hook_post"), ops::gelu_new(pre))?;
+        let mlp_out = ops::linear(post, &block.mlp.w_out, &block.mlp.b_out);
+        let mlp_out = self.point(hooks, &name("hook_mlp_out"), mlp_out)?;
+        self.point(hooks, &name("hook_resid_post"), resid_mid + mlp_out)
+    }
+
+    fn attention(&self, hooks: &mut Hooks, l: usize, a: &Attention<D>, x: T3<D>) -> Result<T3<D>> {
+        let name = |h: &str| block_hook(l, h);
+        let (b, s, d) = *x.shape();
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let split = |t: T3<D>| -> T4<D> { t.reshape_like(&(b, s, h, dh)) };
+
+        let q = self.point(
+            hooks,
+            &name("attn.hook_q"),
+            split(ops::linear(x.clone(), &a.w_q, &a.b_q)),
+        )?;
+        let k = self.point(
+            hooks,
+            &name("attn.hook_k"),
+            split(ops::linear(x.clone(), &a.w_k, &a.b_k)),
+        )?;
+        let v = self.point(
+            hooks,
+            &name("attn.hook_v"),
+            split(ops::linear(x, &a.w_v, &a.b_v)),
+        )?;
+
+        // [B, S, H, dh] -> [B, H, S, dh]
+        let q = q.permute::<_, Axes4<0, 2, 1, 3>>();
+        let k = k.permute::<_, Axes4<0, 2, 1, 3>>();
+        let v = v.permute::<_, Axes4<0, 2, 1, 3>>();
+        let scores = ops::causal_scores(q, k, dh);
+        let scores = self.point(hooks, &name("attn.hook_attn_scores"), scores)?;
+        let pattern = ops::softmax_keys(scores);
+        let pattern = self.point(hooks, &name("attn.hook_pattern"), pattern)?;
+
+        // z: [B, H, S, dh] -> [B, S, H, dh]
+        let z: T4<D> = pattern
+            .matmul(v)
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .realize();
+        let z = self.point(hooks, &name("attn.hook_z"), z)?;
+
+        let result_name = name("attn.hook_result");
+        if hooks.touches(&result_name) {
+            // Per-head outputs [B, S, H, d_model] are only built when asked for: TL's
+            // `use_attn_result`. The sum below gives the same attn_out either way.
+            let w_o_heads: T3<D> = a.w_o.clone().reshape_like(&(h, dh, d));
+            let z_heads: T3<D> =
+                z.clone()
+                    .permute::<_, Axes4<2, 0, 1, 3>>()
+                    .reshape_like(&(h, b * s, dh));
+            let result: T4<D> = z_heads
+                .matmul(w_o_heads)
+                .reshape_like(&(h, b, s, d))
+                .permute::<_, Axes4<1, 2, 0, 3>>()
+                .realize();
+            self.point(hooks, &result_name, result)?;
+        }
+
+        let z_flat: T3<D> = z.reshape_like(&(b, s, h * dh));
+        Ok(ops::linear(z_flat, &a.w_o, &a.b_o))
+    }
+
+    /// Runs the model and returns the logits on the host as `[batch, seq, d_vocab]`.
+    pub fn logits_host(
+        &self,
+        tokens: &Array2<u32>,
+        hooks: &mut Hooks,
+    ) -> Result<ndarray::Array3<f32>> {
+        let out = self.forward(tokens, hooks)?;
+        let host: ArrayD<f32> = ops::download(&out.logits);
+        Ok(host.into_dimensionality().expect("logits are 3-d"))
+    }
+}
+
+/// TL's `lm_cross_entropy_loss(logits, tokens, per_token=True)`: `[batch, seq - 1]`,
+/// `-log_softmax(logits[:, s])[tokens[:, s + 1]]`.
+pub fn per_token_loss(logits: &ndarray::Array3<f32>, tokens: &Array2<u32>) -> Array2<f32> {
+    let (b, s, _) = logits.dim();
+    let mut out = Array2::<f32>::zeros((b, s.saturating_sub(1)));
+    for ((i, j), o) in out.indexed_iter_mut() {
+        let row = logits.slice(ndarray::s![i, j, ..]);
+        let target = tokens[[i, j + 1]] as usize;
+        *o = log_sum_exp(row.iter().copied()) - row[target];
+    }
+    out
+}
+
+/// `log(sum(exp(x)))`, shifted by the max for stability, accumulated in f64.
+pub fn log_sum_exp(x: impl Iterator<Item = f32> + Clone) -> f32 {
+    let m = x.clone().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = x.map(|v| ((v - m) as f64).exp()).sum();
+    m + s.ln() as f32
+}

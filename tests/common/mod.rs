@@ -1,0 +1,86 @@
+//! Helpers shared by the integration tests: goldens from TransformerLens and tolerances.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, ArrayD, IxDyn};
+
+/// f32 parity tolerance against TransformerLens: |a - b| <= ATOL + RTOL * |b|.
+pub const RTOL: f32 = 1e-4;
+pub const ATOL: f32 = 1e-5;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests").join("fixtures").join(name)
+}
+
+pub fn golden_path(name: &str) -> PathBuf {
+    root().join("tests").join("golden").join(name)
+}
+
+/// Every tensor of a golden safetensors file, as f32 arrays.
+pub fn load_golden(name: &str) -> HashMap<String, ArrayD<f32>> {
+    let bytes = std::fs::read(golden_path(name)).expect("golden file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden parses");
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{k}");
+            let data: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (k, ArrayD::from_shape_vec(IxDyn(v.shape()), data).unwrap())
+        })
+        .collect()
+}
+
+/// Token ids from a JSON list of equal-length lists.
+pub fn load_tokens(path: &Path) -> Array2<u32> {
+    let rows: Vec<Vec<u32>> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (b, s) = (rows.len(), rows[0].len());
+    Array2::from_shape_vec((b, s), rows.into_iter().flatten().collect()).unwrap()
+}
+
+/// Largest violation of the tolerance, as (index, ours, theirs), or None if all close.
+/// Infinities must match exactly (TL's masked attention scores are -inf).
+pub fn worst(ours: &[f32], theirs: &[f32], rtol: f32, atol: f32) -> Option<(usize, f32, f32)> {
+    let mut worst: Option<(usize, f32, f32, f32)> = None;
+    for (i, (&a, &b)) in ours.iter().zip(theirs).enumerate() {
+        let bad = if b.is_infinite() || a.is_infinite() {
+            if a == b {
+                0.0
+            } else {
+                f32::INFINITY
+            }
+        } else if a.is_nan() || b.is_nan() {
+            if a.is_nan() && b.is_nan() {
+                0.0
+            } else {
+                f32::INFINITY
+            }
+        } else {
+            (a - b).abs() - (atol + rtol * b.abs())
+        };
+        if bad > 0.0 && worst.is_none_or(|w| bad > w.3) {
+            worst = Some((i, a, b, bad));
+        }
+    }
+    worst.map(|(i, a, b, _)| (i, a, b))
+}
+
+/// Asserts `ours` equals `theirs` in shape and within tolerance.
+pub fn assert_close(name: &str, ours: &ArrayD<f32>, theirs: &ArrayD<f32>, rtol: f32, atol: f32) {
+    assert_eq!(ours.shape(), theirs.shape(), "{name}: shape");
+    let a: Vec<f32> = ours.iter().copied().collect();
+    let b: Vec<f32> = theirs.iter().copied().collect();
+    if let Some((i, x, y)) = worst(&a, &b, rtol, atol) {
+        panic!("{name}: element {i} is {x}, TransformerLens has {y} (rtol {rtol}, atol {atol})");
+    }
+}
