@@ -1,15 +1,21 @@
 //! hookgraph: declarative mechanistic-interpretability experiments on GPT-2.
 //!
 //! A run reads an experiment spec ([`spec`]), loads a GPT-2 checkpoint into dfdx
-//! ([`model`]), builds its datasets ([`data`]), asks every metric ([`metrics`], [`plugin`])
-//! which hook points it reads, runs **one** forward pass per batch that caches exactly the
-//! union of those points ([`hooks`]), hands each metric its activations, and writes CSV
-//! tables and a manifest atomically ([`output`]). The crate layout follows that flow.
+//! ([`model`]), builds its datasets ([`data`]), asks every metric ([`metrics`]) which hook
+//! points it reads, runs **one** forward pass per batch that caches exactly the union of
+//! those points ([`hooks`]), hands each metric its activations, and writes CSV tables and a
+//! manifest atomically ([`output`]). The crate layout follows that flow; [`cli`] is the
+//! `runner` binary's front end.
 
+pub mod cli;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod hooks;
+pub mod metrics;
 pub mod model;
+pub mod output;
+pub mod spec;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -1,1 +1,4 @@
-fn main() {}
+//! The `runner` binary: see `hookgraph::cli`.
+fn main() -> std::process::ExitCode {
+    hookgraph::cli::main()
+}

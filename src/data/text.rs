@@ -1,0 +1,1 @@
+//! Local text corpora. (Being written.)

@@ -1,0 +1,175 @@
+//! Metrics: what a run computes from cached activations.
+//!
+//! Owns: the [`Metric`] trait every metric implements (built-in or plugin), the registry of
+//! built-ins ([`builtin`], [`BUILTINS`]) and their option parsing. Each metric *declares* the
+//! hook points it reads; the runner caches the union in one forward pass per batch and hands
+//! every metric the same cache (the hook graph). Must not: run the model, or write files.
+//!
+//! Aggregation is per sequence and averaged at the end, so results do not depend on the
+//! batch size.
+
+pub mod loss;
+pub mod projection_loss;
+pub mod source_suppression;
+
+use ndarray::ArrayView2;
+
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::hooks::ActivationCache;
+use crate::model::{ModelConfig, Params};
+use crate::output::Table;
+use crate::tokenizer::GptTokenizer;
+
+/// What every metric may read besides activations; the same for the whole run.
+pub struct RunContext<'a> {
+    pub cfg: &'a ModelConfig,
+    /// Processed weights on the host (W_O, W_U, ...).
+    pub params: &'a Params,
+    /// The selected heads, sorted by (layer, head).
+    pub heads: &'a [(usize, usize)],
+    /// BOS id (GPT-2 pads with it too).
+    pub bos: u32,
+    pub tokenizer: Option<&'a GptTokenizer>,
+}
+
+impl RunContext<'_> {
+    /// The selected heads grouped by layer, in order.
+    pub fn heads_by_layer(&self) -> Vec<(usize, Vec<usize>)> {
+        let mut out: Vec<(usize, Vec<usize>)> = Vec::new();
+        for &(l, h) in self.heads {
+            match out.last_mut() {
+                Some((ll, hs)) if *ll == l => hs.push(h),
+                _ => out.push((l, vec![h])),
+            }
+        }
+        out
+    }
+
+    /// A token's text for tables (empty when there is no tokenizer).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.map(|t| t.decode_one(id)).unwrap_or_default()
+    }
+}
+
+/// One batch of one dataset, with the activations its forward pass cached.
+pub struct BatchView<'a> {
+    pub dataset: &'a Dataset,
+    /// Index of the batch's first sequence in the dataset.
+    pub start: usize,
+    /// `[batch, seq]`.
+    pub tokens: ArrayView2<'a, u32>,
+    pub cache: &'a ActivationCache,
+}
+
+/// A metric over cached activations.
+pub trait Metric {
+    /// The metric's name (and its tables' name prefix).
+    fn name(&self) -> &str;
+    /// The hook points it reads, e.g. `blocks.3.attn.hook_v` or `logits`.
+    fn hooks(&self, ctx: &RunContext) -> Vec<String>;
+    /// Called before a dataset's first batch.
+    fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()>;
+    /// Called once per batch with that batch's cache.
+    fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()>;
+    /// Called after a dataset's last batch; returns its tables.
+    fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>>;
+}
+
+/// A built-in metric's name, what it computes, and its options.
+pub struct BuiltinInfo {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub options: &'static [(&'static str, &'static str)],
+    pub tables: &'static [&'static str],
+}
+
+/// The built-in metrics (`runner list` prints this).
+pub const BUILTINS: &[BuiltinInfo] = &[
+    BuiltinInfo {
+        name: "source_suppression",
+        about: "per head: how much the head's output at a destination suppresses the logit of the source tokens it attends to (metrics.md §1)",
+        options: &[("only_negative", "bool, default false: keep only negative source coefficients")],
+        tables: &["source_suppression", "source_suppression_per_sequence", "source_suppression_per_position"],
+    },
+    BuiltinInfo {
+        name: "projection_loss",
+        about: "per head: loss when the head's direct effect is kept only along / perpendicular to the source unembedding, or ablated (metrics.md §2)",
+        options: &[("only_negative", "bool, default false: project only negative coefficients")],
+        tables: &["projection_loss"],
+    },
+    BuiltinInfo {
+        name: "loss",
+        about: "per-token cross-entropy loss of the unmodified model",
+        options: &[],
+        tables: &["loss"],
+    },
+];
+
+/// Reads a bool option, rejecting anything else.
+pub fn bool_option(metric: &str, options: &toml::Table, key: &str, default: bool) -> Result<bool> {
+    match options.get(key) {
+        None => Ok(default),
+        Some(toml::Value::Boolean(b)) => Ok(*b),
+        Some(other) => Err(Error::Metric {
+            metric: metric.to_string(),
+            msg: format!("option '{key}' must be true or false, not {other}"),
+        }),
+    }
+}
+
+/// Rejects options a built-in does not know.
+fn check_options(info: &BuiltinInfo, options: &toml::Table) -> Result<()> {
+    for key in options.keys() {
+        if !info.options.iter().any(|(k, _)| k == key) {
+            let known: Vec<&str> = info.options.iter().map(|(k, _)| *k).collect();
+            return Err(Error::Metric {
+                metric: info.name.to_string(),
+                msg: format!(
+                    "unknown option '{key}' (known: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A built-in metric by name, with its options checked.
+pub fn builtin(kind: &str, options: &toml::Table) -> Result<Box<dyn Metric>> {
+    let info = BUILTINS
+        .iter()
+        .find(|b| b.name == kind)
+        .ok_or_else(|| Error::Metric {
+            metric: kind.to_string(),
+            msg: format!(
+                "unknown metric (built-ins: {}; or use `plugin = ...`)",
+                BUILTINS
+                    .iter()
+                    .map(|b| b.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+    check_options(info, options)?;
+    Ok(match kind {
+        "source_suppression" => Box::new(source_suppression::SourceSuppression::new(bool_option(
+            kind,
+            options,
+            "only_negative",
+            false,
+        )?)),
+        "projection_loss" => Box::new(projection_loss::ProjectionLoss::new(bool_option(
+            kind,
+            options,
+            "only_negative",
+            false,
+        )?)),
+        "loss" => Box::new(loss::Loss::default()),
+        _ => unreachable!("BUILTINS and this match list the same names"),
+    })
+}

@@ -1,0 +1,411 @@
+//! The experiment spec: a TOML file that declares a whole run.
+//!
+//! Owns: the spec's schema (every key documented in the README), parsing with file:line:col
+//! errors (unknown keys are rejected), and the checks that need only the spec and the model's
+//! shape ([`Spec::check_heads`]). Must not: load models, read datasets or run anything.
+//!
+//! Paths inside a spec (model `path`, `tokenizer`, dataset `path`, `plugin`) are relative to
+//! the spec file's directory; `output` is relative to the working directory, like
+//! `results/<name>`, its default.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::device::DeviceChoice;
+use crate::error::{Error, Result};
+use crate::model::Processing;
+
+/// A whole experiment.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Names the run and its default output directory `results/<name>`.
+    pub name: String,
+    /// Output directory (relative to the working directory).
+    pub output: Option<PathBuf>,
+    /// Heads to study: `"all"`, `["9.9", "10.7"]`, whole layers `["10", "11"]` or `["10.*"]`.
+    #[serde(default = "all_heads")]
+    pub heads: Spanned<Heads>,
+    pub model: ModelSpec,
+    #[serde(rename = "dataset")]
+    pub datasets: Vec<DatasetSpec>,
+    #[serde(rename = "metric")]
+    pub metrics: Vec<MetricSpec>,
+    /// Per-token views of chosen heads (pictures).
+    #[serde(rename = "view", default)]
+    pub views: Vec<ViewSpec>,
+}
+
+fn all_heads() -> Spanned<Heads> {
+    Spanned::new(0..0, Heads::All(AllHeads::All))
+}
+
+/// The literal `"all"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllHeads {
+    All,
+}
+
+/// Which heads a run studies.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Heads {
+    All(AllHeads),
+    /// `"L.H"` for one head, `"L"` or `"L.*"` for a whole layer.
+    List(Vec<String>),
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A hub id (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2`).
+    pub name: Option<String>,
+    /// A checkpoint directory in HuggingFace layout (instead of `name`).
+    pub path: Option<PathBuf>,
+    /// Where the tokenizer files are, if not in the checkpoint directory.
+    pub tokenizer: Option<PathBuf>,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// Sequences per forward pass; memory grows with it, results do not change.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "yes")]
+    pub fold_ln: bool,
+    #[serde(default = "yes")]
+    pub center_writing_weights: bool,
+    #[serde(default = "yes")]
+    pub center_unembed: bool,
+    #[serde(default = "yes")]
+    pub fold_value_biases: bool,
+}
+
+fn default_batch() -> usize {
+    16
+}
+fn yes() -> bool {
+    true
+}
+
+impl ModelSpec {
+    pub fn processing(&self) -> Processing {
+        Processing {
+            fold_ln: self.fold_ln,
+            center_writing_weights: self.center_writing_weights,
+            center_unembed: self.center_unembed,
+            fold_value_biases: self.fold_value_biases,
+        }
+    }
+}
+
+/// The kinds of dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// IOI prompts generated in-process.
+    Ioi,
+    /// A local corpus (`.jsonl` with a `text` field, or `.txt`).
+    Text,
+    /// A JSON file of token-id lists.
+    Tokens,
+    /// Inline texts.
+    Prompts,
+}
+
+/// What to do with text documents shorter than `seq_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShortDocs {
+    #[default]
+    Drop,
+    Pad,
+}
+
+/// `[[dataset]]`: one table for every kind; keys that do not apply to the kind are errors.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// Names the dataset in every CSV's `dataset` column.
+    pub name: String,
+    pub kind: DatasetKind,
+    /// ioi: number of prompts (with `symmetric`, n/2 pairs); text: number of documents.
+    pub n: Option<usize>,
+    /// ioi and text (with `shuffle`): the random seed.
+    pub seed: Option<u64>,
+    /// ioi: pair each prompt with its name-swapped twin (default true).
+    pub symmetric: Option<bool>,
+    /// ioi: override the built-in lists.
+    pub names: Option<Spanned<Vec<String>>>,
+    pub places: Option<Vec<String>>,
+    pub objects: Option<Vec<String>>,
+    /// ioi: templates with `[A]`, `[B]`, `[PLACE]`, `[OBJECT]`; `[B]` must come first (BABA).
+    pub templates: Option<Vec<String>>,
+    /// text and tokens: the file (relative to the spec).
+    pub path: Option<Spanned<PathBuf>>,
+    /// text: tokens per sequence, BOS included.
+    pub seq_len: Option<usize>,
+    /// text: shuffle documents with `seed` before taking the first n.
+    pub shuffle: Option<bool>,
+    /// text: drop or pad documents shorter than `seq_len`.
+    pub short: Option<ShortDocs>,
+    /// prompts: the texts.
+    pub prompts: Option<Vec<String>>,
+    /// text and prompts: prepend BOS (default true, as TL's `to_tokens`).
+    pub prepend_bos: Option<bool>,
+}
+
+/// `[[metric]]`: a built-in `kind` or a `plugin`, with options.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MetricSpec {
+    /// A built-in metric (`source_suppression`, `projection_loss`, `loss`).
+    pub kind: Option<Spanned<String>>,
+    /// A plugin: a library path (relative to the spec) or a name on the plugin search path.
+    pub plugin: Option<Spanned<String>>,
+    /// Output table name (defaults to the metric's name).
+    pub name: Option<String>,
+    /// Every other key: the metric's options (checked by the metric).
+    #[serde(flatten)]
+    pub options: toml::Table,
+}
+
+/// `[[view]]`: a per-token picture of some heads on one metric.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewSpec {
+    /// The metric whose per-position values are shown (default `source_suppression`).
+    pub metric: Option<String>,
+    pub heads: Vec<String>,
+    /// Which dataset (default: the first).
+    pub dataset: Option<String>,
+    /// How many sequences to show (default 10).
+    pub sequences: Option<usize>,
+}
+
+/// A parsed spec with where it came from, for errors and relative paths.
+#[derive(Debug, Clone)]
+pub struct LoadedSpec {
+    pub spec: Spec,
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl LoadedSpec {
+    /// Reads and parses a spec file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_str(&text, path)
+    }
+
+    /// Parses spec text; `path` is used for errors and relative paths.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self> {
+        let spec: Spec = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unzip();
+            Error::Spec {
+                path: path.to_path_buf(),
+                line,
+                col,
+                msg: e.message().trim().to_string(),
+            }
+        })?;
+        let loaded = LoadedSpec {
+            spec,
+            path: path.to_path_buf(),
+            text: text.to_string(),
+        };
+        loaded.check_shape()?;
+        Ok(loaded)
+    }
+
+    /// An error at a span of the spec.
+    pub fn error_at(&self, span: std::ops::Range<usize>, msg: impl Into<String>) -> Error {
+        let (line, col) = if span.is_empty() && span.start == 0 {
+            (None, None)
+        } else {
+            let (l, c) = line_col(&self.text, span.start);
+            (Some(l), Some(c))
+        };
+        Error::Spec {
+            path: self.path.clone(),
+            line,
+            col,
+            msg: msg.into(),
+        }
+    }
+
+    /// An error about the spec with no precise location.
+    pub fn error(&self, msg: impl Into<String>) -> Error {
+        self.error_at(0..0, msg)
+    }
+
+    /// The spec file's directory, against which its relative paths resolve.
+    pub fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// A path from the spec, relative to the spec file.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir().join(p)
+        }
+    }
+
+    /// The output directory: `output`, or `results/<name>`.
+    pub fn output_dir(&self) -> PathBuf {
+        self.spec
+            .output
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("results").join(&self.spec.name))
+    }
+
+    /// Structural checks that need no model.
+    fn check_shape(&self) -> Result<()> {
+        let s = &self.spec;
+        if s.name.trim().is_empty() || s.name.contains(['/', '\\']) {
+            return Err(self.error("`name` must be a non-empty file name (no slashes)"));
+        }
+        match (&s.model.name, &s.model.path) {
+            (None, None) => {
+                return Err(self
+                    .error("[model] needs `name` (a hub id) or `path` (a checkpoint directory)"))
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.error("[model] takes `name` or `path`, not both"))
+            }
+            _ => {}
+        }
+        if s.model.batch_size == 0 {
+            return Err(self.error("[model] batch_size must be at least 1"));
+        }
+        if s.datasets.is_empty() {
+            return Err(self.error("at least one [[dataset]] is needed"));
+        }
+        let mut seen = BTreeSet::new();
+        for d in &s.datasets {
+            if !seen.insert(&d.name) {
+                return Err(self.error(format!("two datasets are named '{}'", d.name)));
+            }
+        }
+        if s.metrics.is_empty() {
+            return Err(self.error("at least one [[metric]] is needed"));
+        }
+        for (i, m) in s.metrics.iter().enumerate() {
+            match (&m.kind, &m.plugin) {
+                (None, None) => {
+                    return Err(self.error(format!(
+                        "[[metric]] #{} needs `kind` (built-in) or `plugin`",
+                        i + 1
+                    )))
+                }
+                (Some(k), Some(_)) => {
+                    return Err(
+                        self.error_at(k.span(), "a [[metric]] takes `kind` or `plugin`, not both")
+                    )
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The selected heads as (layer, head), checked against the model's shape.
+    pub fn check_heads(&self, n_layers: usize, n_heads: usize) -> Result<Vec<(usize, usize)>> {
+        let span = self.spec.heads.span();
+        parse_heads(self.spec.heads.get_ref(), n_layers, n_heads)
+            .map_err(|msg| self.error_at(span, msg))
+    }
+}
+
+/// Expands a head selection for an `n_layers` x `n_heads` model.
+pub fn parse_heads(
+    heads: &Heads,
+    n_layers: usize,
+    n_heads: usize,
+) -> std::result::Result<Vec<(usize, usize)>, String> {
+    let all = || (0..n_layers).flat_map(|l| (0..n_heads).map(move |h| (l, h)));
+    let list = match heads {
+        Heads::All(_) => return Ok(all().collect()),
+        Heads::List(l) => l,
+    };
+    if list.is_empty() {
+        return Err("`heads` is empty".into());
+    }
+    let mut out = BTreeSet::new();
+    for item in list {
+        let bad = || format!("head '{item}' is not 'LAYER.HEAD', 'LAYER' or 'LAYER.*'");
+        let (l, h) = match item.split_once('.') {
+            Some((l, h)) => (l, Some(h)),
+            None => (item.as_str(), None),
+        };
+        let layer: usize = l.trim().parse().map_err(|_| bad())?;
+        if layer >= n_layers {
+            return Err(format!("head '{item}': layer {layer} is out of range (the model has {n_layers} layers, 0..{})", n_layers - 1));
+        }
+        match h.map(str::trim) {
+            None | Some("*") => out.extend((0..n_heads).map(|h| (layer, h))),
+            Some(h) => {
+                let head: usize = h.parse().map_err(|_| bad())?;
+                if head >= n_heads {
+                    return Err(format!("head '{item}': head {head} is out of range (the model has {n_heads} heads per layer, 0..{})", n_heads - 1));
+                }
+                out.insert((layer, head));
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+name = "t"
+heads = ["1.2", "0"]
+[model]
+path = "ckpt"
+[[dataset]]
+name = "d"
+kind = "prompts"
+prompts = ["hi"]
+[[metric]]
+kind = "loss"
+"#;
+
+    #[test]
+    fn parses_and_expands_heads() {
+        let s = LoadedSpec::from_str(OK, Path::new("x.toml")).unwrap();
+        assert_eq!(
+            s.check_heads(2, 3).unwrap(),
+            vec![(0, 0), (0, 1), (0, 2), (1, 2)]
+        );
+        let err = s.check_heads(1, 3).unwrap_err().to_string();
+        assert!(err.starts_with("x.toml:3:9:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_has_line_and_column() {
+        let text = OK.replace("path = \"ckpt\"", "path = \"ckpt\"\nbatchsize = 3");
+        let err = LoadedSpec::from_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("x.toml:6:1:"), "{err}");
+        assert!(err.contains("batchsize"), "{err}");
+    }
+}
