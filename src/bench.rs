@@ -43,7 +43,9 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &ModelConfig, seed: u64) -> Resu
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, center: f32, spread: f32| {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| center + spread * (rng.gen::<f32>() * 2.0 - 1.0)).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| center + spread * (rng.gen::<f32>() * 2.0 - 1.0))
+            .collect();
         tensors.push((name, shape, data));
     };
     add("wte.weight".into(), vec![v, d], 0.0, 0.1);
@@ -67,17 +69,25 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &ModelConfig, seed: u64) -> Resu
     add("ln_f.bias".into(), vec![d], 0.0, 0.1);
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .into_iter()
-        .map(|(n, shape, data)| (n, data.iter().flat_map(|x| x.to_le_bytes()).collect(), shape))
+        .map(|(n, shape, data)| {
+            (
+                n,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                shape,
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
         .map(|(n, b, shape)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .expect("sizes match");
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .expect("sizes match");
             (n.clone(), view)
         })
         .collect();
-    let st = safetensors::tensor::serialize(views, &None).map_err(|e| Error::Other(e.to_string()))?;
+    let st =
+        safetensors::tensor::serialize(views, &None).map_err(|e| Error::Other(e.to_string()))?;
     crate::output::write_atomic(&dir.join("model.safetensors"), &st)?;
     let config = serde_json::json!({
         "model_type": "gpt2", "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_embd": d,
@@ -124,14 +134,24 @@ pub struct Case {
 
 /// Multiply-adds x 2 of the forward pass: matmuls of every layer, attention, unembed.
 pub fn forward_flop(cfg: &ModelConfig, b: usize, s: usize) -> f64 {
-    let (n, d, m, v) = ((b * s) as f64, cfg.d_model as f64, cfg.d_mlp as f64, cfg.d_vocab as f64);
+    let (n, d, m, v) = (
+        (b * s) as f64,
+        cfg.d_model as f64,
+        cfg.d_mlp as f64,
+        cfg.d_vocab as f64,
+    );
     let per_layer = 2.0 * n * (4.0 * d * d + 2.0 * d * m) + 4.0 * (b * s * s) as f64 * d;
     cfg.n_layers as f64 * per_layer + 2.0 * n * d * v
 }
 
 /// The metric-side FLOPs this implementation performs for the 144-head sweeps.
 pub fn sweep_flop(cfg: &ModelConfig, kind: &str, b: usize, s: usize) -> f64 {
-    let (n, d, v, dh) = ((b * s) as f64, cfg.d_model as f64, cfg.d_vocab as f64, cfg.d_head as f64);
+    let (n, d, v, dh) = (
+        (b * s) as f64,
+        cfg.d_model as f64,
+        cfg.d_vocab as f64,
+        cfg.d_head as f64,
+    );
     let heads = (cfg.n_layers * cfg.n_heads) as f64;
     // shared by both: c[k] = v . (W_O @ u_k) for every head
     let coef = cfg.n_layers as f64 * 2.0 * n * d * (cfg.n_heads as f64 * dh) + heads * 2.0 * n * dh;
@@ -141,7 +161,11 @@ pub fn sweep_flop(cfg: &ModelConfig, kind: &str, b: usize, s: usize) -> f64 {
             // U_tok @ W_U once; per head W_O[h] @ W_U, (pattern*coef) @ UU, z @ WOU, and
             // three log-sum-exps over the vocabulary (counted as 4 flops per element).
             coef + 2.0 * n * d * v
-                + heads * (2.0 * dh * d * v + 2.0 * (b * s * s) as f64 * v + 2.0 * n * dh * v + 12.0 * n * v)
+                + heads
+                    * (2.0 * dh * d * v
+                        + 2.0 * (b * s * s) as f64 * v
+                        + 2.0 * n * dh * v
+                        + 12.0 * n * v)
         }
     }
 }
@@ -170,7 +194,9 @@ fn time_case<F: FnMut() -> Result<()>>(name: &str, gflop: f64, mut f: F) -> Resu
 /// Runs a metric sweep over every head of `m` on `tokens`, in batches.
 fn sweep(m: &LoadedModel<Cpu>, kind: &str, tokens: &Array2<u32>, batch_size: usize) -> Result<()> {
     let cfg = m.cfg();
-    let heads: Vec<(usize, usize)> = (0..cfg.n_layers).flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h))).collect();
+    let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
+        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
+        .collect();
     let ctx = RunContext {
         cfg,
         params: &m.params,
@@ -193,7 +219,15 @@ fn sweep(m: &LoadedModel<Cpu>, kind: &str, tokens: &Array2<u32>, batch_size: usi
         let mut hooks = Hooks::caching(filter.clone());
         m.model.forward(&toks, &mut hooks)?;
         let cache = hooks.take_cache();
-        metric.batch(&ctx, &BatchView { dataset: &ds, start, tokens: toks.view(), cache: &cache })?;
+        metric.batch(
+            &ctx,
+            &BatchView {
+                dataset: &ds,
+                start,
+                tokens: toks.view(),
+                cache: &cache,
+            },
+        )?;
     }
     metric.finish_dataset(&ctx, &ds)?;
     Ok(())
@@ -207,14 +241,23 @@ pub fn default_dir() -> PathBuf {
 /// Runs every case; returns them in order.
 pub fn run(dir: &Path, batch_size: usize) -> Result<Vec<Case>> {
     if !dir.join("model.safetensors").is_file() {
-        eprintln!("writing a random GPT-2-small-shaped checkpoint to {}", dir.display());
+        eprintln!(
+            "writing a random GPT-2-small-shaped checkpoint to {}",
+            dir.display()
+        );
         write_random_checkpoint(dir, &SMALL, 0)?;
     }
     let shapes = [(10usize, 30usize), (60, 100)];
     for (b, s) in shapes {
         let path = dir.join(format!("tokens_{b}x{s}.json"));
         if !path.is_file() {
-            let t = random_tokens(b, s, SMALL.d_vocab, SMALL.bos_token_id, (b * 1000 + s) as u64);
+            let t = random_tokens(
+                b,
+                s,
+                SMALL.d_vocab,
+                SMALL.bos_token_id,
+                (b * 1000 + s) as u64,
+            );
             let rows: Vec<Vec<u32>> = t.rows().into_iter().map(|r| r.to_vec()).collect();
             crate::output::write_json(&path, &rows)?;
         }
@@ -225,23 +268,33 @@ pub fn run(dir: &Path, batch_size: usize) -> Result<Vec<Case>> {
     let load_tokens = |b: usize, s: usize| -> Result<Array2<u32>> {
         let path = dir.join(format!("tokens_{b}x{s}.json"));
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let rows: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| Error::Other(e.to_string()))?;
-        Ok(Array2::from_shape_vec((b, s), rows.concat()).map_err(|e| Error::Other(e.to_string()))?)
+        let rows: Vec<Vec<u32>> =
+            serde_json::from_str(&text).map_err(|e| Error::Other(e.to_string()))?;
+        Ok(Array2::from_shape_vec((b, s), rows.concat())
+            .map_err(|e| Error::Other(e.to_string()))?)
     };
     eprintln!("{} threads (rayon)", rayon::current_num_threads());
     let mut cases = Vec::new();
     for (b, s) in shapes {
         let toks = load_tokens(b, s)?;
-        cases.push(time_case(&format!("forward {b}x{s}"), forward_flop(&cfg, b, s) / 1e9, || {
-            for start in (0..b).step_by(batch_size) {
-                let t = toks.slice(s![start..(start + batch_size).min(b), ..]).to_owned();
-                m.model.forward(&t, &mut Hooks::default())?;
-            }
-            Ok(())
-        })?);
+        cases.push(time_case(
+            &format!("forward {b}x{s}"),
+            forward_flop(&cfg, b, s) / 1e9,
+            || {
+                for start in (0..b).step_by(batch_size) {
+                    let t = toks
+                        .slice(s![start..(start + batch_size).min(b), ..])
+                        .to_owned();
+                    m.model.forward(&t, &mut Hooks::default())?;
+                }
+                Ok(())
+            },
+        )?);
         for kind in ["source_suppression", "projection_loss"] {
             let flop = (forward_flop(&cfg, b, s) + sweep_flop(&cfg, kind, b, s)) / 1e9;
-            cases.push(time_case(&format!("{kind} sweep {b}x{s}"), flop, || sweep(&m, kind, &toks, batch_size))?);
+            cases.push(time_case(&format!("{kind} sweep {b}x{s}"), flop, || {
+                sweep(&m, kind, &toks, batch_size)
+            })?);
         }
     }
     Ok(cases)

@@ -26,7 +26,10 @@ pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
     let baseline: Option<bench::Baseline> = match &args.baseline {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            Some(serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?)
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::Other(format!("{}: {e}", p.display())))?,
+            )
         }
         None => None,
     };
