@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod hooks;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod output;

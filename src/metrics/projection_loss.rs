@@ -23,18 +23,12 @@ use super::source_suppression::{source_coefficients, unembed_rows};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::Result;
+use crate::kernels;
 use crate::hooks::{block_hook, LOGITS};
 use crate::output::{Table, Value};
 
 /// The three interventions, in this order everywhere.
 pub const VARIANTS: [&str; 3] = ["proj", "perp", "ablation"];
-
-/// `log(sum(exp(x)))` of a row, shifted by its max.
-fn lse(x: &[f32]) -> f32 {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = x.iter().map(|&v| (v - m).exp()).sum();
-    m + s.ln()
-}
 
 /// Per-token losses of one head for one sequence: `[3, S - 1]` (proj, perp, ablation).
 ///
@@ -49,21 +43,25 @@ pub fn token_losses(
 ) -> Array2<f32> {
     let (s, v) = logits.dim();
     let mut out = Array2::<f32>::zeros((3, s.saturating_sub(1)));
-    let mut buf = vec![0f32; v];
+    // One row of each variant's logits at a time: 3 x V floats stay in cache.
+    let mut bufs = [vec![0f32; v], vec![0f32; v], vec![0f32; v]];
     for q in 0..s.saturating_sub(1) {
         let target = tokens[q + 1] as usize;
         let inv = 1.0 / scale[q];
         let (l, o, n) = (logits.row(q), orig_u.row(q), new_u.row(q));
-        for (k, variant) in [0usize, 1, 2].into_iter().enumerate() {
-            for (j, b) in buf.iter_mut().enumerate() {
-                let d = match variant {
-                    0 => (n[j] - o[j]) * inv, // keep only the projection: new - orig
-                    1 => -n[j] * inv,         // keep only the perpendicular part
-                    _ => -o[j] * inv,         // remove the head's direct effect
-                };
-                *b = l[j] + d;
-            }
-            out[[k, q]] = lse(&buf) - buf[target];
+        let (l, o, n) = (
+            l.as_slice().expect("contiguous"),
+            o.as_slice().expect("contiguous"),
+            n.as_slice().expect("contiguous"),
+        );
+        let [proj, perp, abl] = &mut bufs;
+        for j in 0..v {
+            proj[j] = l[j] + (n[j] - o[j]) * inv; // keep only the projection: new - orig
+            perp[j] = l[j] - n[j] * inv; // keep only the perpendicular part: -new
+            abl[j] = l[j] - o[j] * inv; // remove the head's direct effect: -orig
+        }
+        for (k, buf) in bufs.iter().enumerate() {
+            out[[k, q]] = kernels::log_sum_exp(buf) - buf[target];
         }
     }
     out

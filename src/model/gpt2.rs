@@ -330,19 +330,16 @@ impl<D: Device<f32>> HookedGpt2<D> {
 /// TL's `lm_cross_entropy_loss(logits, tokens, per_token=True)`: `[batch, seq - 1]`,
 /// `-log_softmax(logits[:, s])[tokens[:, s + 1]]`.
 pub fn per_token_loss(logits: &ndarray::Array3<f32>, tokens: &Array2<u32>) -> Array2<f32> {
+    use rayon::prelude::*;
     let (b, s, _) = logits.dim();
-    let mut out = Array2::<f32>::zeros((b, s.saturating_sub(1)));
-    for ((i, j), o) in out.indexed_iter_mut() {
-        let row = logits.slice(ndarray::s![i, j, ..]);
-        let target = tokens[[i, j + 1]] as usize;
-        *o = log_sum_exp(row.iter().copied()) - row[target];
-    }
-    out
-}
-
-/// `log(sum(exp(x)))`, shifted by the max for stability, accumulated in f64.
-pub fn log_sum_exp(x: impl Iterator<Item = f32> + Clone) -> f32 {
-    let m = x.clone().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = x.map(|v| ((v - m) as f64).exp()).sum();
-    m + s.ln() as f32
+    let rows: Vec<(usize, usize)> = (0..b).flat_map(|i| (0..s.saturating_sub(1)).map(move |j| (i, j))).collect();
+    let losses: Vec<f32> = rows
+        .par_iter()
+        .map(|&(i, j)| {
+            let row = logits.slice(ndarray::s![i, j, ..]);
+            let row = row.as_slice().expect("logits rows are contiguous");
+            crate::kernels::log_sum_exp(row) - row[tokens[[i, j + 1]] as usize]
+        })
+        .collect();
+    Array2::from_shape_vec((b, s.saturating_sub(1)), losses).expect("b * (s - 1) losses")
 }
