@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod plugin;
 pub mod spec;
 pub mod tokenizer;
 

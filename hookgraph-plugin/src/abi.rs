@@ -208,8 +208,11 @@ pub type HgCreateFn = unsafe extern "C" fn(
 ) -> HgStatus;
 
 /// `begin_dataset`, `batch`, `finish_dataset`.
-pub type HgCallFn =
-    unsafe extern "C" fn(state: *mut c_void, ctx: *const HgCallCtx, msg: *mut HgMessage) -> HgStatus;
+pub type HgCallFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    ctx: *const HgCallCtx,
+    msg: *mut HgMessage,
+) -> HgStatus;
 
 /// `destroy`: frees a state from `create`. Never fails (a panic inside is swallowed).
 pub type HgDestroyFn = unsafe extern "C" fn(state: *mut c_void);

@@ -65,7 +65,8 @@ impl DescriptorHolder {
         let name = c(meta.name)?;
         let version = c(meta.version)?;
         let description = c(meta.description)?;
-        let hooks: Vec<*const c_char> = meta.hooks.iter().map(|h| c(h)).collect::<Result<_, _>>()?;
+        let hooks: Vec<*const c_char> =
+            meta.hooks.iter().map(|h| c(h)).collect::<Result<_, _>>()?;
         let columns: Vec<Vec<*const c_char>> = meta
             .tables
             .iter()

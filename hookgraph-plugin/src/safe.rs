@@ -194,7 +194,10 @@ impl<'a> BatchCtx<'a> {
         let tokens =
             unsafe { TensorRef::from_view(&raw.tokens) }.map_err(|e| format!("tokens: {e}"))?;
         if tokens.ndim() != 2 {
-            return Err(format!("tokens have shape {:?}, not [batch, seq]", tokens.shape()));
+            return Err(format!(
+                "tokens have shape {:?}, not [batch, seq]",
+                tokens.shape()
+            ));
         }
         Ok(BatchCtx { ctx, tokens })
     }
@@ -321,7 +324,11 @@ impl<'a, T: Copy> TensorRef<'a, T> {
         );
         let mut off = 0;
         for (&i, &d) in index.iter().zip(self.shape) {
-            assert!(i < d, "index {index:?} out of bounds for shape {:?}", self.shape);
+            assert!(
+                i < d,
+                "index {index:?} out of bounds for shape {:?}",
+                self.shape
+            );
             off = off * d + i;
         }
         off

@@ -37,7 +37,11 @@ impl PluginMetric for AttentionEntropy {
         let mask_bos = match options.get("mask_bos") {
             None => true,
             Some(Json::Bool(b)) => *b,
-            Some(other) => return Err(format!("option mask_bos must be true or false, not {other}")),
+            Some(other) => {
+                return Err(format!(
+                    "option mask_bos must be true or false, not {other}"
+                ))
+            }
         };
         Ok(AttentionEntropy {
             mask_bos,
@@ -83,7 +87,10 @@ impl PluginMetric for AttentionEntropy {
     fn finish(&mut self, ctx: &Ctx, out: &mut Emitter) -> Result<(), String> {
         for (&(layer, head), &(sum, n)) in ctx.heads().iter().zip(&self.sums) {
             let mean = if n == 0 { f64::NAN } else { sum / n as f64 };
-            out.row("attention_entropy", &[layer.into(), head.into(), mean.into()])?;
+            out.row(
+                "attention_entropy",
+                &[layer.into(), head.into(), mean.into()],
+            )?;
         }
         Ok(())
     }

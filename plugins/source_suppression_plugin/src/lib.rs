@@ -42,7 +42,11 @@ impl PluginMetric for SourceSuppression {
         let only_negative = match options.get("only_negative") {
             None => false,
             Some(Json::Bool(b)) => *b,
-            Some(other) => return Err(format!("option only_negative must be true or false, not {other}")),
+            Some(other) => {
+                return Err(format!(
+                    "option only_negative must be true or false, not {other}"
+                ))
+            }
         };
         Ok(SourceSuppression {
             only_negative,
@@ -71,7 +75,10 @@ impl PluginMetric for SourceSuppression {
             .map(|&t| if t != ctx.bos() { 1.0 } else { 0.0 })
             .collect();
         if let Some(&t) = toks.data().iter().find(|&&t| t as usize >= ctx.d_vocab()) {
-            return Err(format!("token id {t} is outside the vocabulary (d_vocab {})", ctx.d_vocab()));
+            return Err(format!(
+                "token id {t} is outside the vocabulary (d_vocab {})",
+                ctx.d_vocab()
+            ));
         }
         for (slot, &(layer, head)) in ctx.heads().iter().enumerate() {
             let v = ctx.activation(&format!("blocks.{layer}.attn.hook_v"))?;
