@@ -1,14 +1,50 @@
-//! `runner run` and `runner validate`. (Being written.)
+//! `runner run` and `runner validate`: the command-line face of [`crate::runner`].
+//!
+//! Owns: printing the summary, the files written and any metric failures, and choosing the
+//! exit code (3 when some metric failed but the others were written). Must not: run
+//! anything itself.
+
 use std::path::Path;
 use std::process::ExitCode;
 
 use super::RunArgs;
 use crate::device::DeviceChoice;
+use crate::runner::{self, RunOptions};
+use crate::spec::LoadedSpec;
 
-pub fn run(_spec: &Path, _args: &RunArgs) -> crate::Result<ExitCode> {
-    Err(crate::Error::Other("not yet".into()))
+pub fn run(spec_path: &Path, args: &RunArgs) -> crate::Result<ExitCode> {
+    let spec = LoadedSpec::from_file(spec_path)?;
+    let report = runner::run(
+        &spec,
+        &RunOptions {
+            device: args.device,
+            output: args.output.clone(),
+            quiet: args.quiet,
+        },
+    )?;
+    print!("{}", report.summary);
+    println!(
+        "wrote {} files to {}",
+        report.files.len(),
+        report.output_dir.display()
+    );
+    for f in &report.failures {
+        let on = f
+            .dataset
+            .as_deref()
+            .map(|d| format!(" on dataset '{d}'"))
+            .unwrap_or_default();
+        eprintln!("error: metric '{}' failed{on}: {}", f.metric, f.error);
+    }
+    Ok(if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
-pub fn validate(_spec: &Path, _device: Option<DeviceChoice>) -> crate::Result<ExitCode> {
-    Err(crate::Error::Other("not yet".into()))
+pub fn validate(spec_path: &Path, device: Option<DeviceChoice>) -> crate::Result<ExitCode> {
+    let spec = LoadedSpec::from_file(spec_path)?;
+    print!("{}", runner::validate(&spec, device)?);
+    Ok(ExitCode::SUCCESS)
 }

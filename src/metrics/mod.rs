@@ -50,6 +50,15 @@ impl RunContext<'_> {
     pub fn token_text(&self, id: u32) -> String {
         self.tokenizer.map(|t| t.decode_one(id)).unwrap_or_default()
     }
+
+    /// The text of every distinct token in `ids`, decoded once each.
+    pub fn token_texts(&self, ids: &[u32]) -> std::collections::HashMap<u32, String> {
+        let mut out = std::collections::HashMap::new();
+        for &id in ids {
+            out.entry(id).or_insert_with(|| self.token_text(id));
+        }
+        out
+    }
 }
 
 /// One batch of one dataset, with the activations its forward pass cached.
@@ -60,6 +69,29 @@ pub struct BatchView<'a> {
     /// `[batch, seq]`.
     pub tokens: ArrayView2<'a, u32>,
     pub cache: &'a ActivationCache,
+}
+
+impl<'a> BatchView<'a> {
+    /// The cached activation `name` with the dimensionality `D` (e.g. `Ix4` for `hook_v`).
+    pub fn activation<D: ndarray::Dimension>(
+        &self,
+        name: &str,
+    ) -> Result<ndarray::ArrayView<'a, f32, D>> {
+        self.cache
+            .get(name)?
+            .view()
+            .into_dimensionality::<D>()
+            .map_err(|e| Error::Hook {
+                name: name.to_string(),
+                msg: format!("unexpected shape: {e}"),
+            })
+    }
+
+    /// `ln_final.hook_scale` (`[B, S, 1]` in TL) as `[B, S]`.
+    pub fn final_scale(&self) -> Result<ArrayView2<'a, f32>> {
+        let scale = self.activation::<ndarray::Ix3>("ln_final.hook_scale")?;
+        Ok(scale.index_axis_move(ndarray::Axis(2), 0))
+    }
 }
 
 /// A metric over cached activations.

@@ -1,32 +1,261 @@
-//! `projection_loss` (being written).
-pub struct ProjectionLoss;
+//! `projection_loss`: the loss when a head's direct effect is kept only along the source
+//! tokens' unembedding directions, only perpendicular to them, or ablated
+//! (`../shared/docs/metrics.md` §2, the notebook's `return_new_loss=True` path).
+//!
+//! Owns: the per-head mean losses and their tables. Reads `blocks.L.attn.hook_v`,
+//! `hook_z`, `hook_pattern` (selected layers), `ln_final.hook_scale` and `logits` from the
+//! run's single forward pass per batch. Must not: run the model or write files.
+//!
+//! Cost, per head and sequence of S tokens (V = d_vocab, D = d_model, dh = d_head). The
+//! notebook computes `(new - orig) / scale @ W_U` and `-orig / scale @ W_U` in d_model space,
+//! 2·S·D·V multiply-adds. Here both logit changes are factored through small matrices:
+//! - `orig @ W_U = z_h @ (W_O[h] @ W_U)`: S·dh·V, with `W_O[h] @ W_U` ([dh, V]) made once
+//!   per head and batch (dh·D·V, amortised over the batch's tokens);
+//! - `new @ W_U = (pattern ∘ coef) @ (U_tok @ W_U)`: S·S·V, with `U_tok @ W_U` (the source
+//!   tokens' unembeddings through W_U, [S, V]) made once per batch and shared by every head.
+//! Only each token's log-sum-exp and target logit are kept: never a [heads, tokens, vocab]
+//! tensor, and at most [S, V] per head in flight.
+
+use ndarray::{s, Array2, Array3, ArrayView1, ArrayView2, Axis};
+use rayon::prelude::*;
+
+use super::source_suppression::{source_coefficients, unembed_rows};
+use super::{BatchView, Metric, RunContext};
+use crate::data::Dataset;
+use crate::error::Result;
+use crate::hooks::{block_hook, LOGITS};
+use crate::output::{Table, Value};
+
+/// The three interventions, in this order everywhere.
+pub const VARIANTS: [&str; 3] = ["proj", "perp", "ablation"];
+
+/// `log(sum(exp(x)))` of a row, shifted by its max.
+fn lse(x: &[f32]) -> f32 {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = x.iter().map(|&v| (v - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Per-token losses of one head for one sequence: `[3, S - 1]` (proj, perp, ablation).
+///
+/// `logits`: `[S, V]`; `orig_u` = `orig @ W_U` and `new_u` = `new @ W_U`, both `[S, V]`,
+/// not yet divided by the final LayerNorm scale (frozen, as in the notebook).
+pub fn token_losses(
+    logits: ArrayView2<f32>,
+    orig_u: ArrayView2<f32>,
+    new_u: ArrayView2<f32>,
+    scale: ArrayView1<f32>,
+    tokens: ArrayView1<u32>,
+) -> Array2<f32> {
+    let (s, v) = logits.dim();
+    let mut out = Array2::<f32>::zeros((3, s.saturating_sub(1)));
+    let mut buf = vec![0f32; v];
+    for q in 0..s.saturating_sub(1) {
+        let target = tokens[q + 1] as usize;
+        let inv = 1.0 / scale[q];
+        let (l, o, n) = (logits.row(q), orig_u.row(q), new_u.row(q));
+        for (k, variant) in [0usize, 1, 2].into_iter().enumerate() {
+            for (j, b) in buf.iter_mut().enumerate() {
+                let d = match variant {
+                    0 => (n[j] - o[j]) * inv, // keep only the projection: new - orig
+                    1 => -n[j] * inv,         // keep only the perpendicular part
+                    _ => -o[j] * inv,         // remove the head's direct effect
+                };
+                *b = l[j] + d;
+            }
+            out[[k, q]] = lse(&buf) - buf[target];
+        }
+    }
+    out
+}
+
+/// Per-token losses `[3, B, S - 1]` for every selected head of one layer.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_losses(
+    ctx: &RunContext,
+    layer: usize,
+    heads: &[usize],
+    batch: &BatchView,
+    u_tok: ArrayView2<f32>,
+    uu: &Array3<f32>,
+    only_negative: bool,
+) -> Result<Vec<Array3<f32>>> {
+    let v = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_v"))?;
+    let z = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_z"))?;
+    let pattern = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_pattern"))?;
+    let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
+    let scale = batch.final_scale()?;
+    let (b, s) = batch.tokens.dim();
+    let w_o = ctx.params.blocks[layer].attn.w_o.view();
+    let w_u = ctx.params.w_u.view();
+
+    // coef[b, k] = (r . u) / (u . u), with r . u from the same factorisation as
+    // source_suppression; the sign is the intended one, sign(r . u) (metrics.md).
+    let r_dot_u = source_coefficients(v, w_o, u_tok);
+    let u_sq: Vec<f32> = u_tok.outer_iter().map(|u| u.dot(&u)).collect();
+
+    Ok(heads
+        .par_iter()
+        .map(|&h| {
+            let wou = w_o.index_axis(Axis(0), h).dot(&w_u); // [dh, V]
+            let mut out = Array3::<f32>::zeros((3, b, s.saturating_sub(1)));
+            for i in 0..b {
+                let mut a = pattern.slice(s![i, h, .., ..]).to_owned(); // [Q, K]
+                for k in 0..s {
+                    let mut coef = r_dot_u[[i, k, h]] / u_sq[i * s + k];
+                    if only_negative && coef >= 0.0 {
+                        coef = 0.0;
+                    }
+                    a.column_mut(k).mapv_inplace(|p| p * coef);
+                }
+                let new_u = a.dot(&uu.index_axis(Axis(0), i));
+                let orig_u = z.slice(s![i, .., h, ..]).dot(&wou);
+                let l = token_losses(
+                    logits.index_axis(Axis(0), i),
+                    orig_u.view(),
+                    new_u.view(),
+                    scale.row(i),
+                    batch.tokens.row(i),
+                );
+                out.slice_mut(s![.., i, ..]).assign(&l);
+            }
+            out
+        })
+        .collect())
+}
+
+/// Sums for one head over a dataset: [orig, proj, perp, ablation] x [all, no padding].
+#[derive(Clone, Default)]
+struct Sums {
+    all: [f64; 4],
+    nopad: [f64; 4],
+}
+
+/// The `projection_loss` metric.
+pub struct ProjectionLoss {
+    only_negative: bool,
+    heads: Vec<Sums>,
+    n_all: usize,
+    n_nopad: usize,
+}
+
 impl ProjectionLoss {
-    pub fn new(_: bool) -> Self {
-        ProjectionLoss
+    pub fn new(only_negative: bool) -> Self {
+        ProjectionLoss {
+            only_negative,
+            heads: Vec::new(),
+            n_all: 0,
+            n_nopad: 0,
+        }
     }
 }
-impl super::Metric for ProjectionLoss {
+
+impl Metric for ProjectionLoss {
     fn name(&self) -> &str {
         "projection_loss"
     }
-    fn hooks(&self, _: &super::RunContext) -> Vec<String> {
-        todo!()
+
+    fn hooks(&self, ctx: &RunContext) -> Vec<String> {
+        let mut hooks: Vec<String> = ctx
+            .heads_by_layer()
+            .into_iter()
+            .flat_map(|(l, _)| {
+                ["attn.hook_v", "attn.hook_z", "attn.hook_pattern"].map(|h| block_hook(l, h))
+            })
+            .collect();
+        hooks.push("ln_final.hook_scale".into());
+        hooks.push(LOGITS.into());
+        hooks
     }
-    fn start_dataset(
-        &mut self,
-        _: &super::RunContext,
-        _: &crate::data::Dataset,
-    ) -> crate::Result<()> {
-        todo!()
+
+    fn start_dataset(&mut self, ctx: &RunContext, _dataset: &Dataset) -> Result<()> {
+        self.heads = vec![Sums::default(); ctx.heads.len()];
+        self.n_all = 0;
+        self.n_nopad = 0;
+        Ok(())
     }
-    fn batch(&mut self, _: &super::RunContext, _: &super::BatchView) -> crate::Result<()> {
-        todo!()
+
+    fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
+        let (b, s) = batch.tokens.dim();
+        let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
+        let orig = crate::model::per_token_loss(&logits.to_owned(), &batch.tokens.to_owned());
+        // A position counts as "no padding" when the token it predicts is real.
+        let real = |i: usize, q: usize| !batch.dataset.is_pad(batch.start + i, q + 1);
+        self.n_all += b * s.saturating_sub(1);
+        self.n_nopad += (0..b)
+            .map(|i| (0..s.saturating_sub(1)).filter(|&q| real(i, q)).count())
+            .sum::<usize>();
+
+        let u_tok = unembed_rows(ctx.params.w_u.view(), batch.tokens);
+        // U_tok @ W_U per sequence: [B, S, V], shared by every head of every layer.
+        let v = ctx.params.w_u.ncols();
+        let uu = u_tok
+            .dot(&ctx.params.w_u)
+            .into_shape_with_order((b, s, v))
+            .expect("[B*S, V] -> [B, S, V]");
+        let orig_sum = |all: bool| -> f64 {
+            let mut t = 0.0;
+            for ((i, q), &x) in orig.indexed_iter() {
+                if all || real(i, q) {
+                    t += x as f64;
+                }
+            }
+            t
+        };
+        let (orig_all, orig_nopad) = (orig_sum(true), orig_sum(false));
+
+        let mut head_idx = 0;
+        for (layer, heads) in ctx.heads_by_layer() {
+            let losses = layer_losses(
+                ctx,
+                layer,
+                &heads,
+                batch,
+                u_tok.view(),
+                &uu,
+                self.only_negative,
+            )?;
+            for l in losses {
+                let st = &mut self.heads[head_idx];
+                st.all[0] += orig_all;
+                st.nopad[0] += orig_nopad;
+                for k in 0..3 {
+                    for ((i, q), &x) in l.index_axis(Axis(0), k).indexed_iter() {
+                        st.all[k + 1] += x as f64;
+                        if real(i, q) {
+                            st.nopad[k + 1] += x as f64;
+                        }
+                    }
+                }
+                head_idx += 1;
+            }
+        }
+        Ok(())
     }
-    fn finish_dataset(
-        &mut self,
-        _: &super::RunContext,
-        _: &crate::data::Dataset,
-    ) -> crate::Result<Vec<crate::output::Table>> {
-        todo!()
+
+    fn finish_dataset(&mut self, ctx: &RunContext, _dataset: &Dataset) -> Result<Vec<Table>> {
+        let mut cols: Vec<String> = vec!["layer".into(), "head".into()];
+        for suffix in ["", "_nopad"] {
+            cols.push(format!("loss_orig{suffix}"));
+            for v in VARIANTS {
+                cols.push(format!("loss_{v}{suffix}"));
+            }
+            for v in VARIANTS {
+                cols.push(format!("increase_{v}{suffix}"));
+            }
+        }
+        let col_refs: Vec<&str> = cols.iter().map(String::as_str).collect();
+        let mut table = Table::new("projection_loss", &col_refs).per_head("increase_ablation");
+        for (&(l, h), st) in ctx.heads.iter().zip(&self.heads) {
+            let mut row: Vec<Value> = vec![l.into(), h.into()];
+            for (sums, n) in [(&st.all, self.n_all), (&st.nopad, self.n_nopad)] {
+                let mean: Vec<f64> = sums.iter().map(|x| x / n as f64).collect();
+                row.push(Value::Float(mean[0]));
+                row.extend(mean[1..].iter().map(|&m| Value::Float(m)));
+                row.extend(mean[1..].iter().map(|&m| Value::Float(m - mean[0])));
+            }
+            table.push(row);
+        }
+        Ok(vec![table])
     }
 }

@@ -1,32 +1,260 @@
-//! `source_suppression` (being written).
-pub struct SourceSuppression;
+//! `source_suppression`: how much a head's output suppresses the logits of the tokens it
+//! attends to (`../shared/docs/metrics.md` §1, the notebook's `return_new_loss=False` path).
+//!
+//! Owns: the per-head, per-sequence and per-position values and their tables. Reads
+//! `blocks.L.attn.hook_v`, `blocks.L.attn.hook_pattern` (every selected layer) and
+//! `ln_final.hook_scale`, all from the run's single forward pass per batch. Must not: run the
+//! model or write files.
+//!
+//! Cost: the notebook computes `r = v @ W_O` ([K, d_model]) then `r . u` per head. Here
+//! `c[k] = v[k] . (W_O[h] @ u_k)`, and `W_O @ u_k` for all heads of a layer is one matmul
+//! `U_tok [N, d_model] @ W_O_flatᵀ [d_model, H * d_head]`, shared by every head.
+
+use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
+use rayon::prelude::*;
+
+use super::{BatchView, Metric, RunContext};
+use crate::data::Dataset;
+use crate::error::Result;
+use crate::hooks::block_hook;
+use crate::output::{Table, Value};
+
+/// Rows of `W_U` columns for each token: `[N, d_model]` with `N = tokens.len()`.
+pub fn unembed_rows(w_u: ArrayView2<f32>, tokens: ArrayView2<u32>) -> Array2<f32> {
+    let d = w_u.nrows();
+    let mut out = Array2::<f32>::zeros((tokens.len(), d));
+    for (mut row, &t) in out.outer_iter_mut().zip(tokens.iter()) {
+        row.assign(&w_u.column(t as usize));
+    }
+    out
+}
+
+/// `c[b, k, h] = (v[b, k, h] @ W_O[h]) . W_U[:, tok[b, k]]` for every head of a layer.
+/// `v`: `[B, S, H, d_head]`, `w_o`: `[H, d_head, d_model]`, `u_tok`: `[B * S, d_model]`.
+pub fn source_coefficients(
+    v: ArrayView4<f32>,
+    w_o: ArrayView3<f32>,
+    u_tok: ArrayView2<f32>,
+) -> Array3<f32> {
+    let (b, s, h, dh) = v.dim();
+    let d = w_o.dim().2;
+    let w_o_flat = w_o
+        .into_shape_with_order((h * dh, d))
+        .expect("W_O is contiguous");
+    // g[n, h * dh + e] = (W_O[h] @ u_n)[e]
+    let g = u_tok.dot(&w_o_flat.t());
+    let v = v
+        .into_shape_with_order((b * s, h, dh))
+        .expect("hook_v is contiguous");
+    let mut c = Array3::<f32>::zeros((b, s, h));
+    let mut c_flat = c
+        .view_mut()
+        .into_shape_with_order((b * s, h))
+        .expect("fresh array");
+    for n in 0..b * s {
+        for head in 0..h {
+            let gv = g.slice(s![n, head * dh..(head + 1) * dh]);
+            c_flat[[n, head]] = gv.dot(&v.slice(s![n, head, ..]));
+        }
+    }
+    c
+}
+
+/// One head's values (metrics.md §1): `per_position [B, S]` and `per_sequence [B]`.
+/// `c`: `[B, S]` source coefficients, `pattern`: `[B, Q, K]`, `scale`: `[B, S]`.
+pub fn head_values(
+    c: ArrayView2<f32>,
+    pattern: ArrayView3<f32>,
+    scale: ArrayView2<f32>,
+    tokens: ArrayView2<u32>,
+    bos: u32,
+    only_negative: bool,
+) -> (Array2<f32>, Array1<f32>) {
+    let (b, s) = c.dim();
+    let mut per_position = Array2::<f32>::zeros((b, s));
+    let mut per_sequence = Array1::<f32>::zeros(b);
+    for i in 0..b {
+        // BOS, and right padding (which GPT-2 fills with the BOS id), are masked.
+        let m: Vec<f32> = tokens
+            .row(i)
+            .iter()
+            .map(|&t| if t != bos { 1.0 } else { 0.0 })
+            .collect();
+        let ci: Vec<f32> = c
+            .row(i)
+            .iter()
+            .map(|&x| if only_negative { x.min(0.0) } else { x })
+            .collect();
+        let mut w = vec![0f32; s];
+        let pp = per_position.row_mut(i);
+        let mut pp = pp;
+        for q in 0..s {
+            if m[q] == 0.0 {
+                continue;
+            }
+            let inv_scale = 1.0 / scale[[i, q]];
+            // Causal: pattern[q, k] is exactly 0 for k > q.
+            for k in 0..=q {
+                let a = pattern[[i, q, k]] * m[k];
+                pp[k] += ci[k] * a * inv_scale;
+                w[k] += a;
+            }
+        }
+        let total: f32 = w.iter().sum();
+        let weighted: f32 = pp.iter().zip(&w).map(|(p, w)| p * w).sum();
+        // A sequence with no non-BOS attention gives 0/0 = NaN: reported, not hidden.
+        per_sequence[i] = weighted / total;
+    }
+    (per_position, per_sequence)
+}
+
+/// Per-head accumulators for one dataset.
+struct HeadState {
+    per_sequence: Vec<f32>,
+    /// `[seq][pos]` flattened, seq_len per sequence.
+    per_position: Vec<f32>,
+}
+
+/// The `source_suppression` metric.
+pub struct SourceSuppression {
+    only_negative: bool,
+    seq_len: usize,
+    heads: Vec<HeadState>,
+    tokens: Vec<u32>,
+}
+
 impl SourceSuppression {
-    pub fn new(_: bool) -> Self {
-        SourceSuppression
+    pub fn new(only_negative: bool) -> Self {
+        SourceSuppression {
+            only_negative,
+            seq_len: 0,
+            heads: Vec::new(),
+            tokens: Vec::new(),
+        }
     }
 }
-impl super::Metric for SourceSuppression {
+
+impl Metric for SourceSuppression {
     fn name(&self) -> &str {
         "source_suppression"
     }
-    fn hooks(&self, _: &super::RunContext) -> Vec<String> {
-        todo!()
+
+    fn hooks(&self, ctx: &RunContext) -> Vec<String> {
+        let mut hooks: Vec<String> = ctx
+            .heads_by_layer()
+            .into_iter()
+            .flat_map(|(l, _)| {
+                [
+                    block_hook(l, "attn.hook_v"),
+                    block_hook(l, "attn.hook_pattern"),
+                ]
+            })
+            .collect();
+        hooks.push("ln_final.hook_scale".into());
+        hooks
     }
-    fn start_dataset(
-        &mut self,
-        _: &super::RunContext,
-        _: &crate::data::Dataset,
-    ) -> crate::Result<()> {
-        todo!()
+
+    fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()> {
+        self.seq_len = dataset.seq_len();
+        self.tokens = dataset.tokens.iter().copied().collect();
+        self.heads = ctx
+            .heads
+            .iter()
+            .map(|_| HeadState {
+                per_sequence: Vec::new(),
+                per_position: Vec::new(),
+            })
+            .collect();
+        Ok(())
     }
-    fn batch(&mut self, _: &super::RunContext, _: &super::BatchView) -> crate::Result<()> {
-        todo!()
+
+    fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
+        let scale = batch.final_scale()?;
+        let u_tok = unembed_rows(ctx.params.w_u.view(), batch.tokens);
+        let mut head_idx = 0;
+        for (layer, heads) in ctx.heads_by_layer() {
+            let v = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_v"))?;
+            let pattern =
+                batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_pattern"))?;
+            let c = source_coefficients(v, ctx.params.blocks[layer].attn.w_o.view(), u_tok.view());
+            let results: Vec<(Array2<f32>, Array1<f32>)> = heads
+                .par_iter()
+                .map(|&h| {
+                    head_values(
+                        c.index_axis(Axis(2), h),
+                        pattern.index_axis(Axis(1), h),
+                        scale,
+                        batch.tokens,
+                        ctx.bos,
+                        self.only_negative,
+                    )
+                })
+                .collect();
+            for (pp, ps) in results {
+                let st = &mut self.heads[head_idx];
+                st.per_sequence.extend(ps.iter());
+                st.per_position.extend(pp.iter());
+                head_idx += 1;
+            }
+        }
+        Ok(())
     }
-    fn finish_dataset(
-        &mut self,
-        _: &super::RunContext,
-        _: &crate::data::Dataset,
-    ) -> crate::Result<Vec<crate::output::Table>> {
-        todo!()
+
+    fn finish_dataset(&mut self, ctx: &RunContext, _dataset: &Dataset) -> Result<Vec<Table>> {
+        let mut scores = Table::new(
+            "source_suppression",
+            &[
+                "layer",
+                "head",
+                "score",
+                "score_negative",
+                "n_sequences",
+                "n_undefined",
+            ],
+        )
+        .per_head("score");
+        let mut per_seq = Table::new(
+            "source_suppression_per_sequence",
+            &["layer", "head", "seq", "value"],
+        );
+        let mut per_pos = Table::new(
+            "source_suppression_per_position",
+            &["layer", "head", "seq", "pos", "token", "value"],
+        );
+        let text = ctx.token_texts(&self.tokens);
+        for (&(l, h), st) in ctx.heads.iter().zip(&self.heads) {
+            let defined: Vec<f32> = st
+                .per_sequence
+                .iter()
+                .copied()
+                .filter(|x| x.is_finite())
+                .collect();
+            // The notebook's score: the mean over sequences of per_sequence. Sequences whose
+            // masked attention sums to 0 are undefined (0/0) and left out, and counted.
+            let score = defined.iter().map(|&x| x as f64).sum::<f64>() / defined.len() as f64;
+            scores.push(vec![
+                l.into(),
+                h.into(),
+                Value::Float(score),
+                Value::Float(score.min(0.0)),
+                defined.len().into(),
+                (st.per_sequence.len() - defined.len()).into(),
+            ]);
+            for (seq, &v) in st.per_sequence.iter().enumerate() {
+                per_seq.push(vec![l.into(), h.into(), seq.into(), v.into()]);
+            }
+            for (i, &v) in st.per_position.iter().enumerate() {
+                let tok = self.tokens[i];
+                per_pos.push(vec![
+                    l.into(),
+                    h.into(),
+                    (i / self.seq_len).into(),
+                    (i % self.seq_len).into(),
+                    text[&tok].as_str().into(),
+                    v.into(),
+                ]);
+            }
+        }
+        Ok(vec![scores, per_seq, per_pos])
     }
 }

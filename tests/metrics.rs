@@ -1,0 +1,268 @@
+//! Built-in metrics against the notebook's own functions run in TransformerLens
+//! (`tests/golden/make_golden.py` writes `X_metrics.safetensors`): every head of every layer,
+//! `only_negative` false and true, from one forward pass; and independence from batch size.
+
+mod common;
+
+use common::*;
+use dfdx::prelude::Cpu;
+use hookgraph::data::{unpadded_lengths, Dataset};
+use hookgraph::hooks::{HookFilter, Hooks};
+use hookgraph::metrics::projection_loss::layer_losses;
+use hookgraph::metrics::source_suppression::{head_values, source_coefficients, unembed_rows};
+use hookgraph::metrics::{self, BatchView, RunContext};
+use hookgraph::model::{self, CheckpointFiles, LoadedModel, Processing};
+use hookgraph::output::Table;
+use ndarray::{s, Array2, ArrayD, Axis, IxDyn};
+
+fn setup(ckpt: &str, tokens: &str) -> (LoadedModel<Cpu>, Dataset) {
+    let files = CheckpointFiles::in_dir(&fixture(ckpt)).unwrap();
+    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let toks = load_tokens(&golden_path(tokens));
+    let lengths = unpadded_lengths(&toks, loaded.cfg().bos_token_id);
+    let ds = Dataset {
+        name: "t".into(),
+        tokens: toks,
+        lengths,
+        ioi: None,
+    };
+    (loaded, ds)
+}
+
+fn all_heads(m: &LoadedModel<Cpu>) -> Vec<(usize, usize)> {
+    let c = m.cfg();
+    (0..c.n_layers)
+        .flat_map(|l| (0..c.n_heads).map(move |h| (l, h)))
+        .collect()
+}
+
+fn ctx<'a>(m: &'a LoadedModel<Cpu>, heads: &'a [(usize, usize)]) -> RunContext<'a> {
+    RunContext {
+        cfg: m.cfg(),
+        params: &m.params,
+        heads,
+        bos: m.cfg().bos_token_id,
+        tokenizer: None,
+    }
+}
+
+/// Runs one forward pass over `tokens` caching what `metric` declares.
+fn cache_for(
+    m: &LoadedModel<Cpu>,
+    hooks: Vec<String>,
+    tokens: &Array2<u32>,
+) -> hookgraph::hooks::ActivationCache {
+    let mut h = Hooks::caching(HookFilter::names(hooks));
+    m.model.forward(tokens, &mut h).unwrap();
+    h.take_cache()
+}
+
+fn check_values(ckpt: &str, tokens: &str, golden: &str) {
+    let (m, ds) = setup(ckpt, tokens);
+    let gold = load_golden(golden);
+    let heads = all_heads(&m);
+    let c = ctx(&m, &heads);
+    let ss = metrics::builtin("source_suppression", &toml::Table::new()).unwrap();
+    let pl = metrics::builtin("projection_loss", &toml::Table::new()).unwrap();
+    let mut names = ss.hooks(&c);
+    names.extend(pl.hooks(&c));
+    let cache = cache_for(&m, names, &ds.tokens);
+    let batch = BatchView {
+        dataset: &ds,
+        start: 0,
+        tokens: ds.tokens.view(),
+        cache: &cache,
+    };
+    let cfg = m.cfg();
+    let (b, s) = ds.tokens.dim();
+    let u_tok = unembed_rows(m.params.w_u.view(), ds.tokens.view());
+    let scale = batch.final_scale().unwrap();
+
+    for neg in [0, 1] {
+        let only_negative = neg == 1;
+        let key = |k: &str| format!("source_suppression.only_negative={neg}.{k}");
+        let mut per_pos = ArrayD::<f32>::zeros(IxDyn(&[cfg.n_layers, cfg.n_heads, b, s]));
+        let mut per_seq = ArrayD::<f32>::zeros(IxDyn(&[cfg.n_layers, cfg.n_heads, b]));
+        for l in 0..cfg.n_layers {
+            let v = batch
+                .activation::<ndarray::Ix4>(&format!("blocks.{l}.attn.hook_v"))
+                .unwrap();
+            let pattern = batch
+                .activation::<ndarray::Ix4>(&format!("blocks.{l}.attn.hook_pattern"))
+                .unwrap();
+            let coef = source_coefficients(v, m.params.blocks[l].attn.w_o.view(), u_tok.view());
+            for h in 0..cfg.n_heads {
+                let (pp, ps) = head_values(
+                    coef.index_axis(Axis(2), h),
+                    pattern.index_axis(Axis(1), h),
+                    scale,
+                    ds.tokens.view(),
+                    cfg.bos_token_id,
+                    only_negative,
+                );
+                per_pos.slice_mut(s![l, h, .., ..]).assign(&pp);
+                per_seq.slice_mut(s![l, h, ..]).assign(&ps);
+            }
+        }
+        assert_close(
+            &key("per_position"),
+            &per_pos,
+            &gold[&key("per_position")],
+            RTOL,
+            ATOL,
+        );
+        assert_close(
+            &key("per_sequence"),
+            &per_seq,
+            &gold[&key("per_sequence")],
+            RTOL,
+            ATOL,
+        );
+
+        let uu = u_tok
+            .dot(&m.params.w_u)
+            .into_shape_with_order((b, s, cfg.d_vocab))
+            .unwrap();
+        let heads: Vec<usize> = (0..cfg.n_heads).collect();
+        for l in 0..cfg.n_layers {
+            let losses =
+                layer_losses(&c, l, &heads, &batch, u_tok.view(), &uu, only_negative).unwrap();
+            for (h, loss) in losses.iter().enumerate() {
+                for (k, v) in ["loss_proj", "loss_perp", "loss_ablation"]
+                    .iter()
+                    .enumerate()
+                {
+                    let key = format!("projection_loss.only_negative={neg}.{v}");
+                    let g = gold[&key].slice(s![l, h, .., ..]).to_owned().into_dyn();
+                    let ours = loss.index_axis(Axis(0), k).to_owned().into_dyn();
+                    assert_close(&format!("{key}[{l},{h}]"), &ours, &g, RTOL, ATOL);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ckpt_a_metric_values_match_notebook() {
+    check_values("ckpt_a", "tokens_a.json", "a_metrics.safetensors");
+}
+
+#[test]
+fn ckpt_b_metric_values_match_notebook() {
+    check_values("ckpt_b", "tokens_b.json", "b_metrics.safetensors");
+}
+
+/// Runs a built-in through the Metric trait in batches of `batch_size`.
+fn run_metric(
+    kind: &str,
+    neg: bool,
+    m: &LoadedModel<Cpu>,
+    ds: &Dataset,
+    batch_size: usize,
+) -> Vec<Table> {
+    let heads = all_heads(m);
+    let c = ctx(m, &heads);
+    let mut opts = toml::Table::new();
+    opts.insert("only_negative".into(), toml::Value::Boolean(neg));
+    let mut metric = metrics::builtin(kind, &opts).unwrap();
+    metric.start_dataset(&c, ds).unwrap();
+    let n = ds.n_sequences();
+    for start in (0..n).step_by(batch_size) {
+        let end = (start + batch_size).min(n);
+        let tokens = ds.tokens.slice(s![start..end, ..]).to_owned();
+        let cache = cache_for(m, metric.hooks(&c), &tokens);
+        let view = BatchView {
+            dataset: ds,
+            start,
+            tokens: tokens.view(),
+            cache: &cache,
+        };
+        metric.batch(&c, &view).unwrap();
+    }
+    metric.finish_dataset(&c, ds).unwrap()
+}
+
+fn column(t: &Table, name: &str) -> Vec<f64> {
+    let i = t.col(name).unwrap();
+    t.rows.iter().map(|r| r[i].as_f64().unwrap()).collect()
+}
+
+#[test]
+fn table_scores_match_notebook_sweep() {
+    for (ckpt, tokens, golden) in [
+        ("ckpt_a", "tokens_a.json", "a_metrics.safetensors"),
+        ("ckpt_b", "tokens_b.json", "b_metrics.safetensors"),
+    ] {
+        let (m, ds) = setup(ckpt, tokens);
+        let gold = load_golden(golden);
+        for neg in [false, true] {
+            let n = neg as u8;
+            let t = run_metric("source_suppression", neg, &m, &ds, 2);
+            let ours = ArrayD::from_shape_vec(
+                gold[&format!("source_suppression.only_negative={n}.score")].shape(),
+                column(&t[0], "score").iter().map(|&x| x as f32).collect(),
+            )
+            .unwrap();
+            assert_close(
+                "score",
+                &ours,
+                &gold[&format!("source_suppression.only_negative={n}.score")],
+                RTOL,
+                ATOL,
+            );
+
+            let t = run_metric("projection_loss", neg, &m, &ds, 2);
+            let orig_mean = gold["projection_loss.loss_orig"].mean().unwrap();
+            for v in ["proj", "perp", "ablation"] {
+                let g = &gold[&format!("projection_loss.only_negative={n}.loss_{v}")];
+                let shape = g.shape();
+                let means: Vec<f32> = g
+                    .to_shape((shape[0] * shape[1], shape[2] * shape[3]))
+                    .unwrap()
+                    .mean_axis(Axis(1))
+                    .unwrap()
+                    .to_vec();
+                let ours = column(&t[0], &format!("loss_{v}"));
+                let inc = column(&t[0], &format!("increase_{v}"));
+                for (i, (&o, &g)) in ours.iter().zip(&means).enumerate() {
+                    assert!(
+                        (o as f32 - g).abs() <= ATOL + RTOL * g.abs(),
+                        "{ckpt} loss_{v} head {i}: {o} vs {g}"
+                    );
+                    assert!(
+                        ((inc[i] as f32) - (g - orig_mean)).abs() <= 1e-4,
+                        "{ckpt} increase_{v} head {i}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn scores_do_not_depend_on_batch_size() {
+    let (m, ds) = setup("ckpt_a", "tokens_a_long.json");
+    for kind in ["source_suppression", "projection_loss"] {
+        let results: Vec<Vec<Table>> = [1, 3, ds.n_sequences()]
+            .iter()
+            .map(|&bs| run_metric(kind, false, &m, &ds, bs))
+            .collect();
+        for t in 0..results[0].len() {
+            let cols: Vec<&String> = results[0][t].columns.iter().collect();
+            for c in cols
+                .iter()
+                .filter(|c| !["layer", "head", "seq", "pos", "token"].contains(&c.as_str()))
+            {
+                let base = column(&results[0][t], c);
+                for other in &results[1..] {
+                    for (a, b) in base.iter().zip(column(&other[t], c)) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                            "{kind} {c}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
