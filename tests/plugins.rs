@@ -424,3 +424,135 @@ fn a_bare_name_is_found_next_to_the_executable() {
     let m = load_metric("hg-attention-entropy", Path::new("."), &toml::Table::new()).unwrap();
     assert_eq!(m.name(), "hg_attention_entropy");
 }
+
+// ---------------------------------------------------------------------------------------
+// End to end through the `runner` binary.
+// ---------------------------------------------------------------------------------------
+
+/// Writes a spec running on `ckpt_a` over `tokens_a.json` with the given `[[metric]]`
+/// tables; returns (spec path, output dir) inside `dir`.
+fn e2e_spec(dir: &Path, metrics: &str) -> (PathBuf, PathBuf) {
+    let spec = format!(
+        r#"
+name = "plugin_e2e"
+[model]
+path = {model:?}
+batch_size = 2
+
+[[dataset]]
+name = "a"
+kind = "tokens"
+path = {tokens:?}
+
+{metrics}
+"#,
+        model = fixture("ckpt_a"),
+        tokens = golden_path("tokens_a.json"),
+    );
+    let path = dir.join("spec.toml");
+    std::fs::write(&path, spec).unwrap();
+    (path, dir.join("out"))
+}
+
+/// A CSV's rows as maps from column name to text.
+fn read_csv(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let header: Vec<String> = r.headers().unwrap().iter().map(str::to_string).collect();
+    r.records()
+        .map(|rec| {
+            header
+                .iter()
+                .cloned()
+                .zip(rec.unwrap().iter().map(str::to_string))
+                .collect()
+        })
+        .collect()
+}
+
+/// Per-head `column` by (layer, head).
+fn scores(path: &Path, column: &str) -> std::collections::BTreeMap<(u32, u32), f64> {
+    read_csv(path)
+        .into_iter()
+        .map(|r| {
+            (
+                (r["layer"].parse().unwrap(), r["head"].parse().unwrap()),
+                r[column].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs data::build (kind = \"tokens\") on main; verified against main + the data branch"]
+fn runner_plugin_score_equals_the_builtin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = library("hg_source_suppression");
+    let (spec, out) = e2e_spec(
+        tmp.path(),
+        &format!("[[metric]]\nkind = \"source_suppression\"\n\n[[metric]]\nplugin = {plugin:?}\n"),
+    );
+    let result = assert_cmd::Command::cargo_bin("runner")
+        .unwrap()
+        .args(["run", "--quiet", "--output"])
+        .arg(&out)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "runner failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let builtin = scores(&out.join("source_suppression.csv"), "score");
+    let plugin = scores(&out.join("plugin_source_suppression.csv"), "score");
+    assert_eq!(builtin.len(), 8, "2 layers x 4 heads");
+    assert_eq!(
+        builtin.keys().collect::<Vec<_>>(),
+        plugin.keys().collect::<Vec<_>>()
+    );
+    for (head, &b) in &builtin {
+        let p = plugin[head];
+        assert!(
+            (p - b).abs() <= 1e-6 * b.abs().max(1.0),
+            "head {head:?}: plugin {p}, built-in {b}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs data::build (kind = \"tokens\") on main; verified against main + the data branch"]
+fn runner_keeps_other_results_when_a_plugin_fails() {
+    for (package, cause) in [
+        (
+            "hg_test_panics",
+            "panicked: deliberate panic in batch (test plugin)",
+        ),
+        (
+            "hg_test_errors",
+            "failed: deliberate error from batch (test plugin)",
+        ),
+        ("hg_test_bad_abi", "ABI version"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let plugin = library(package);
+        let (spec, out) = e2e_spec(
+            tmp.path(),
+            &format!("[[metric]]\nkind = \"loss\"\n\n[[metric]]\nplugin = {plugin:?}\n"),
+        );
+        let result = assert_cmd::Command::cargo_bin("runner")
+            .unwrap()
+            .args(["run", "--quiet", "--output"])
+            .arg(&out)
+            .arg(&spec)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(3), "{package}: {stderr}");
+        assert!(
+            stderr.contains(package) && stderr.contains(cause),
+            "{package}: stderr should name the plugin and '{cause}':\n{stderr}"
+        );
+        let loss = read_csv(&out.join("loss.csv"));
+        assert!(!loss.is_empty(), "{package}: loss.csv is empty");
+    }
+}

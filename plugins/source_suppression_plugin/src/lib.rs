@@ -15,13 +15,14 @@
 //! per_position[k] = sum_q c[k] * a[q, k] / scale[b, q]
 //! w[k]     = sum_q a[q, k]
 //! per_sequence    = sum_k per_position[k] * w[k] / sum_k w[k]
-//! score           = mean over sequences of per_sequence
+//! score           = mean over sequences of per_sequence (undefined ones left out)
 //! ```
 //!
-//! A sequence with no non-BOS attention (`sum_k w[k] = 0`) has a NaN per-sequence value,
-//! which makes its head's score NaN, as in TransformerLens: the table reports it rather than
-//! hiding it. Sums are accumulated in f64; per-sequence values are kept so the score does not
-//! depend on the batch size.
+//! A sequence with no non-BOS attention (`sum_k w[k] = 0`) has an undefined (0/0, NaN)
+//! per-sequence value: it is reported as NaN in the per-sequence table and left out of the
+//! score, as the built-in does (a head with no defined sequence scores NaN). Sums are
+//! accumulated in f64; per-sequence values are kept so the score does not depend on the
+//! batch size.
 
 use hookgraph_plugin::serde_json::Value as Json;
 use hookgraph_plugin::{export_plugin, BatchCtx, Ctx, Emitter, PluginMetric};
@@ -136,7 +137,12 @@ impl PluginMetric for SourceSuppression {
 
     fn finish(&mut self, ctx: &Ctx, out: &mut Emitter) -> Result<(), String> {
         for (&(layer, head), values) in ctx.heads().iter().zip(&self.per_sequence) {
-            let score = values.iter().map(|&(_, x)| x).sum::<f64>() / values.len() as f64;
+            let defined: Vec<f64> = values
+                .iter()
+                .map(|&(_, x)| x)
+                .filter(|x| x.is_finite())
+                .collect();
+            let score = defined.iter().sum::<f64>() / defined.len() as f64;
             out.row(TABLE, &[layer.into(), head.into(), score.into()])?;
         }
         for (&(layer, head), values) in ctx.heads().iter().zip(&self.per_sequence) {
