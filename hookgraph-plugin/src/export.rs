@@ -6,9 +6,10 @@
 //! plugin code directly; the macro is the interface.
 
 use std::any::Any;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
 use crate::abi::*;
 use crate::safe::{c_str, BatchCtx, Ctx, Emitter};
@@ -142,16 +143,55 @@ pub fn descriptor<M: PluginMetric>(
     }
 }
 
+thread_local! {
+    /// Whether this thread is inside a call from the host (see [`guard`]).
+    static IN_HOST_CALL: Cell<bool> = const { Cell::new(false) };
+    /// Where the last panic inside a host call happened.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that, for panics inside a host call, records the location
+/// for the error message instead of printing to the runner's stderr; the runner reports the
+/// panic itself. Other panics (e.g. in the plugin's own threads), and every panic when
+/// `RUST_BACKTRACE` is set, still go to the previous hook. Each Rust cdylib has its own
+/// `std`, so this hook is the plugin's alone and never touches the runner's.
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        let backtrace = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_HOST_CALL.with(Cell::get) {
+                let at = info.location().map(|l| l.to_string());
+                PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
+                if !backtrace {
+                    return;
+                }
+            }
+            previous(info)
+        }));
+    });
+}
+
 /// Runs `f`, turning an error or a panic into a status code and a message for the host.
 fn guard(msg: *mut HgMessage, f: impl FnOnce() -> Result<(), String>) -> HgStatus {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    install_panic_hook();
+    let outer = IN_HOST_CALL.with(|c| c.replace(true));
+    PANIC_LOCATION.with(|p| p.borrow_mut().take());
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_HOST_CALL.with(|c| c.set(outer));
+    match result {
         Ok(Ok(())) => HG_OK,
         Ok(Err(e)) => {
             write_message(msg, &e);
             HG_ERROR
         }
         Err(payload) => {
-            write_message(msg, &panic_message(payload.as_ref()));
+            let mut text = panic_message(payload.as_ref());
+            if let Some(at) = PANIC_LOCATION.with(|p| p.borrow_mut().take()) {
+                text = format!("{text} (at {at})");
+            }
+            write_message(msg, &text);
             // Dropping a payload can itself panic (a payload whose Drop panics); forget it.
             std::mem::forget(payload);
             HG_PANIC
@@ -308,7 +348,11 @@ mod tests {
         };
         let status = guard(&mut m, || panic!("boom {}", 7));
         assert_eq!(status, HG_PANIC);
-        assert_eq!(std::str::from_utf8(&buf[..m.len]).unwrap(), "boom 7");
+        let text = std::str::from_utf8(&buf[..m.len]).unwrap();
+        assert!(
+            text.starts_with("boom 7 (at ") && text.contains("export.rs:"),
+            "{text}"
+        );
         assert_eq!(guard(&mut m, || Err("no".into())), HG_ERROR);
         assert_eq!(guard(&mut m, || Ok(())), HG_OK);
     }

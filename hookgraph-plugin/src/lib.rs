@@ -120,7 +120,10 @@
 //! Return `Err(text)` from any method: the run reports `plugin '<name>': <call> failed:
 //! <text>`, still writes every other metric's results, and exits with code 3. A panic is
 //! caught inside the plugin (the plugin must be built with the default `panic = "unwind"`)
-//! and reported the same way with its message; the metric is not called again.
+//! and reported the same way, as `<call> panicked: <message> (at <file:line:col>)`; the
+//! metric is not called again. The panic is not printed by the plugin unless
+//! `RUST_BACKTRACE` is set (the plugin's own panic hook, installed on the first call, only
+//! affects panics inside calls from the runner).
 //!
 //! # The ABI
 //!
