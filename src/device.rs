@@ -38,7 +38,7 @@ impl std::fmt::Display for DeviceKind {
 pub fn cuda_available() -> bool {
     #[cfg(feature = "cuda")]
     {
-        std::panic::catch_unwind(|| dfdx::tensor::Cuda::try_build(0).is_ok()).unwrap_or(false)
+        std::panic::catch_unwind(|| dfdx::tensor::Cuda::try_build(0, 0).is_ok()).unwrap_or(false)
     }
     #[cfg(not(feature = "cuda"))]
     {

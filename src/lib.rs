@@ -7,6 +7,7 @@
 //! manifest atomically ([`output`]). The crate layout follows that flow; [`cli`] is the
 //! `runner` binary's front end.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod device;

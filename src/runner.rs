@@ -91,7 +91,7 @@ pub fn run(spec: &LoadedSpec, opts: &RunOptions) -> Result<RunReport> {
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                let dev = dfdx::tensor::Cuda::try_build(0)
+                let dev = dfdx::tensor::Cuda::try_build(0, 0)
                     .map_err(|e| Error::Device(format!("{e:?}")))?;
                 run_on(dev, kind, spec, opts)
             }

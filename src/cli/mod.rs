@@ -6,6 +6,7 @@
 //! Exit codes: 0 success; 1 an error stopped the command; 2 bad arguments (clap);
 //! 3 the run finished and wrote its results, but at least one metric failed.
 
+pub mod bench;
 pub mod cache;
 pub mod list;
 pub mod run;
@@ -65,6 +66,8 @@ pub enum Command {
     List(list::ListArgs),
     /// Run a model on tokens or a prompt and save chosen activations as safetensors.
     Cache(cache::CacheArgs),
+    /// Time the forward pass and the 144-head sweeps on a GPT-2-small-shaped checkpoint.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses arguments, runs, and maps the outcome to an exit code.
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
         Some(Command::Validate { spec, device }) => run::validate(&spec, device),
         Some(Command::List(args)) => list::list(&args),
         Some(Command::Cache(args)) => cache::cache(&args),
+        Some(Command::Bench(args)) => bench::bench(&args),
         None => match cli.spec {
             Some(spec) => run::run(&spec, &cli.run),
             None => {

@@ -2,19 +2,23 @@
 //!
 //! Owns: turning a [`DatasetSpec`] into a [`Dataset`] of right-padded token ids, for each kind:
 //! `ioi` (generated in-process, [`ioi`]), `text` (a local corpus, [`text`]), `tokens` (a JSON
-//! file of ids) and `prompts` (inline texts). Must not: run the model or know about metrics.
+//! file of ids) and `prompts` (inline texts); which keys each kind takes; and the checks
+//! every dataset must pass (not empty, no longer than the model's context, ids inside its
+//! vocabulary). Must not: run the model or know about metrics.
+//!
+//! Every user mistake is an [`Error::Data`] naming the dataset; nothing here panics on input.
 
 pub mod ioi;
 pub mod text;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::spec::DatasetSpec;
-use crate::tokenizer::GptTokenizer;
+use crate::spec::{DatasetKind, DatasetSpec};
+use crate::tokenizer::{batch_tokens, GptTokenizer};
 
 pub use ioi::IoiPrompt;
 
@@ -75,8 +79,325 @@ pub fn unpadded_lengths(tokens: &Array2<u32>, pad: u32) -> Vec<usize> {
         .collect()
 }
 
+/// A data error for `dataset`.
+pub(crate) fn err(dataset: &str, msg: impl Into<String>) -> Error {
+    Error::Data {
+        dataset: dataset.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// A dataset path from the spec, relative to the spec's directory.
+pub(crate) fn resolve(ctx: &DataContext, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        ctx.spec_dir.join(p)
+    }
+}
+
+/// The kind as the spec writes it.
+pub fn kind_name(kind: DatasetKind) -> &'static str {
+    match kind {
+        DatasetKind::Ioi => "ioi",
+        DatasetKind::Text => "text",
+        DatasetKind::Tokens => "tokens",
+        DatasetKind::Prompts => "prompts",
+    }
+}
+
+/// The optional keys each kind takes (besides `name` and `kind`).
+pub fn allowed_keys(kind: DatasetKind) -> &'static [&'static str] {
+    match kind {
+        DatasetKind::Ioi => &[
+            "n",
+            "seed",
+            "symmetric",
+            "names",
+            "places",
+            "objects",
+            "templates",
+        ],
+        DatasetKind::Text => &[
+            "path",
+            "seq_len",
+            "n",
+            "shuffle",
+            "seed",
+            "short",
+            "prepend_bos",
+        ],
+        DatasetKind::Tokens => &["path", "n"],
+        DatasetKind::Prompts => &["prompts", "prepend_bos"],
+    }
+}
+
+/// The keys each kind cannot do without.
+pub fn required_keys(kind: DatasetKind) -> &'static [&'static str] {
+    match kind {
+        DatasetKind::Ioi => &[],
+        DatasetKind::Text => &["path", "seq_len"],
+        DatasetKind::Tokens => &["path"],
+        DatasetKind::Prompts => &["prompts"],
+    }
+}
+
+/// The optional keys a spec sets.
+fn present_keys(s: &DatasetSpec) -> Vec<&'static str> {
+    [
+        ("n", s.n.is_some()),
+        ("seed", s.seed.is_some()),
+        ("symmetric", s.symmetric.is_some()),
+        ("names", s.names.is_some()),
+        ("places", s.places.is_some()),
+        ("objects", s.objects.is_some()),
+        ("templates", s.templates.is_some()),
+        ("path", s.path.is_some()),
+        ("seq_len", s.seq_len.is_some()),
+        ("shuffle", s.shuffle.is_some()),
+        ("short", s.short.is_some()),
+        ("prompts", s.prompts.is_some()),
+        ("prepend_bos", s.prepend_bos.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect()
+}
+
+/// Rejects keys that do not apply to the kind and missing required keys. The spec parser
+/// cannot do this (one table serves every kind), so a typo'd kind or a stray key is caught
+/// here rather than silently ignored.
+pub fn check_keys(spec: &DatasetSpec) -> Result<()> {
+    let kind = kind_name(spec.kind);
+    let allowed = allowed_keys(spec.kind);
+    let present = present_keys(spec);
+    if let Some(bad) = present.iter().find(|k| !allowed.contains(k)) {
+        return Err(err(
+            &spec.name,
+            format!(
+                "`{bad}` does not apply to kind = \"{kind}\" (it takes: {})",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    if let Some(missing) = required_keys(spec.kind)
+        .iter()
+        .find(|k| !present.contains(k))
+    {
+        return Err(err(
+            &spec.name,
+            format!("kind = \"{kind}\" needs `{missing}`"),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds one dataset.
 pub fn build(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
-    let _ = (spec, ctx);
-    todo!("data::build")
+    check_keys(spec)?;
+    let ds = match spec.kind {
+        DatasetKind::Ioi => ioi::build(spec, ctx)?,
+        DatasetKind::Text => text::build(spec, ctx)?,
+        DatasetKind::Tokens => build_tokens(spec, ctx)?,
+        DatasetKind::Prompts => build_prompts(spec, ctx)?,
+    };
+    check_dataset(&ds, ctx.cfg)?;
+    Ok(ds)
+}
+
+/// What every dataset must satisfy to be run, whatever its kind.
+pub fn check_dataset(ds: &Dataset, cfg: &ModelConfig) -> Result<()> {
+    let e = |msg: String| err(&ds.name, msg);
+    if ds.n_sequences() == 0 || ds.seq_len() == 0 {
+        return Err(e("the dataset is empty".into()));
+    }
+    if ds.seq_len() > cfg.n_ctx {
+        return Err(e(format!(
+            "sequences are {} tokens, longer than the model's context ({})",
+            ds.seq_len(),
+            cfg.n_ctx
+        )));
+    }
+    if ds.lengths.len() != ds.n_sequences() {
+        return Err(e(format!(
+            "{} lengths for {} sequences",
+            ds.lengths.len(),
+            ds.n_sequences()
+        )));
+    }
+    if let Some(((seq, pos), id)) = ds
+        .tokens
+        .indexed_iter()
+        .find(|(_, &id)| id as usize >= cfg.d_vocab)
+    {
+        return Err(e(format!(
+            "sequence {seq}, position {pos}: token id {id} is outside the model's vocabulary (d_vocab = {})",
+            cfg.d_vocab
+        )));
+    }
+    Ok(())
+}
+
+/// `kind = "tokens"`: a JSON list of equal-length lists of token ids, used exactly as given
+/// (no BOS added), optionally only the first `n`.
+fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
+    let name = spec.name.as_str();
+    let e = |msg: String| err(name, msg);
+    let Some(path) = &spec.path else {
+        return Err(e("kind = \"tokens\" needs `path`".into()));
+    };
+    let path = resolve(ctx, path.get_ref());
+    let text = std::fs::read_to_string(&path)
+        .map_err(|x| e(format!("cannot read {}: {x}", path.display())))?;
+    // u64, so that a too-large id is reported as out of vocabulary rather than as bad JSON.
+    let rows: Vec<Vec<u64>> = serde_json::from_str(&text).map_err(|x| {
+        e(format!(
+            "{}: expected a JSON list of lists of token ids: {x}",
+            path.display()
+        ))
+    })?;
+    let rows = match spec.n {
+        Some(0) => return Err(e("n must be at least 1".into())),
+        Some(n) if n > rows.len() => {
+            return Err(e(format!(
+                "n = {n}, but {} has only {} sequences",
+                path.display(),
+                rows.len()
+            )))
+        }
+        Some(n) => &rows[..n],
+        None => &rows[..],
+    };
+    let Some(first) = rows.first() else {
+        return Err(e(format!("{} has no sequences", path.display())));
+    };
+    let width = first.len();
+    if width == 0 {
+        return Err(e(format!("{}: sequence 0 is empty", path.display())));
+    }
+    if width > ctx.cfg.n_ctx {
+        return Err(e(format!(
+            "{}: sequences are {width} tokens, longer than the model's context ({})",
+            path.display(),
+            ctx.cfg.n_ctx
+        )));
+    }
+    let mut flat = Vec::with_capacity(rows.len() * width);
+    for (i, row) in rows.iter().enumerate() {
+        if row.len() != width {
+            return Err(e(format!(
+                "{}: sequence {i} has {} tokens, sequence 0 has {width} (all must have the same length)",
+                path.display(),
+                row.len()
+            )));
+        }
+        for (j, &id) in row.iter().enumerate() {
+            if id >= ctx.cfg.d_vocab as u64 {
+                return Err(e(format!(
+                    "{}: sequence {i}, position {j}: token id {id} is outside the model's vocabulary (d_vocab = {})",
+                    path.display(),
+                    ctx.cfg.d_vocab
+                )));
+            }
+            flat.push(id as u32);
+        }
+    }
+    let tokens = Array2::from_shape_vec((rows.len(), width), flat)
+        .map_err(|x| e(format!("{}: {x}", path.display())))?;
+    let lengths = unpadded_lengths(&tokens, ctx.cfg.bos_token_id);
+    Ok(Dataset {
+        name: name.to_string(),
+        tokens,
+        lengths,
+        ioi: None,
+    })
+}
+
+/// `kind = "prompts"`: inline texts, BOS first (unless `prepend_bos = false`), truncated to
+/// the context, right-padded with BOS.
+fn build_prompts(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
+    let name = spec.name.as_str();
+    let e = |msg: String| err(name, msg);
+    let prompts = spec.prompts.as_deref().unwrap_or_default();
+    if prompts.is_empty() {
+        return Err(e("`prompts` is empty".into()));
+    }
+    let tok = ctx.tokenizer(name)?;
+    let bos = ctx.cfg.bos_token_id;
+    let prepend = spec.prepend_bos.unwrap_or(true);
+    let encoded = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<Vec<_>>>()?;
+    let lengths: Vec<usize> = encoded
+        .iter()
+        .map(|ids| (ids.len() + usize::from(prepend)).min(ctx.cfg.n_ctx))
+        .collect();
+    if let Some(i) = lengths.iter().position(|&l| l == 0) {
+        return Err(e(format!(
+            "prompt {} ({:?}) has no tokens",
+            i + 1,
+            prompts[i]
+        )));
+    }
+    let tokens = batch_tokens(&encoded, prepend.then_some(bos), bos, ctx.cfg.n_ctx);
+    Ok(Dataset {
+        name: name.to_string(),
+        tokens,
+        lengths,
+        ioi: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(toml: &str) -> DatasetSpec {
+        toml::from_str(&format!("name = \"d\"\n{toml}")).unwrap()
+    }
+
+    #[test]
+    fn keys_are_checked_per_kind() {
+        check_keys(&spec("kind = \"ioi\"\nn = 4\nseed = 1")).unwrap();
+        let e = check_keys(&spec("kind = \"ioi\"\nseq_len = 4"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`seq_len`") && e.contains("\"ioi\""), "{e}");
+        let e = check_keys(&spec(
+            "kind = \"text\"\npath = \"a.txt\"\nseq_len = 4\nprompts = [\"x\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`prompts`") && e.contains("\"text\""), "{e}");
+        let e = check_keys(&spec("kind = \"text\"\npath = \"a.txt\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `seq_len`"), "{e}");
+        let e = check_keys(&spec("kind = \"tokens\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `path`"), "{e}");
+        let e = check_keys(&spec("kind = \"prompts\"\nprepend_bos = false"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `prompts`"), "{e}");
+        // Every key is allowed by some kind, and required keys are allowed.
+        for kind in [
+            DatasetKind::Ioi,
+            DatasetKind::Text,
+            DatasetKind::Tokens,
+            DatasetKind::Prompts,
+        ] {
+            for k in required_keys(kind) {
+                assert!(allowed_keys(kind).contains(k));
+            }
+        }
+    }
+
+    #[test]
+    fn unpadded_lengths_keep_bos() {
+        let t = ndarray::array![[9, 1, 2, 9], [9, 9, 9, 9], [9, 3, 9, 4]];
+        assert_eq!(unpadded_lengths(&t, 9), vec![3, 1, 4]);
+    }
 }

@@ -141,8 +141,7 @@ struct HfTensors<'a> {
 
 impl<'a> HfTensors<'a> {
     fn new(bytes: &'a [u8]) -> std::result::Result<Self, String> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| format!("not a valid safetensors file ({e})"))?;
+        let st = SafeTensors::deserialize(bytes).map_err(describe)?;
         let names = st
             .names()
             .into_iter()
@@ -181,6 +180,27 @@ impl<'a> HfTensors<'a> {
             to_f32(view.dtype(), view.data()).map_err(|e| format!("tensor '{name}': {e}"))?;
         ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| format!("tensor '{name}': {e}"))
     }
+}
+
+/// A one-line reason for a file safetensors cannot read; its own messages are bare enum
+/// names (`MetadataIncompleteBuffer`) that do not tell a user their download was cut short.
+fn describe(e: safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let why = match &e {
+        E::HeaderTooSmall | E::InvalidHeaderLength => {
+            "the file is shorter than its header says (truncated?)"
+        }
+        E::MetadataIncompleteBuffer => {
+            "the tensor data is not the size the header says (truncated or corrupted?)"
+        }
+        E::InvalidHeader
+        | E::InvalidHeaderStart
+        | E::InvalidHeaderDeserialization
+        | E::HeaderTooLarge
+        | E::JsonError(_) => "the header is not safetensors JSON (corrupted, or another format?)",
+        _ => "its header is inconsistent",
+    };
+    format!("not a valid safetensors file: {why} ({e})")
 }
 
 /// Little-endian bytes of `dtype` to f32.
@@ -312,6 +332,12 @@ pub struct CheckpointFiles {
 impl CheckpointFiles {
     /// Points at `dir/config.json` and `dir/model.safetensors`, checking both exist.
     pub fn in_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::ModelNotFound(format!(
+                "{}: no such directory (expected a GPT-2 checkpoint directory with config.json and model.safetensors)",
+                dir.display()
+            )));
+        }
         let files = CheckpointFiles {
             dir: dir.to_path_buf(),
             config: dir.join("config.json"),

@@ -82,7 +82,8 @@ fn not_found_message(name: &str, repo: &str, cache: &Path, cause: &str) -> Strin
         "model '{name}' is not in the HuggingFace cache ({}) and could not be downloaded ({cause}). \
          Download config.json, model.safetensors, vocab.json and merges.txt from \
          https://huggingface.co/{repo} (e.g. `huggingface-cli download {repo}` on a machine with \
-         internet, then copy {}), or put them in a directory and set `path = \"DIR\"` under [model]",
+         internet, then copy its cache folder to {}), or put them in a directory and pass that \
+         instead (`--model DIR`, or `path = \"DIR\"` under [model])",
         cache.display(),
         cache.join(format!("models--{}", repo.replace('/', "--"))).display()
     )

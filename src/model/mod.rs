@@ -35,16 +35,15 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// A path if `s` names an existing directory (or looks like a path), else a hub id.
+    /// A path if `s` names an existing directory or looks like a path, else a hub id.
+    /// Hub ids are `name` or `owner/name`, so anything with two or more separators, or
+    /// starting with `.`, `/` or `~`, is a path even when it does not exist: a mistyped
+    /// directory must say "not found", not go looking on (or downloading from) the hub.
     pub fn parse(s: &str) -> Self {
         let p = Path::new(s);
-        if p.is_dir()
-            || s.starts_with('.')
-            || s.starts_with('/')
-            || s.contains(std::path::MAIN_SEPARATOR)
-                && !hub::KNOWN_MODELS.iter().any(|(a, _)| *a == s)
-                && p.exists()
-        {
+        let looks_like_path = s.starts_with(['.', '/', '~'])
+            || s.matches(['/', std::path::MAIN_SEPARATOR]).count() >= 2;
+        if p.is_dir() || looks_like_path {
             ModelSource::Path(p.to_path_buf())
         } else {
             ModelSource::Hub(s.to_string())

@@ -68,7 +68,7 @@ pub fn worst(ours: &[f32], theirs: &[f32], rtol: f32, atol: f32) -> Option<(usiz
         } else {
             (a - b).abs() - (atol + rtol * b.abs())
         };
-        if bad > 0.0 && worst.is_none_or(|w| bad > w.3) {
+        if bad > 0.0 && worst.map_or(true, |w| bad > w.3) {
             worst = Some((i, a, b, bad));
         }
     }
@@ -83,4 +83,68 @@ pub fn assert_close(name: &str, ours: &ArrayD<f32>, theirs: &ArrayD<f32>, rtol: 
     if let Some((i, x, y)) = worst(&a, &b, rtol, atol) {
         panic!("{name}: element {i} is {x}, TransformerLens has {y} (rtol {rtol}, atol {atol})");
     }
+}
+
+/// The tensors of any safetensors file: F32 ones as f32, I64 ones as i64, and the metadata.
+pub struct TensorFile {
+    pub f32: HashMap<String, ArrayD<f32>>,
+    pub i64: HashMap<String, ArrayD<i64>>,
+    pub metadata: HashMap<String, String>,
+}
+
+pub fn read_tensor_file(path: &Path) -> TensorFile {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("header parses");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("file parses");
+    let mut out = TensorFile {
+        f32: HashMap::new(),
+        i64: HashMap::new(),
+        metadata: meta.metadata().clone().unwrap_or_default(),
+    };
+    for (k, v) in st.tensors() {
+        let shape = IxDyn(v.shape());
+        match v.dtype() {
+            safetensors::Dtype::F32 => {
+                let d = v.data().chunks_exact(4);
+                let d = d
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                out.f32.insert(k, ArrayD::from_shape_vec(shape, d).unwrap());
+            }
+            safetensors::Dtype::I64 => {
+                let d = v.data().chunks_exact(8);
+                let d = d
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                out.i64.insert(k, ArrayD::from_shape_vec(shape, d).unwrap());
+            }
+            other => panic!("{}: {k} has dtype {other:?}", path.display()),
+        }
+    }
+    out
+}
+
+/// Copies a checkpoint directory's files (not subdirectories) into `dst`.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// The `runner` binary, with the HF cache pointed at nothing and offline, so no test can
+/// reach the network or a real cache unless it says so.
+pub fn runner() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("runner").unwrap();
+    cmd.current_dir(root())
+        .env("HF_HUB_OFFLINE", "1")
+        .env(
+            "HF_HUB_CACHE",
+            root().join("tests").join("no-such-hf-cache"),
+        )
+        .env_remove("HF_HOME");
+    cmd
 }
