@@ -483,7 +483,6 @@ fn scores(path: &Path, column: &str) -> std::collections::BTreeMap<(u32, u32), f
 }
 
 #[test]
-#[ignore = "needs data::build (kind = \"tokens\") on main; verified against main + the data branch"]
 fn runner_plugin_score_equals_the_builtin() {
     let tmp = tempfile::tempdir().unwrap();
     let plugin = library("hg_source_suppression");
@@ -520,7 +519,6 @@ fn runner_plugin_score_equals_the_builtin() {
 }
 
 #[test]
-#[ignore = "needs data::build (kind = \"tokens\") on main; verified against main + the data branch"]
 fn runner_keeps_other_results_when_a_plugin_fails() {
     for (package, cause) in [
         (
