@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod plugin;
 pub mod runner;
 pub mod spec;
 pub mod tokenizer;

@@ -181,11 +181,7 @@ fn load_plugin(
     dir: &std::path::Path,
     options: &toml::Table,
 ) -> Result<Box<dyn Metric>> {
-    let _ = (dir, options);
-    Err(Error::Plugin {
-        plugin: spec.to_string(),
-        msg: "plugins are not supported in this build yet".into(),
-    })
+    crate::plugin::load_metric(spec, dir, options)
 }
 
 /// Checks a spec end to end without running a forward pass: the model loads, heads are in
