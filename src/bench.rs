@@ -270,8 +270,7 @@ pub fn run(dir: &Path, batch_size: usize) -> Result<Vec<Case>> {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let rows: Vec<Vec<u32>> =
             serde_json::from_str(&text).map_err(|e| Error::Other(e.to_string()))?;
-        Ok(Array2::from_shape_vec((b, s), rows.concat())
-            .map_err(|e| Error::Other(e.to_string()))?)
+        Array2::from_shape_vec((b, s), rows.concat()).map_err(|e| Error::Other(e.to_string()))
     };
     eprintln!("{} threads (rayon)", rayon::current_num_threads());
     let mut cases = Vec::new();

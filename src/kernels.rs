@@ -25,7 +25,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     er * scale
@@ -42,7 +42,10 @@ pub fn max(x: &[f32]) -> f32 {
             *l = l.max(v);
         }
     }
-    rest.iter().copied().fold(lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max), f32::max)
+    rest.iter().copied().fold(
+        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        f32::max,
+    )
 }
 
 /// `sum(exp(x - m))`, accumulated in 16 lanes (f32) and summed in f64.
@@ -89,7 +92,9 @@ mod tests {
 
     #[test]
     fn log_sum_exp_matches_f64() {
-        let x: Vec<f32> = (0..1001).map(|i| ((i * 37) % 101) as f32 * 0.1 - 3.0).collect();
+        let x: Vec<f32> = (0..1001)
+            .map(|i| ((i * 37) % 101) as f32 * 0.1 - 3.0)
+            .collect();
         let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let want = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
         assert!((log_sum_exp(&x) as f64 - want).abs() < 1e-5 * want.abs());

@@ -146,16 +146,20 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
-            let name = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
+            let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
             match load_plugin(plugin.get_ref(), &dir, &m.options) {
-                Ok(metric) => metrics.push((name, Some(metric))),
+                // Named after what the plugin calls itself, not its path.
+                Ok(metric) => metrics.push((
+                    m.name.clone().unwrap_or_else(|| metric.name().to_string()),
+                    Some(metric),
+                )),
                 Err(e) => {
                     failures.push(Failure {
-                        metric: name.clone(),
+                        metric: fallback.clone(),
                         dataset: None,
                         error: e.to_string(),
                     });
-                    metrics.push((name, None));
+                    metrics.push((fallback, None));
                 }
             }
         }

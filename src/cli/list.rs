@@ -51,4 +51,20 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_plugins() {}
+fn print_plugins() {
+    let found = crate::plugin::discover_in(&crate::plugin::search_path());
+    println!("\nPlugins ([[metric]] plugin = \"NAME\"; search path: HOOKGRAPH_PLUGIN_PATH, then target/{{release,debug}}):");
+    if found.is_empty() {
+        println!("  (none found; build one with `cargo build --release -p hg_attention_entropy`)");
+    }
+    for p in found {
+        match p {
+            Ok(i) => {
+                println!("  {:<20} {} {}", i.name, i.version, i.description);
+                println!("  {:<20}   {}", "", i.path.display());
+                println!("  {:<20}   reads: {}", "", i.hooks.join(", "));
+            }
+            Err(e) => println!("  (not loadable) {e}"),
+        }
+    }
+}

@@ -13,6 +13,7 @@
 //!   per head and batch (dh·D·V, amortised over the batch's tokens);
 //! - `new @ W_U = (pattern ∘ coef) @ (U_tok @ W_U)`: S·S·V, with `U_tok @ W_U` (the source
 //!   tokens' unembeddings through W_U, [S, V]) made once per batch and shared by every head.
+//!
 //! Only each token's log-sum-exp and target logit are kept: never a [heads, tokens, vocab]
 //! tensor, and at most [S, V] per head in flight.
 
@@ -23,8 +24,8 @@ use super::source_suppression::{source_coefficients, unembed_rows};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::Result;
-use crate::kernels;
 use crate::hooks::{block_hook, LOGITS};
+use crate::kernels;
 use crate::output::{Table, Value};
 
 /// The three interventions, in this order everywhere.

@@ -332,7 +332,9 @@ impl<D: Device<f32>> HookedGpt2<D> {
 pub fn per_token_loss(logits: &ndarray::Array3<f32>, tokens: &Array2<u32>) -> Array2<f32> {
     use rayon::prelude::*;
     let (b, s, _) = logits.dim();
-    let rows: Vec<(usize, usize)> = (0..b).flat_map(|i| (0..s.saturating_sub(1)).map(move |j| (i, j))).collect();
+    let rows: Vec<(usize, usize)> = (0..b)
+        .flat_map(|i| (0..s.saturating_sub(1)).map(move |j| (i, j)))
+        .collect();
     let losses: Vec<f32> = rows
         .par_iter()
         .map(|&(i, j)| {
