@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod report;
 pub mod runner;
 pub mod spec;
 pub mod tokenizer;

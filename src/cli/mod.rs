@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod list;
+pub mod prompt;
 pub mod run;
 
 use std::path::PathBuf;
@@ -65,6 +66,8 @@ pub enum Command {
     List(list::ListArgs),
     /// Run a model on tokens or a prompt and save chosen activations as safetensors.
     Cache(cache::CacheArgs),
+    /// TransformerLens's `test_prompt`: the answer's rank, logit and probability, and the top k.
+    Prompt(prompt::PromptArgs),
 }
 
 /// Parses arguments, runs, and maps the outcome to an exit code.
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
         Some(Command::Validate { spec, device }) => run::validate(&spec, device),
         Some(Command::List(args)) => list::list(&args),
         Some(Command::Cache(args)) => cache::cache(&args),
+        Some(Command::Prompt(args)) => prompt::prompt(&args),
         None => match cli.spec {
             Some(spec) => run::run(&spec, &cli.run),
             None => {
