@@ -743,6 +743,54 @@ fn demo_results() {
         }
     }
     tables.push(("IOI".into(), pp));
+    // Webtext-like: 10 sequences of 48 tokens of running text.
+    let text =
+        "Key question: why isn't it sparse if you don't give more weight to the things which \
+        are attended to more? Answer: because most tokens in sequences are generic, like 'the' \
+        and ',', so this doesn't really work for them. It's very large and negative on IOI, \
+        because basically all attention which isn't BOS or self-attention is to the IO token, \
+        which negatively suppresses it. But it's also noticeably negative on Webtext (and still \
+        sparse). The thing that confuses me most is how many false negatives there are.\n\n\
+        Why do so many heads have nontrivially large dot products? Aren't cosine similarities \
+        about 0 for random vectors? Maybe crop to all situations where >10% attention is paid.";
+    let ids: Vec<String> = match &tok {
+        Some(t) => t
+            .encode(text)
+            .unwrap()
+            .iter()
+            .map(|&i| t.decode_one(i))
+            .collect(),
+        None => text.split(' ').map(|w| format!(" {w}")).collect(),
+    };
+    let mut web = Table::new(
+        "source_suppression_per_position",
+        &["layer", "head", "seq", "pos", "token", "value"],
+    );
+    for &(l, h) in &heads {
+        for s in 0..10 {
+            for pos in 0..48 {
+                let token = if pos == 0 {
+                    ENDOFTEXT.to_string()
+                } else {
+                    ids[(s * 13 + pos) % ids.len()].clone()
+                };
+                let v = if pos == 0 {
+                    0.0
+                } else {
+                    0.8 * noise(l * 12 + h, s, pos).powi(3)
+                };
+                web.push(vec![
+                    l.into(),
+                    h.into(),
+                    s.into(),
+                    pos.into(),
+                    token.into(),
+                    v.into(),
+                ]);
+            }
+        }
+    }
+    tables.push(("Webtext".into(), web));
     let refs: Vec<(String, &Table)> = tables.iter().map(|(d, t)| (d.clone(), t)).collect();
     let mut csvs = Vec::new();
     for name in ["source_suppression", "source_suppression_per_position"] {
@@ -762,7 +810,18 @@ fn demo_results() {
         sequences: 10,
     };
     let (mut notes, mut problems) = (Vec::new(), Vec::new());
-    let view_files = views::write_views(&shaped, &[view], &refs, &[], &mut notes, &mut problems);
+    let web_view = views::ResolvedView {
+        dataset: "Webtext".into(),
+        ..view.clone()
+    };
+    let view_files = views::write_views(
+        &shaped,
+        &[view, web_view],
+        &refs,
+        &[],
+        &mut notes,
+        &mut problems,
+    );
     assert!(
         problems.is_empty() && notes.is_empty(),
         "{problems:?} {notes:?}"

@@ -153,6 +153,19 @@ pub fn centred(font: &str, size_px: f64, colour: RGBColor) -> TextStyle<'static>
     }
 }
 
+/// Draws `text` with its top-left corner at `(x, y)` of `area` (sans-serif, `size_px`).
+/// Wide figures put their titles at the left, where a reader scrolling from the start
+/// sees them, rather than centred thousands of pixels away.
+pub fn left_text(area: &Area, text: &str, x: i32, y: i32, size_px: f64) -> Result<()> {
+    let style = TextStyle {
+        font: (LABEL_FONT, px(size_px)).into_font(),
+        color: BLACK.to_backend_color(),
+        pos: Pos::new(HPos::Left, VPos::Top),
+    };
+    area.draw_text(&clean_text(text), &style, (x, y))
+        .map_err(svg_err)
+}
+
 /// The smallest plot height (pixels) a figure gets, so its colour bar has room for labels
 /// even when the grid has one or two rows.
 pub const MIN_PLOT_PX: u32 = 180;

@@ -58,7 +58,10 @@ fn link(name: &str) -> String {
     format!("<a href=\"{}\">{}</a>", url_part(name), html_escape(name))
 }
 
-fn figures(out: &mut String, heading: &str, files: &[PathBuf]) {
+/// `wide`: shown at its own size in a scrolling box (per-token views can be thousands of
+/// pixels wide, and shrinking them to the page would make their token labels unreadable);
+/// otherwise shrunk to the page width if needed.
+fn figures(out: &mut String, heading: &str, files: &[PathBuf], wide: bool) {
     if files.is_empty() {
         return;
     }
@@ -66,8 +69,9 @@ fn figures(out: &mut String, heading: &str, files: &[PathBuf]) {
     for f in files {
         let name = file_name(f);
         out.push_str(&format!(
-            "<figure>\n<figcaption>{}</figcaption>\n<a href=\"{u}\"><img src=\"{u}\" alt=\"{alt}\" loading=\"lazy\"></a>\n</figure>\n",
+            "<figure{class}>\n<figcaption>{}</figcaption>\n<a href=\"{u}\"><img src=\"{u}\" alt=\"{alt}\" loading=\"lazy\"></a>\n</figure>\n",
             link(&name),
+            class = if wide { " class=\"wide\"" } else { "" },
             u = url_part(&name),
             alt = html_escape(&name),
         ));
@@ -99,8 +103,8 @@ pub fn index_html(run: &RunSummary, files: &IndexFiles, notes: &[String]) -> Str
         out.push_str(&format!("<tr><th>{k}</th><td>{v}</td></tr>\n"));
     }
     out.push_str("</table>\n");
-    figures(&mut out, "Per-head scores", &files.heatmaps);
-    figures(&mut out, "Per-token views", &files.views);
+    figures(&mut out, "Per-head scores", &files.heatmaps, false);
+    figures(&mut out, "Per-token views", &files.views, true);
     if !files.pages.is_empty() {
         out.push_str("<h2>Attention patterns</h2>\n<ul>\n");
         for p in &files.pages {
@@ -149,5 +153,7 @@ table.summary td { padding: 3px 0; }
 figure { margin: 12px 0 24px; }
 figcaption { font-size: 13px; margin-bottom: 6px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure.wide { overflow-x: auto; }
+figure.wide img { max-width: none; }
 li { margin: 3px 0; }
 "#;

@@ -29,7 +29,7 @@ pub const DEFAULT_HEADS: usize = 3;
 /// The metric a view shows when `metric` is not given, and the one the default view uses.
 pub const DEFAULT_METRIC: &str = "source_suppression";
 /// Token labels longer than this are cut (with an ellipsis) so cells stay a readable width.
-const MAX_LABEL_CHARS: usize = 16;
+const MAX_LABEL_CHARS: usize = 12;
 
 /// A `[[view]]` with its defaults filled in and its heads checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -378,12 +378,8 @@ pub fn view_svg(view: &ResolvedView, data: &ViewData) -> Result<String> {
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         root.fill(&WHITE).map_err(draw::svg_err)?;
-        let root = root
-            .titled(
-                &draw::clean_text(&title),
-                (draw::LABEL_FONT, draw::px(18.0)).into_font(),
-            )
-            .map_err(draw::svg_err)?;
+        let (top, root) = root.split_vertically(TITLE);
+        draw::left_text(&top, &title, (MARGIN + Y_LABEL) as i32, 10, 18.0)?;
         let (panels, bar) = root.split_horizontally(panel_w);
         for (area, panel) in panels
             .split_evenly((data.panels.len(), 1))
@@ -402,12 +398,16 @@ pub fn view_svg(view: &ResolvedView, data: &ViewData) -> Result<String> {
 
 fn draw_panel(area: &Area, panel: &Panel, data: &ViewData, zmax: f64) -> Result<()> {
     let (n_seq, n_pos) = (panel.values.len(), panel.values[0].len());
+    draw::left_text(
+        area,
+        &format!("head {}.{}", panel.head.0, panel.head.1),
+        (MARGIN + Y_LABEL) as i32,
+        (MARGIN + 4) as i32,
+        draw::CAPTION_PX,
+    )?;
     let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("head {}.{}", panel.head.0, panel.head.1),
-            (draw::LABEL_FONT, draw::px(draw::CAPTION_PX)),
-        )
         .margin(MARGIN)
+        .margin_top(MARGIN + CAPTION)
         .x_label_area_size(X_LABEL)
         .y_label_area_size(Y_LABEL)
         .build_cartesian_2d(-0.5f64..(n_pos as f64 - 0.5), -(n_seq as f64 - 0.5)..0.5f64)
