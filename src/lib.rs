@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod plugin;
+pub mod report;
 pub mod runner;
 pub mod spec;
 pub mod tokenizer;

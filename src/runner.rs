@@ -22,6 +22,7 @@ use crate::hooks::{HookFilter, Hooks};
 use crate::metrics::{self, BatchView, Metric, RunContext};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
 use crate::output::{self, Table};
+use crate::report;
 use crate::spec::LoadedSpec;
 
 /// Command-line overrides of a spec.
@@ -119,6 +120,7 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
     pb.finish_and_clear();
     let cfg = loaded.cfg().clone();
     let heads = spec.check_heads(cfg.n_layers, cfg.n_heads)?;
+    report::check_views(spec, &heads, cfg.n_layers, cfg.n_heads)?;
 
     let dir = spec.dir();
     let ctx = DataContext {
@@ -408,12 +410,14 @@ fn run_on<D: Device<f32>>(
     let mut files = Vec::new();
     let pb = bar(opts.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
+    let mut report_tables: Vec<(String, &Table)> = Vec::new();
     for (owner, parts) in tables.values() {
         if failed_idx[*owner] {
             continue;
         }
         let refs: Vec<(String, &Table)> = parts.iter().map(|(d, t)| (d.clone(), t)).collect();
         files.push(output::write_csv(&out_dir, &refs)?);
+        report_tables.extend(refs);
         for (d, t) in parts {
             if t.head_score.is_some() {
                 written_tables.push((d.clone(), t.clone()));
@@ -422,6 +426,25 @@ fn run_on<D: Device<f32>>(
         pb.inc(1);
     }
     pb.finish_and_clear();
+
+    // Pictures and pages; one that cannot be drawn is a failure, the CSVs stay.
+    let pictures = report::write_all(&report::ReportInput {
+        out_dir: &out_dir,
+        spec,
+        loaded: &loaded,
+        heads: &heads,
+        datasets: &datasets,
+        tables: &report_tables,
+        csv_files: &files,
+        device: kind.to_string(),
+        seconds: t0.elapsed().as_secs_f64(),
+    });
+    files.extend(pictures.files);
+    failures.extend(pictures.problems.into_iter().map(|error| Failure {
+        metric: "report".into(),
+        dataset: None,
+        error,
+    }));
 
     let manifest = Manifest {
         hookgraph_version: env!("CARGO_PKG_VERSION"),

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod cache;
 pub mod list;
+pub mod prompt;
 pub mod run;
 
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// Time the forward pass and the 144-head sweeps on a GPT-2-small-shaped checkpoint.
     Bench(bench::BenchArgs),
+    /// TransformerLens's `test_prompt`: the answer's rank, logit and probability, and the top k.
+    Prompt(prompt::PromptArgs),
 }
 
 /// Parses arguments, runs, and maps the outcome to an exit code.
@@ -79,6 +82,7 @@ pub fn main() -> ExitCode {
         Some(Command::List(args)) => list::list(&args),
         Some(Command::Cache(args)) => cache::cache(&args),
         Some(Command::Bench(args)) => bench::bench(&args),
+        Some(Command::Prompt(args)) => prompt::prompt(&args),
         None => match cli.spec {
             Some(spec) => run::run(&spec, &cli.run),
             None => {

@@ -1,0 +1,83 @@
+//! `runner prompt`: TransformerLens's `utils.test_prompt` in the terminal.
+//!
+//! Owns: the subcommand's arguments, loading the model on the chosen device, and printing
+//! [`report::prompt::PromptReport`] in TL's layout. Must not: compute anything itself; the
+//! ranking lives in [`crate::report::prompt`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dfdx::prelude::{Cpu, Device};
+
+use crate::device::{DeviceChoice, DeviceKind};
+use crate::error::{Error, Result};
+use crate::model::{self, ModelSource, Processing};
+use crate::report::prompt::{test_prompt, PromptOptions};
+
+/// `runner prompt --model gpt2 "PROMPT" --answer " Sarah"`.
+#[derive(clap::Args, Debug)]
+pub struct PromptArgs {
+    /// The prompt text.
+    pub prompt: String,
+    /// The expected answer. Repeat to compare several answers (first token of each, at the
+    /// next position, as TL does).
+    #[arg(long, required = true)]
+    pub answer: Vec<String>,
+    /// A hub id (`gpt2`, ...) or a checkpoint directory.
+    #[arg(long, default_value = "gpt2")]
+    pub model: String,
+    /// Where the tokenizer files are, if not in the checkpoint directory.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// How many of the most probable next tokens to print.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+    /// Do not prepend BOS to the prompt.
+    #[arg(long)]
+    pub no_prepend_bos: bool,
+    /// Do not prepend a space to an answer that lacks one.
+    #[arg(long)]
+    pub no_prepend_space: bool,
+}
+
+pub fn prompt(args: &PromptArgs) -> Result<ExitCode> {
+    match args.device.resolve()? {
+        DeviceKind::Cpu => prompt_on(Cpu::default(), args),
+        DeviceKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                // GPU 0; the seed (second argument) is unused: nothing here is random.
+                let dev = dfdx::tensor::Cuda::try_build(0, 0)
+                    .map_err(|e| Error::Device(format!("{e:?}")))?;
+                prompt_on(dev, args)
+            }
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("DeviceChoice::resolve refuses CUDA without the feature")
+        }
+    }
+}
+
+fn prompt_on<D: Device<f32>>(dev: D, args: &PromptArgs) -> Result<ExitCode> {
+    let files = ModelSource::parse(&args.model).resolve()?;
+    // TL's `from_pretrained` defaults, so logits print as TL prints them.
+    let loaded = model::load(dev, files, Processing::ALL, args.tokenizer.as_deref())?;
+    let tokenizer = loaded.tokenizer()?;
+    if args.answer.iter().any(|a| a.is_empty()) {
+        return Err(Error::Other("--answer must not be empty".into()));
+    }
+    let report = test_prompt(
+        &loaded.model,
+        tokenizer,
+        &args.prompt,
+        &args.answer,
+        PromptOptions {
+            prepend_bos: !args.no_prepend_bos,
+            prepend_space_to_answer: !args.no_prepend_space,
+            top_k: args.top_k,
+        },
+    )?;
+    print!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
