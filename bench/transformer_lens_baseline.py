@@ -37,18 +37,27 @@ def main():
                     help="the 60x100 sweeps take tens of minutes on 2 cores")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    hf = GPT2LMHeadModel.from_pretrained(args.dir)
+    # Same cores as `runner bench` (torch may default to fewer under a CPU quota).
+    torch.set_num_threads(os.cpu_count())
+    hf = GPT2LMHeadModel.from_pretrained(args.dir).eval()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     model = mg.build_tl_model(hf, processed=True)
     mg.BOS_TOKEN_ID = hf.config.bos_token_id
     out = {}
     for b, s in [(10, 30), (60, 100)]:
         toks = torch.tensor(json.load(open(os.path.join(args.dir, f"tokens_{b}x{s}.json"))))
-        model(toks[:1])  # warm-up
-        t = time.perf_counter()
-        for start in range(0, b, 20):
-            model(toks[start:start + 20], return_type="logits")
-        out[f"forward {b}x{s}"] = time.perf_counter() - t
-        print(f"forward {b}x{s}: {out[f'forward {b}x{s}']:.3f} s", flush=True)
+        # The plain forward: TL without per-head results (the notebook's sweeps turn them on),
+        # and HF's GPT2LMHeadModel, same weights, same batches of 20 as `runner bench`.
+        model.set_use_attn_result(False)
+        for name, fwd in [("forward", lambda x: model(x, return_type="logits")),
+                          ("hf forward", lambda x: hf(x).logits)]:
+            fwd(toks[:2])  # warm-up
+            t = time.perf_counter()
+            for start in range(0, b, 20):
+                fwd(toks[start:start + 20])
+            out[f"{name} {b}x{s}"] = time.perf_counter() - t
+            print(f"{name} {b}x{s}: {out[f'{name} {b}x{s}']:.3f} s", flush=True)
+        model.set_use_attn_result(True)
         if b == 60 and args.skip_60x100_sweeps:
             continue
         for kind, new_loss in [("source_suppression", False), ("projection_loss", True)]:

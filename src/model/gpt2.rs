@@ -73,7 +73,7 @@ pub struct ForwardOutput<D: Device<f32>> {
     pub logits: T3<D>,
 }
 
-impl<D: Device<f32>> HookedGpt2<D> {
+impl<D: Device<f32> + 'static> HookedGpt2<D> {
     /// Uploads processed host parameters to `dev`.
     pub fn new(dev: D, cfg: ModelConfig, p: &Params) -> Result<Self> {
         let (d, h, dh) = (cfg.d_model, cfg.n_heads, cfg.d_head);

@@ -1,0 +1,54 @@
+//! Hook points through a real forward pass: caching follows the filter, and write hooks
+//! replace activations downstream (TL's hooks that return a new value).
+
+mod common;
+
+use common::*;
+use dfdx::prelude::Cpu;
+use hookgraph::hooks::{HookFilter, Hooks};
+use hookgraph::model::{self, CheckpointFiles, Processing};
+use ndarray::{s, ArrayD};
+
+fn model() -> hookgraph::model::LoadedModel<Cpu> {
+    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
+    model::load(Cpu::default(), files, Processing::ALL, None).unwrap()
+}
+
+#[test]
+fn cache_holds_exactly_the_requested_points() {
+    let m = model();
+    let toks = load_tokens(&golden_path("tokens_a.json"));
+    let mut hooks = Hooks::caching(HookFilter::names(["blocks.1.attn.hook_v", "ln_final.hook_scale"]));
+    m.model.forward(&toks, &mut hooks).unwrap();
+    let cache = hooks.take_cache();
+    let names: Vec<&String> = cache.iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["blocks.1.attn.hook_v", "ln_final.hook_scale"]);
+    assert_eq!(cache.get("blocks.1.attn.hook_v").unwrap().shape(), [3, 12, 4, 8]);
+}
+
+#[test]
+fn identity_write_hook_changes_nothing_and_ablation_changes_logits() {
+    let m = model();
+    let toks = load_tokens(&golden_path("tokens_a.json"));
+    let gold = load_golden("a_processed.safetensors");
+
+    let mut hooks = Hooks::default();
+    hooks.add_writer("blocks.0.hook_resid_post", Box::new(|_a: &mut ArrayD<f32>| {}));
+    let logits = m.model.logits_host(&toks, &mut hooks).unwrap();
+    assert_close("logits", &logits.into_dyn(), &gold["logits"], RTOL, ATOL);
+
+    // Zero-ablate head 2 of layer 1 at hook_z: the cache shows the new value and the
+    // logits move.
+    let mut hooks = Hooks::caching(HookFilter::names(["blocks.1.attn.hook_z"]));
+    hooks.add_writer(
+        "blocks.1.attn.hook_z",
+        Box::new(|z: &mut ArrayD<f32>| z.slice_mut(s![.., .., 2, ..]).fill(0.0)),
+    );
+    let ablated = m.model.logits_host(&toks, &mut hooks).unwrap();
+    let z = hooks.take_cache();
+    let z = z.get("blocks.1.attn.hook_z").unwrap();
+    assert!(z.slice(s![.., .., 2, ..]).iter().all(|&x| x == 0.0));
+    assert!(z.slice(s![.., .., 1, ..]).iter().any(|&x| x != 0.0));
+    let diff = (&ablated.into_dyn() - &gold["logits"]).mapv(f32::abs);
+    assert!(diff.iter().copied().fold(0.0, f32::max) > 1e-3, "ablation had no effect");
+}
