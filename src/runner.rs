@@ -343,7 +343,7 @@ fn run_on<D: Device<f32>>(
             let tokens = dataset.tokens.slice(ndarray::s![start..end, ..]).to_owned();
             let t = Instant::now();
             let mut hooks = Hooks::caching(filter.clone());
-            loaded.model.forward(&tokens, &mut hooks)?;
+            loaded.model.run_hooks(&tokens, &mut hooks)?;
             let cache = hooks.take_cache();
             forward_seconds += t.elapsed().as_secs_f64();
             let view = BatchView {

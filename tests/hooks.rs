@@ -18,12 +18,18 @@ fn model() -> hookgraph::model::LoadedModel<Cpu> {
 fn cache_holds_exactly_the_requested_points() {
     let m = model();
     let toks = load_tokens(&golden_path("tokens_a.json"));
-    let mut hooks = Hooks::caching(HookFilter::names(["blocks.1.attn.hook_v", "ln_final.hook_scale"]));
+    let mut hooks = Hooks::caching(HookFilter::names([
+        "blocks.1.attn.hook_v",
+        "ln_final.hook_scale",
+    ]));
     m.model.forward(&toks, &mut hooks).unwrap();
     let cache = hooks.take_cache();
     let names: Vec<&String> = cache.iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["blocks.1.attn.hook_v", "ln_final.hook_scale"]);
-    assert_eq!(cache.get("blocks.1.attn.hook_v").unwrap().shape(), [3, 12, 4, 8]);
+    assert_eq!(
+        cache.get("blocks.1.attn.hook_v").unwrap().shape(),
+        [3, 12, 4, 8]
+    );
 }
 
 #[test]
@@ -33,7 +39,10 @@ fn identity_write_hook_changes_nothing_and_ablation_changes_logits() {
     let gold = load_golden("a_processed.safetensors");
 
     let mut hooks = Hooks::default();
-    hooks.add_writer("blocks.0.hook_resid_post", Box::new(|_a: &mut ArrayD<f32>| {}));
+    hooks.add_writer(
+        "blocks.0.hook_resid_post",
+        Box::new(|_a: &mut ArrayD<f32>| {}),
+    );
     let logits = m.model.logits_host(&toks, &mut hooks).unwrap();
     assert_close("logits", &logits.into_dyn(), &gold["logits"], RTOL, ATOL);
 
@@ -50,5 +59,35 @@ fn identity_write_hook_changes_nothing_and_ablation_changes_logits() {
     assert!(z.slice(s![.., .., 2, ..]).iter().all(|&x| x == 0.0));
     assert!(z.slice(s![.., .., 1, ..]).iter().any(|&x| x != 0.0));
     let diff = (&ablated.into_dyn() - &gold["logits"]).mapv(f32::abs);
-    assert!(diff.iter().copied().fold(0.0, f32::max) > 1e-3, "ablation had no effect");
+    assert!(
+        diff.iter().copied().fold(0.0, f32::max) > 1e-3,
+        "ablation had no effect"
+    );
+}
+
+#[test]
+fn run_hooks_skips_only_what_nobody_reads() {
+    let m = model();
+    let toks = load_tokens(&golden_path("tokens_a.json"));
+    let gold = load_golden("a_processed.safetensors");
+    let mut hooks = Hooks::caching(HookFilter::names(["ln_final.hook_scale"]));
+    m.model.run_hooks(&toks, &mut hooks).unwrap();
+    let cache = hooks.take_cache();
+    assert!(!cache.contains("logits"));
+    assert_close(
+        "scale",
+        cache.get("ln_final.hook_scale").unwrap(),
+        &gold["ln_final.hook_scale"],
+        RTOL,
+        ATOL,
+    );
+    let mut hooks = Hooks::caching(HookFilter::names(["logits"]));
+    m.model.run_hooks(&toks, &mut hooks).unwrap();
+    assert_close(
+        "logits",
+        hooks.take_cache().get("logits").unwrap(),
+        &gold["logits"],
+        RTOL,
+        ATOL,
+    );
 }

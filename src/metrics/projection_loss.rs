@@ -96,7 +96,7 @@ pub fn layer_losses(
     Ok(heads
         .par_iter()
         .map(|&h| {
-            let wou = w_o.index_axis(Axis(0), h).dot(&w_u); // [dh, V]
+            let wou = kernels::matmul(w_o.index_axis(Axis(0), h), w_u); // [dh, V]
             let mut out = Array3::<f32>::zeros((3, b, s.saturating_sub(1)));
             for i in 0..b {
                 let mut a = pattern.slice(s![i, h, .., ..]).to_owned(); // [Q, K]
@@ -107,8 +107,8 @@ pub fn layer_losses(
                     }
                     a.column_mut(k).mapv_inplace(|p| p * coef);
                 }
-                let new_u = a.dot(&uu.index_axis(Axis(0), i));
-                let orig_u = z.slice(s![i, .., h, ..]).dot(&wou);
+                let new_u = kernels::matmul(a.view(), uu.index_axis(Axis(0), i));
+                let orig_u = kernels::matmul(z.slice(s![i, .., h, ..]), wou.view());
                 let l = token_losses(
                     logits.index_axis(Axis(0), i),
                     orig_u.view(),
@@ -188,8 +188,7 @@ impl Metric for ProjectionLoss {
         let u_tok = unembed_rows(ctx.params.w_u.view(), batch.tokens);
         // U_tok @ W_U per sequence: [B, S, V], shared by every head of every layer.
         let v = ctx.params.w_u.ncols();
-        let uu = u_tok
-            .dot(&ctx.params.w_u)
+        let uu = kernels::matmul(u_tok.view(), ctx.params.w_u.view())
             .into_shape_with_order((b, s, v))
             .expect("[B*S, V] -> [B, S, V]");
         let orig_sum = |all: bool| -> f64 {

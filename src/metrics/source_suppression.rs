@@ -42,7 +42,7 @@ pub fn source_coefficients(
         .into_shape_with_order((h * dh, d))
         .expect("W_O is contiguous");
     // g[n, h * dh + e] = (W_O[h] @ u_n)[e]
-    let g = u_tok.dot(&w_o_flat.t());
+    let g = crate::kernels::matmul(u_tok, w_o_flat.t());
     let v = v
         .into_shape_with_order((b * s, h, dh))
         .expect("hook_v is contiguous");

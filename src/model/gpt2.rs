@@ -215,6 +215,19 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
 
     /// The forward pass over `tokens` `[batch, seq]`, visiting every hook point.
     pub fn forward(&self, tokens: &Array2<u32>, hooks: &mut Hooks) -> Result<ForwardOutput<D>> {
+        let logits = self.run(tokens, hooks, true)?.expect("asked for logits");
+        Ok(ForwardOutput { logits })
+    }
+
+    /// A forward pass run for its hook points (TL's `run_with_cache`): the unembedding, a
+    /// `[tokens, d_model] x [d_model, d_vocab]` matmul and the largest activation, is skipped
+    /// unless `logits` is cached or written.
+    pub fn run_hooks(&self, tokens: &Array2<u32>, hooks: &mut Hooks) -> Result<()> {
+        let logits = hooks.touches(LOGITS);
+        self.run(tokens, hooks, logits).map(|_| ())
+    }
+
+    fn run(&self, tokens: &Array2<u32>, hooks: &mut Hooks, logits: bool) -> Result<Option<T3<D>>> {
         self.check_tokens(tokens)?;
         let (b, s) = tokens.dim();
         let d = self.cfg.d_model;
@@ -233,9 +246,11 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         }
 
         let x = self.layer_norm(hooks, "ln_final", resid, self.ln_final.as_ref())?;
+        if !logits {
+            return Ok(None);
+        }
         let logits = ops::linear(x, &self.w_u, &self.b_u);
-        let logits = self.point(hooks, LOGITS, logits)?;
-        Ok(ForwardOutput { logits })
+        Ok(Some(self.point(hooks, LOGITS, logits)?))
     }
 
     fn block(&self, hooks: &mut Hooks, l: usize, block: &Block<D>, resid: T3<D>) -> Result<T3<D>> {

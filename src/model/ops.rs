@@ -52,45 +52,17 @@ pub fn download<S: Shape, D: Device<f32>>(t: &Tensor<S, f32, D>) -> ArrayD<f32> 
 
 /// Reinterprets a tensor known to live on `Cpu` as one of the generic device `D` (they are
 /// the same type at run time; `None` otherwise).
-fn from_cpu<S: Shape, D: Device<f32> + 'static>(t: Tensor<S, f32, Cpu>) -> Option<Tensor<S, f32, D>> {
+fn from_cpu<S: Shape, D: Device<f32> + 'static>(
+    t: Tensor<S, f32, Cpu>,
+) -> Option<Tensor<S, f32, D>> {
     let boxed: Box<dyn Any> = Box::new(t);
     boxed.downcast::<Tensor<S, f32, D>>().ok().map(|b| *b)
 }
 
-fn as_cpu<S: Shape, D: Device<f32> + 'static>(t: &Tensor<S, f32, D>) -> Option<&Tensor<S, f32, Cpu>> {
+fn as_cpu<S: Shape, D: Device<f32> + 'static>(
+    t: &Tensor<S, f32, D>,
+) -> Option<&Tensor<S, f32, Cpu>> {
     (t as &dyn Any).downcast_ref::<Tensor<S, f32, Cpu>>()
-}
-
-/// Row-major `[m, k] @ [k, n]` with gemm 0.19 on every core.
-pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert!(a.len() == m * k && b.len() == k * n, "sgemm: operand sizes");
-    let mut c = vec![0f32; m * n];
-    // SAFETY: the three buffers have exactly the sizes the strides describe (checked above),
-    // `c` is not aliased, and gemm with read_dst = false only writes `c`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
-    c
 }
 
 fn cpu_linear<D: Device<f32> + 'static>(x: &T3<D>, w: &T2<D>, b: &T1<D>) -> Option<T3<D>> {
@@ -98,7 +70,7 @@ fn cpu_linear<D: Device<f32> + 'static>(x: &T3<D>, w: &T2<D>, b: &T1<D>) -> Opti
     let (bs, s, k) = *x.shape();
     let n = w.shape().1;
     let bias = b.as_vec();
-    let mut y = sgemm(bs * s, k, n, &x.as_vec(), &w.as_vec());
+    let mut y = crate::kernels::sgemm(bs * s, k, n, &x.as_vec(), &w.as_vec());
     y.par_chunks_mut(n)
         .for_each(|row| row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b));
     from_cpu(x.device().tensor_from_vec(y, (bs, s, n)))
@@ -185,11 +157,14 @@ mod tests {
     #[test]
     fn cpu_fast_paths_are_taken_and_agree_with_dfdx() {
         let dev = Cpu::default();
-        let x: T3<Cpu> = dev.tensor_from_vec((0..24).map(|i| i as f32 * 0.1 - 1.0).collect(), (2, 3, 4));
-        let w: T2<Cpu> = dev.tensor_from_vec((0..20).map(|i| (i as f32 * 0.37).sin()).collect(), (4, 5));
+        let x: T3<Cpu> =
+            dev.tensor_from_vec((0..24).map(|i| i as f32 * 0.1 - 1.0).collect(), (2, 3, 4));
+        let w: T2<Cpu> =
+            dev.tensor_from_vec((0..20).map(|i| (i as f32 * 0.37).sin()).collect(), (4, 5));
         let b: T1<Cpu> = dev.tensor_from_vec(vec![0.1, -0.2, 0.3, 0.0, 1.0], (5,));
         let fast = cpu_linear(&x, &w, &b).expect("Cpu takes the gemm 0.19 path");
-        let slow = x.clone().matmul(w.clone()) + b.clone().broadcast_like::<_, Axes2<0, 1>>(&(2, 3, 5));
+        let slow =
+            x.clone().matmul(w.clone()) + b.clone().broadcast_like::<_, Axes2<0, 1>>(&(2, 3, 5));
         for (a, b) in fast.as_vec().iter().zip(slow.as_vec()) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }

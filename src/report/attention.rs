@@ -37,7 +37,7 @@ pub fn attention_patterns<D: Device<f32>>(
     let batch = Array2::from_shape_vec((1, tokens.len()), tokens.to_vec())
         .map_err(|e| Error::Other(format!("attention tokens: {e}")))?;
     let mut hooks = Hooks::caching(HookFilter::names(names));
-    model.forward(&batch, &mut hooks)?;
+    model.run_hooks(&batch, &mut hooks)?;
     let cache = hooks.take_cache();
     heads
         .iter()

@@ -213,6 +213,39 @@ pub fn colour_bar(area: &Area, zmax: f64, label: &str, top: u32, bottom: u32) ->
     Ok(())
 }
 
+/// The chart both grids (head heatmaps, per-token views) draw into: integer cells, y downwards.
+pub type GridChart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// Axes of an `nx` x `ny` grid of unit cells centred on integers (row 0 at the top): integer
+/// ticks, no mesh lines, axis titles.
+pub fn grid_axes(
+    chart: &mut GridChart,
+    (nx, ny): (usize, usize),
+    (x_desc, y_desc): (&str, &str),
+    label_px: f64,
+    max_ticks: usize,
+) -> Result<()> {
+    let x_tick = |v: &f64| int_tick(*v);
+    let y_tick = |v: &f64| int_tick(-*v);
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(nx.min(max_ticks))
+        .y_labels(ny.min(max_ticks))
+        .x_label_formatter(&x_tick)
+        .y_label_formatter(&y_tick)
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style((LABEL_FONT, px(label_px)))
+        .axis_desc_style((LABEL_FONT, px(label_px + 1.0)))
+        .draw()
+        .map_err(svg_err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

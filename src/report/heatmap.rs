@@ -151,21 +151,7 @@ fn draw_panel(area: &Area, grid: &HeadGrid, zmax: f64) -> Result<()> {
             -(n_layers as f64 - 0.5)..0.5f64,
         )
         .map_err(draw::svg_err)?;
-    let x_tick = |v: &f64| draw::int_tick(*v);
-    let y_tick = |v: &f64| draw::int_tick(-*v);
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(n_heads.min(64))
-        .y_labels(n_layers.min(64))
-        .x_label_formatter(&x_tick)
-        .y_label_formatter(&y_tick)
-        .x_desc("head")
-        .y_desc("layer")
-        .label_style((draw::LABEL_FONT, draw::px(12.0)))
-        .axis_desc_style((draw::LABEL_FONT, draw::px(13.0)))
-        .draw()
-        .map_err(draw::svg_err)?;
+    draw::grid_axes(&mut chart, (n_heads, n_layers), ("head", "layer"), 12.0, 64)?;
 
     let cells: Vec<(usize, usize, &Value)> = grid
         .cells

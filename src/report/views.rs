@@ -412,21 +412,13 @@ fn draw_panel(area: &Area, panel: &Panel, data: &ViewData, zmax: f64) -> Result<
         .y_label_area_size(Y_LABEL)
         .build_cartesian_2d(-0.5f64..(n_pos as f64 - 0.5), -(n_seq as f64 - 0.5)..0.5f64)
         .map_err(draw::svg_err)?;
-    let x_tick = |v: &f64| draw::int_tick(*v);
-    let y_tick = |v: &f64| draw::int_tick(-*v);
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(n_pos.min(40))
-        .y_labels(n_seq.min(40))
-        .x_label_formatter(&x_tick)
-        .y_label_formatter(&y_tick)
-        .x_desc("position")
-        .y_desc("sequence")
-        .label_style((draw::LABEL_FONT, draw::px(11.0)))
-        .axis_desc_style((draw::LABEL_FONT, draw::px(12.0)))
-        .draw()
-        .map_err(draw::svg_err)?;
+    draw::grid_axes(
+        &mut chart,
+        (n_pos, n_seq),
+        ("position", "sequence"),
+        11.0,
+        40,
+    )?;
     let rect = |s: usize, p: usize| {
         let (x, y) = (p as f64, -(s as f64));
         [(x - 0.5, y + 0.5), (x + 0.5, y - 0.5)]
