@@ -317,11 +317,17 @@ pub type Baseline = BTreeMap<String, f64>;
 
 /// The results table, with speed-ups against a baseline measured on the same machine.
 pub fn table(cases: &[Case], baseline: Option<&Baseline>) -> String {
-    let mut out = String::from("| case | seconds | GFLOP | GFLOP/s | peak MiB | baseline s | speed-up |\n|---|---|---|---|---|---|---|\n");
+    let mut out = String::from(
+        "| case | seconds | GFLOP | GFLOP/s | peak MiB | TransformerLens s | speed-up | HF GPT2 s | speed-up |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
     for c in cases {
         let base = baseline.and_then(|b| b.get(&c.name)).copied();
+        // The plain forward is also timed in HF transformers (same weights and batches).
+        let hf = baseline
+            .and_then(|b| b.get(&format!("hf {}", c.name)))
+            .copied();
         out += &format!(
-            "| {} | {:.3} | {:.1} | {:.1} | {} | {} | {} |\n",
+            "| {} | {:.3} | {:.1} | {:.1} | {} | {} | {} | {} | {} |\n",
             c.name,
             c.seconds,
             c.gflop,
@@ -329,6 +335,8 @@ pub fn table(cases: &[Case], baseline: Option<&Baseline>) -> String {
             c.peak_mib.map_or("-".into(), |m| format!("{m:.0}")),
             base.map_or("-".into(), |b| format!("{b:.3}")),
             base.map_or("-".into(), |b| format!("{:.1}x", b / c.seconds)),
+            hf.map_or("-".into(), |b| format!("{b:.3}")),
+            hf.map_or("-".into(), |b| format!("{:.2}x", b / c.seconds)),
         );
     }
     out

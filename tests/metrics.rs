@@ -125,8 +125,23 @@ fn check_values(ckpt: &str, tokens: &str, golden: &str) {
             .unwrap();
         let heads: Vec<usize> = (0..cfg.n_heads).collect();
         for l in 0..cfg.n_layers {
-            let losses =
-                layer_losses(&c, l, &heads, &batch, u_tok.view(), &uu, only_negative).unwrap();
+            let losses = layer_losses(
+                &c,
+                l,
+                &heads,
+                &batch,
+                u_tok.view(),
+                Some(&uu),
+                only_negative,
+            )
+            .unwrap();
+            // The d_model-space path (taken for sequences longer than d_model) agrees.
+            let direct =
+                layer_losses(&c, l, &heads, &batch, u_tok.view(), None, only_negative).unwrap();
+            for (a, b) in losses.iter().zip(&direct) {
+                let (a, b) = (a.clone().into_dyn(), b.clone().into_dyn());
+                assert_close("U_tok @ W_U path vs d_model path", &a, &b, 1e-5, 1e-6);
+            }
             for (h, loss) in losses.iter().enumerate() {
                 for (k, v) in ["loss_proj", "loss_perp", "loss_ablation"]
                     .iter()

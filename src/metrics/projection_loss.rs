@@ -76,7 +76,7 @@ pub fn layer_losses(
     heads: &[usize],
     batch: &BatchView,
     u_tok: ArrayView2<f32>,
-    uu: &Array3<f32>,
+    uu: Option<&Array3<f32>>,
     only_negative: bool,
 ) -> Result<Vec<Array3<f32>>> {
     let v = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_v"))?;
@@ -107,7 +107,15 @@ pub fn layer_losses(
                     }
                     a.column_mut(k).mapv_inplace(|p| p * coef);
                 }
-                let new_u = kernels::matmul(a.view(), uu.index_axis(Axis(0), i));
+                // new @ W_U: through the source rows of U_tok @ W_U (S·S·V) for sequences
+                // shorter than d_model, else through d_model space (S·S·D + S·D·V).
+                let new_u = match uu {
+                    Some(uu) => kernels::matmul(a.view(), uu.index_axis(Axis(0), i)),
+                    None => {
+                        let rows = u_tok.slice(s![i * s..(i + 1) * s, ..]);
+                        kernels::matmul(kernels::matmul(a.view(), rows).view(), w_u)
+                    }
+                };
                 let orig_u = kernels::matmul(z.slice(s![i, .., h, ..]), wou.view());
                 let l = token_losses(
                     logits.index_axis(Axis(0), i),
@@ -186,11 +194,14 @@ impl Metric for ProjectionLoss {
             .sum::<usize>();
 
         let u_tok = unembed_rows(ctx.params.w_u.view(), batch.tokens);
-        // U_tok @ W_U per sequence: [B, S, V], shared by every head of every layer.
+        // U_tok @ W_U per sequence: [B, S, V], shared by every head of every layer; only
+        // worth it (and only made) while sequences are shorter than d_model.
         let v = ctx.params.w_u.ncols();
-        let uu = kernels::matmul(u_tok.view(), ctx.params.w_u.view())
-            .into_shape_with_order((b, s, v))
-            .expect("[B*S, V] -> [B, S, V]");
+        let uu = (s < ctx.cfg.d_model).then(|| {
+            kernels::matmul(u_tok.view(), ctx.params.w_u.view())
+                .into_shape_with_order((b, s, v))
+                .expect("[B*S, V] -> [B, S, V]")
+        });
         let orig_sum = |all: bool| -> f64 {
             let mut t = 0.0;
             for ((i, q), &x) in orig.indexed_iter() {
@@ -210,7 +221,7 @@ impl Metric for ProjectionLoss {
                 &heads,
                 batch,
                 u_tok.view(),
-                &uu,
+                uu.as_ref(),
                 self.only_negative,
             )?;
             for l in losses {
