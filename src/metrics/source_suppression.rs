@@ -86,8 +86,7 @@ pub fn head_values(
             .map(|&x| if only_negative { x.min(0.0) } else { x })
             .collect();
         let mut w = vec![0f32; s];
-        let pp = per_position.row_mut(i);
-        let mut pp = pp;
+        let mut pp = per_position.row_mut(i);
         for q in 0..s {
             if m[q] == 0.0 {
                 continue;
