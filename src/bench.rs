@@ -238,8 +238,9 @@ pub fn default_dir() -> PathBuf {
     PathBuf::from("target").join("bench-gpt2-small")
 }
 
-/// Runs every case; returns them in order.
-pub fn run(dir: &Path, batch_size: usize) -> Result<Vec<Case>> {
+/// Runs every case whose name contains `only` (all when `None`); returns them in order.
+pub fn run(dir: &Path, batch_size: usize, only: Option<&str>) -> Result<Vec<Case>> {
+    let wanted = |name: &str| only.map_or(true, |o| name.contains(o));
     if !dir.join("model.safetensors").is_file() {
         eprintln!(
             "writing a random GPT-2-small-shaped checkpoint to {}",
@@ -282,10 +283,9 @@ pub fn run(dir: &Path, batch_size: usize) -> Result<Vec<Case>> {
     let mut cases = Vec::new();
     for (b, s) in shapes {
         let toks = load_tokens(b, s)?;
-        cases.push(time_case(
-            &format!("forward {b}x{s}"),
-            forward_flop(&cfg, b, s) / 1e9,
-            || {
+        let name = format!("forward {b}x{s}");
+        if wanted(&name) {
+            cases.push(time_case(&name, forward_flop(&cfg, b, s) / 1e9, || {
                 for start in (0..b).step_by(batch_size) {
                     let t = toks
                         .slice(s![start..(start + batch_size).min(b), ..])
@@ -293,9 +293,13 @@ pub fn run(dir: &Path, batch_size: usize) -> Result<Vec<Case>> {
                     m.model.forward(&t, &mut Hooks::default())?;
                 }
                 Ok(())
-            },
-        )?);
+            })?);
+        }
         for kind in ["source_suppression", "projection_loss"] {
+            let name = format!("{kind} sweep {b}x{s}");
+            if !wanted(&name) {
+                continue;
+            }
             // source_suppression does not read the logits, so its pass skips the unembedding.
             let unembed = 2.0 * (b * s * cfg.d_model * cfg.d_vocab) as f64;
             let skipped = if kind == "source_suppression" {
@@ -304,7 +308,7 @@ pub fn run(dir: &Path, batch_size: usize) -> Result<Vec<Case>> {
                 0.0
             };
             let flop = (forward_flop(&cfg, b, s) - skipped + sweep_flop(&cfg, kind, b, s)) / 1e9;
-            cases.push(time_case(&format!("{kind} sweep {b}x{s}"), flop, || {
+            cases.push(time_case(&name, flop, || {
                 sweep(&m, kind, &toks, batch_size)
             })?);
         }

@@ -16,6 +16,9 @@ pub struct BenchArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 20)]
     pub batch_size: usize,
+    /// Only the cases whose name contains this (e.g. `forward`, `10x30`).
+    #[arg(long)]
+    pub only: Option<String>,
     /// Also write the cases as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -33,7 +36,7 @@ pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
         }
         None => None,
     };
-    let cases = bench::run(&dir, args.batch_size.max(1))?;
+    let cases = bench::run(&dir, args.batch_size.max(1), args.only.as_deref())?;
     print!("{}", bench::table(&cases, baseline.as_ref()));
     if let Some(p) = &args.json {
         crate::output::write_json(p, &cases)?;

@@ -9,8 +9,9 @@
 //! On the CPU two kernels replace dfdx's: the linear layers' matmul goes to gemm 0.19, which
 //! uses AVX-512 where the processor has it (dfdx 0.13's gemm 0.15 does not, ~65 vs ~107
 //! GFLOP/s per core measured here), and GPT-2's GELU runs on every core with a vectorised
-//! `exp` (dfdx's element-wise kernels are single-threaded). Both are picked at run time by
-//! the device's type, so the generic (and CUDA) path is unchanged.
+//! `exp` (dfdx's element-wise kernels are single-threaded), as do LayerNorm and the attention
+//! softmax. Each is picked at run time by the device's type, so the generic (and CUDA) path
+//! is unchanged.
 
 use std::any::Any;
 
@@ -89,6 +90,26 @@ pub fn linear<D: Device<f32> + 'static>(x: T3<D>, w: &T2<D>, b: &T1<D>) -> T3<D>
 /// `x - mean(x)` and TL's `hook_scale` = `sqrt(mean((x - mean)^2) + eps)` over d_model,
 /// returned separately because TL hooks the scale before dividing.
 pub fn center_and_scale<D: Device<f32>>(x: T3<D>, eps: f64) -> (T3<D>, T2<D>) {
+    if let Some(cpu) = as_cpu(&x) {
+        let (b, s, d) = *cpu.shape();
+        let mut v = cpu.as_vec();
+        let mut scale = vec![0f32; b * s];
+        v.par_chunks_mut(d)
+            .zip(scale.par_iter_mut())
+            .for_each(|(row, sc)| {
+                let mean = row.iter().sum::<f32>() / d as f32;
+                row.iter_mut().for_each(|x| *x -= mean);
+                let var = row.iter().map(|x| x * x).sum::<f32>() / d as f32;
+                *sc = (var + eps as f32).sqrt();
+            });
+        let dev = cpu.device();
+        if let (Some(c), Some(sc)) = (
+            from_cpu(dev.tensor_from_vec(v, (b, s, d))),
+            from_cpu(dev.tensor_from_vec(scale, (b, s))),
+        ) {
+            return (c, sc);
+        }
+    }
     let shape = *x.shape();
     let mean: T2<D> = x.clone().mean::<_, Axis<2>>();
     let centered = x - mean.broadcast_like::<_, Axis<2>>(&shape);
@@ -99,6 +120,19 @@ pub fn center_and_scale<D: Device<f32>>(x: T3<D>, eps: f64) -> (T3<D>, T2<D>) {
 
 /// `centered / scale`: TL's `hook_normalized` (taken before the affine part).
 pub fn normalize<D: Device<f32>>(centered: T3<D>, scale: &T2<D>) -> T3<D> {
+    if let (Some(c), Some(sc)) = (as_cpu(&centered), as_cpu(scale)) {
+        let d = c.shape().2;
+        let mut v = c.as_vec();
+        let sc = sc.as_vec();
+        v.par_chunks_mut(d)
+            .zip(sc.par_iter())
+            .for_each(|(row, &s)| {
+                row.iter_mut().for_each(|x| *x /= s);
+            });
+        if let Some(y) = from_cpu(c.device().tensor_from_vec(v, *c.shape())) {
+            return y;
+        }
+    }
     let shape = *centered.shape();
     centered / scale.clone().broadcast_like::<_, Axis<2>>(&shape)
 }
@@ -124,6 +158,29 @@ pub fn causal_scores<D: Device<f32>>(q: T4<D>, k: T4<D>, d_head: usize) -> T4<D>
 
 /// Softmax over the key axis.
 pub fn softmax_keys<D: Device<f32>>(scores: T4<D>) -> T4<D> {
+    if let Some(cpu) = as_cpu(&scores) {
+        let k = cpu.shape().3;
+        let mut v = cpu.as_vec();
+        v.par_chunks_mut(k).for_each(|row| {
+            let m = crate::kernels::max(row);
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                // Masked scores are -inf: exactly 0 after softmax, as in TL.
+                let e = if *x == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    crate::kernels::exp(*x - m)
+                };
+                *x = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        });
+        if let Some(y) = from_cpu(cpu.device().tensor_from_vec(v, *cpu.shape())) {
+            return y;
+        }
+    }
     scores.softmax::<Axis<3>>()
 }
 
@@ -169,8 +226,27 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         let g = gelu_new(x.clone()).as_vec();
-        for (a, b) in g.iter().zip(x.fast_gelu().as_vec()) {
+        for (a, b) in g.iter().zip(x.clone().fast_gelu().as_vec()) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
+
+        let (c, sc) = center_and_scale(x.clone(), 1e-5);
+        let n = normalize(c, &sc);
+        let reference = x.clone().normalize::<Axis<2>>(1e-5);
+        for (a, b) in n.as_vec().iter().zip(reference.as_vec()) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+
+        let q: T4<Cpu> = dev.tensor_from_vec(
+            (0..48).map(|i| (i as f32 * 0.71).cos()).collect(),
+            (1, 2, 4, 6),
+        );
+        let scores = causal_scores(q.clone(), q, 6);
+        let p = softmax_keys(scores.clone()).as_vec();
+        for (a, b) in p.iter().zip(scores.softmax::<Axis<3>>().as_vec()) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        // Above the diagonal the pattern is exactly zero.
+        assert_eq!(p[1], 0.0);
     }
 }
