@@ -13,7 +13,7 @@ use ndarray::{Array2, ArrayD};
 
 use super::checkpoint::{LayerNormParams, Params};
 use super::config::ModelConfig;
-use super::ops::{self, T1, T2, T3, T4};
+use super::ops::{self, Linear, T1, T2, T3, T4};
 use crate::error::{Error, Result};
 use crate::hooks::{block_hook, Hooks, LOGITS};
 
@@ -24,24 +24,20 @@ struct LayerNorm<D: Device<f32>> {
 
 /// `blocks.L.attn`: per-head weights concatenated along the output axis for one matmul.
 struct Attention<D: Device<f32>> {
-    /// `W_Q` as `[d_model, n_heads * d_head]`.
-    w_q: T2<D>,
-    w_k: T2<D>,
-    w_v: T2<D>,
-    b_q: T1<D>,
-    b_k: T1<D>,
-    b_v: T1<D>,
-    /// `W_O` as `[n_heads * d_head, d_model]`.
-    w_o: T2<D>,
-    b_o: T1<D>,
+    /// `W_Q`, `b_Q` as `[d_model, n_heads * d_head]`, `[n_heads * d_head]`.
+    q: Linear<D>,
+    k: Linear<D>,
+    v: Linear<D>,
+    /// `W_O`, `b_O` as `[n_heads * d_head, d_model]`, `[d_model]`.
+    o: Linear<D>,
+    /// `W_O` per head `[n_heads, d_head, d_model]`, for `hook_result` only.
+    w_o_heads: T3<D>,
 }
 
-/// `blocks.L.mlp`.
+/// `blocks.L.mlp`: `W_in`, `b_in` and `W_out`, `b_out`.
 struct Mlp<D: Device<f32>> {
-    w_in: T2<D>,
-    b_in: T1<D>,
-    w_out: T2<D>,
-    b_out: T1<D>,
+    fc_in: Linear<D>,
+    fc_out: Linear<D>,
 }
 
 /// `blocks.L`.
@@ -62,9 +58,8 @@ pub struct HookedGpt2<D: Device<f32>> {
     w_pos: T2<D>,
     blocks: Vec<Block<D>>,
     ln_final: Option<LayerNorm<D>>,
-    /// `unembed.W_U` `[d_model, d_vocab]`.
-    w_u: T2<D>,
-    b_u: T1<D>,
+    /// `unembed.W_U` `[d_model, d_vocab]` and `b_U`.
+    unembed: Linear<D>,
 }
 
 /// What a forward pass returns besides the hook cache.
@@ -82,15 +77,6 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
             let (r, c) = a.dim();
             ops::upload(&dev, &a.clone().into_dyn(), (r, c))
         };
-        // TL's [n_heads, d_model, d_head] -> [d_model, n_heads * d_head]
-        let heads_in = |w: &ndarray::Array3<f32>| {
-            let a = w
-                .view()
-                .permuted_axes([1, 0, 2])
-                .as_standard_layout()
-                .into_owned();
-            ops::upload(&dev, &a.into_dyn(), (d, h * dh))
-        };
         let ln = |l: &Option<LayerNormParams>| -> Result<Option<LayerNorm<D>>> {
             l.as_ref()
                 .map(|l| {
@@ -101,27 +87,39 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 })
                 .transpose()
         };
+        let vec1 = |a: &ndarray::Array1<f32>| a.to_vec();
+        let linear = |w: &Array2<f32>, b: &ndarray::Array1<f32>| {
+            let (n_in, n_out) = w.dim();
+            Linear::new(&dev, w.iter().copied().collect(), vec1(b), n_in, n_out)
+        };
+        // TL's [n_heads, d_model, d_head] -> [d_model, n_heads * d_head], bias [n_heads * d_head]
+        let heads_in = |w: &ndarray::Array3<f32>, b: &Array2<f32>| {
+            let w: Vec<f32> = w.view().permuted_axes([1, 0, 2]).iter().copied().collect();
+            Linear::new(&dev, w, b.iter().copied().collect(), d, h * dh)
+        };
         let mut blocks = Vec::with_capacity(p.blocks.len());
         for b in &p.blocks {
             let a = &b.attn;
             blocks.push(Block {
                 ln1: ln(&b.ln1)?,
                 attn: Attention {
-                    w_q: heads_in(&a.w_q)?,
-                    w_k: heads_in(&a.w_k)?,
-                    w_v: heads_in(&a.w_v)?,
-                    b_q: ops::upload(&dev, &a.b_q.clone().into_dyn(), (h * dh,))?,
-                    b_k: ops::upload(&dev, &a.b_k.clone().into_dyn(), (h * dh,))?,
-                    b_v: ops::upload(&dev, &a.b_v.clone().into_dyn(), (h * dh,))?,
-                    w_o: ops::upload(&dev, &a.w_o.clone().into_dyn(), (h * dh, d))?,
-                    b_o: up1(&a.b_o)?,
+                    q: heads_in(&a.w_q, &a.b_q)?,
+                    k: heads_in(&a.w_k, &a.b_k)?,
+                    v: heads_in(&a.w_v, &a.b_v)?,
+                    // [n_heads, d_head, d_model] is already [(n_heads d_head), d_model].
+                    o: Linear::new(
+                        &dev,
+                        a.w_o.iter().copied().collect(),
+                        vec1(&a.b_o),
+                        h * dh,
+                        d,
+                    )?,
+                    w_o_heads: ops::upload(&dev, &a.w_o.clone().into_dyn(), (h, dh, d))?,
                 },
                 ln2: ln(&b.ln2)?,
                 mlp: Mlp {
-                    w_in: up2(&b.mlp.w_in)?,
-                    b_in: up1(&b.mlp.b_in)?,
-                    w_out: up2(&b.mlp.w_out)?,
-                    b_out: up1(&b.mlp.b_out)?,
+                    fc_in: linear(&b.mlp.w_in, &b.mlp.b_in)?,
+                    fc_out: linear(&b.mlp.w_out, &b.mlp.b_out)?,
                 },
             });
         }
@@ -129,8 +127,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
             w_e: up2(&p.w_e)?,
             w_pos: up2(&p.w_pos)?,
             ln_final: ln(&p.ln_final)?,
-            w_u: up2(&p.w_u)?,
-            b_u: up1(&p.b_u)?,
+            unembed: linear(&p.w_u, &p.b_u)?,
             blocks,
             cfg,
             dev,
@@ -249,7 +246,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         if !logits {
             return Ok(None);
         }
-        let logits = ops::linear(x, &self.w_u, &self.b_u);
+        let logits = ops::linear(x, &self.unembed);
         Ok(Some(self.point(hooks, LOGITS, logits)?))
     }
 
@@ -263,10 +260,10 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         let resid_mid = self.point(hooks, &name("hook_resid_mid"), resid_pre + attn_out)?;
 
         let x = self.layer_norm(hooks, &name("ln2"), resid_mid.clone(), block.ln2.as_ref())?;
-        let pre = ops::linear(x, &block.mlp.w_in, &block.mlp.b_in);
+        let pre = ops::linear(x, &block.mlp.fc_in);
         let pre = self.point(hooks, &name("mlp.hook_pre"), pre)?;
         let post = self.point(hooks, &name("mlp.hook_post"), ops::gelu_new(pre))?;
-        let mlp_out = ops::linear(post, &block.mlp.w_out, &block.mlp.b_out);
+        let mlp_out = ops::linear(post, &block.mlp.fc_out);
         let mlp_out = self.point(hooks, &name("hook_mlp_out"), mlp_out)?;
         self.point(hooks, &name("hook_resid_post"), resid_mid + mlp_out)
     }
@@ -280,18 +277,14 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         let q = self.point(
             hooks,
             &name("attn.hook_q"),
-            split(ops::linear(x.clone(), &a.w_q, &a.b_q)),
+            split(ops::linear(x.clone(), &a.q)),
         )?;
         let k = self.point(
             hooks,
             &name("attn.hook_k"),
-            split(ops::linear(x.clone(), &a.w_k, &a.b_k)),
+            split(ops::linear(x.clone(), &a.k)),
         )?;
-        let v = self.point(
-            hooks,
-            &name("attn.hook_v"),
-            split(ops::linear(x, &a.w_v, &a.b_v)),
-        )?;
+        let v = self.point(hooks, &name("attn.hook_v"), split(ops::linear(x, &a.v)))?;
 
         // [B, S, H, dh] -> [B, H, S, dh]
         let q = q.permute::<_, Axes4<0, 2, 1, 3>>();
@@ -313,7 +306,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         if hooks.touches(&result_name) {
             // Per-head outputs [B, S, H, d_model] are only built when asked for: TL's
             // `use_attn_result`. The sum below gives the same attn_out either way.
-            let w_o_heads: T3<D> = a.w_o.clone().reshape_like(&(h, dh, d));
+            let w_o_heads: T3<D> = a.w_o_heads.clone();
             let z_heads: T3<D> =
                 z.clone()
                     .permute::<_, Axes4<2, 0, 1, 3>>()
@@ -327,7 +320,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         }
 
         let z_flat: T3<D> = z.reshape_like(&(b, s, h * dh));
-        Ok(ops::linear(z_flat, &a.w_o, &a.b_o))
+        Ok(ops::linear(z_flat, &a.o))
     }
 
     /// Runs the model and returns the logits on the host as `[batch, seq, d_vocab]`.

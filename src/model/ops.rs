@@ -66,25 +66,67 @@ fn as_cpu<S: Shape, D: Device<f32> + 'static>(
     (t as &dyn Any).downcast_ref::<Tensor<S, f32, Cpu>>()
 }
 
-fn cpu_linear<D: Device<f32> + 'static>(x: &T3<D>, w: &T2<D>, b: &T1<D>) -> Option<T3<D>> {
-    let (x, w, b) = (as_cpu(x)?, as_cpu(w)?, as_cpu(b)?);
-    let (bs, s, k) = *x.shape();
-    let n = w.shape().1;
-    let bias = b.as_vec();
-    let mut y = crate::kernels::sgemm(bs * s, k, n, &x.as_vec(), &w.as_vec());
-    y.par_chunks_mut(n)
-        .for_each(|row| row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b));
-    from_cpu(x.device().tensor_from_vec(y, (bs, s, n)))
+/// A linear layer `x @ w + b` (`w`: `[in, out]`). On the CPU its weights live in host
+/// vectors that gemm 0.19 reads in place (dfdx 0.13 cannot lend a tensor's buffer, and
+/// copying the weights on every call costs more than the small matmuls themselves); on other
+/// devices they are dfdx tensors.
+pub struct Linear<D: Device<f32>> {
+    inner: LinearWeights<D>,
+}
+
+enum LinearWeights<D: Device<f32>> {
+    Host {
+        w: Vec<f32>,
+        b: Vec<f32>,
+        n_in: usize,
+        n_out: usize,
+    },
+    Device {
+        w: T2<D>,
+        b: T1<D>,
+    },
+}
+
+impl<D: Device<f32>> Linear<D> {
+    /// From row-major host weights `w` (`[n_in, n_out]`) and bias `b` (`[n_out]`).
+    pub fn new(dev: &D, w: Vec<f32>, b: Vec<f32>, n_in: usize, n_out: usize) -> Result<Self> {
+        if w.len() != n_in * n_out || b.len() != n_out {
+            return Err(Error::Other(format!(
+                "linear: weights for [{n_in}, {n_out}] have {} and {} values",
+                w.len(),
+                b.len()
+            )));
+        }
+        let inner = if (dev as &dyn Any).is::<Cpu>() {
+            LinearWeights::Host { w, b, n_in, n_out }
+        } else {
+            LinearWeights::Device {
+                w: dev.tensor_from_vec(w, (n_in, n_out)),
+                b: dev.tensor_from_vec(b, (n_out,)),
+            }
+        };
+        Ok(Linear { inner })
+    }
 }
 
 /// `x @ w + b` over the last axis: `[B, S, in] @ [in, out] + [out]`.
-pub fn linear<D: Device<f32> + 'static>(x: T3<D>, w: &T2<D>, b: &T1<D>) -> T3<D> {
-    if let Some(y) = cpu_linear(&x, w, b) {
-        return y;
+pub fn linear<D: Device<f32> + 'static>(x: T3<D>, l: &Linear<D>) -> T3<D> {
+    match &l.inner {
+        LinearWeights::Host { w, b, n_in, n_out } => {
+            let cpu = as_cpu(&x).expect("host weights exist only on the Cpu device");
+            let (bs, s, k) = *cpu.shape();
+            assert_eq!(k, *n_in, "linear: input width");
+            let mut y = crate::kernels::sgemm(bs * s, k, *n_out, &cpu.as_vec(), w);
+            y.par_chunks_mut(*n_out)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+            from_cpu(cpu.device().tensor_from_vec(y, (bs, s, *n_out))).expect("D is Cpu")
+        }
+        LinearWeights::Device { w, b } => {
+            let y = x.matmul(w.clone());
+            let shape = *y.shape();
+            y + b.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
+        }
     }
-    let y = x.matmul(w.clone());
-    let shape = *y.shape();
-    y + b.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
 }
 
 /// `x - mean(x)` and TL's `hook_scale` = `sqrt(mean((x - mean)^2) + eps)` over d_model,
@@ -219,7 +261,12 @@ mod tests {
         let w: T2<Cpu> =
             dev.tensor_from_vec((0..20).map(|i| (i as f32 * 0.37).sin()).collect(), (4, 5));
         let b: T1<Cpu> = dev.tensor_from_vec(vec![0.1, -0.2, 0.3, 0.0, 1.0], (5,));
-        let fast = cpu_linear(&x, &w, &b).expect("Cpu takes the gemm 0.19 path");
+        let l = Linear::new(&dev, w.as_vec(), b.as_vec(), 4, 5).unwrap();
+        assert!(
+            matches!(l.inner, LinearWeights::Host { .. }),
+            "Cpu keeps host weights"
+        );
+        let fast = linear(x.clone(), &l);
         let slow =
             x.clone().matmul(w.clone()) + b.clone().broadcast_like::<_, Axes2<0, 1>>(&(2, 3, 5));
         for (a, b) in fast.as_vec().iter().zip(slow.as_vec()) {
