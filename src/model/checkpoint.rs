@@ -11,47 +11,53 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array1, Array2, Array3, ArrayD, ArrayViewD, IxDyn};
+use ndarray::{Array1, ArrayD, ArrayViewD, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::ModelConfig;
 use crate::error::{Error, Result};
 
+/// Parameter arrays are reference-counted so the model's CPU linear layers can read the
+/// same buffers the metrics read, instead of holding a second copy.
+pub type W1 = ndarray::ArcArray1<f32>;
+pub type W2 = ndarray::ArcArray2<f32>;
+pub type W3 = ndarray::ArcArray<f32, ndarray::Ix3>;
+
 /// A LayerNorm's affine part (`w`, `b`), present until `fold_ln` folds it away.
 #[derive(Debug, Clone)]
 pub struct LayerNormParams {
     /// TL `w` (HF `ln_*.weight`), `[d_model]`.
-    pub w: Array1<f32>,
+    pub w: W1,
     /// TL `b` (HF `ln_*.bias`), `[d_model]`.
-    pub b: Array1<f32>,
+    pub b: W1,
 }
 
 /// One attention layer, split per head as TransformerLens stores it.
 #[derive(Debug, Clone)]
 pub struct AttnParams {
     /// TL `W_Q` `[n_heads, d_model, d_head]` (HF `c_attn.weight[:, :D]`).
-    pub w_q: Array3<f32>,
-    pub w_k: Array3<f32>,
-    pub w_v: Array3<f32>,
+    pub w_q: W3,
+    pub w_k: W3,
+    pub w_v: W3,
     /// TL `b_Q` `[n_heads, d_head]` (HF `c_attn.bias[:D]`).
-    pub b_q: Array2<f32>,
-    pub b_k: Array2<f32>,
-    pub b_v: Array2<f32>,
+    pub b_q: W2,
+    pub b_k: W2,
+    pub b_v: W2,
     /// TL `W_O` `[n_heads, d_head, d_model]` (HF `attn.c_proj.weight`).
-    pub w_o: Array3<f32>,
+    pub w_o: W3,
     /// TL `b_O` `[d_model]` (HF `attn.c_proj.bias`).
-    pub b_o: Array1<f32>,
+    pub b_o: W1,
 }
 
 /// One MLP layer.
 #[derive(Debug, Clone)]
 pub struct MlpParams {
     /// TL `W_in` `[d_model, d_mlp]` (HF `mlp.c_fc.weight`).
-    pub w_in: Array2<f32>,
-    pub b_in: Array1<f32>,
+    pub w_in: W2,
+    pub b_in: W1,
     /// TL `W_out` `[d_mlp, d_model]` (HF `mlp.c_proj.weight`).
-    pub w_out: Array2<f32>,
-    pub b_out: Array1<f32>,
+    pub w_out: W2,
+    pub b_out: W1,
 }
 
 /// One transformer block (`blocks.L` in TL, `h.L` in HF).
@@ -68,16 +74,16 @@ pub struct BlockParams {
 #[derive(Debug, Clone)]
 pub struct Params {
     /// TL `embed.W_E` `[d_vocab, d_model]` (HF `wte.weight`).
-    pub w_e: Array2<f32>,
+    pub w_e: W2,
     /// TL `pos_embed.W_pos` `[n_ctx, d_model]` (HF `wpe.weight`).
-    pub w_pos: Array2<f32>,
+    pub w_pos: W2,
     pub blocks: Vec<BlockParams>,
     /// TL `ln_final` (HF `ln_f`); `None` once folded.
     pub ln_final: Option<LayerNormParams>,
     /// TL `unembed.W_U` `[d_model, d_vocab]` (HF `lm_head.weight`ᵀ, tied to `wte`).
-    pub w_u: Array2<f32>,
+    pub w_u: W2,
     /// TL `unembed.b_U` `[d_vocab]` (zero in GPT-2 until processing).
-    pub b_u: Array1<f32>,
+    pub b_u: W1,
 }
 
 impl Params {
@@ -226,11 +232,13 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     })
 }
 
-fn dim<const N: usize>(a: ArrayD<f32>) -> ndarray::Array<f32, ndarray::Dim<[usize; N]>>
+fn dim<const N: usize>(a: ArrayD<f32>) -> ndarray::ArcArray<f32, ndarray::Dim<[usize; N]>>
 where
     ndarray::Dim<[usize; N]>: ndarray::Dimension,
 {
-    a.into_dimensionality().expect("shape was checked on load")
+    a.into_dimensionality()
+        .expect("shape was checked on load")
+        .into_shared()
 }
 
 /// Converts the HF tensors to TL layout. Errors are one-line messages without the path.
@@ -243,28 +251,31 @@ pub fn params_from_bytes(bytes: &[u8], cfg: &ModelConfig) -> std::result::Result
             b: dim(t.get(&format!("{name}.bias"), &[d])?),
         })
     };
-    let w_e: Array2<f32> = dim(t.get("wte.weight", &[v, d])?);
-    let w_pos: Array2<f32> = dim(t.get("wpe.weight", &[cfg.n_ctx, d])?);
+    let w_e: W2 = dim(t.get("wte.weight", &[v, d])?);
+    let w_pos: W2 = dim(t.get("wpe.weight", &[cfg.n_ctx, d])?);
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("h.{l}.{s}");
         // Conv1D c_attn: [d_model, 3 * d_model] = Q | K | V along the last axis, each
         // split into heads as [d_model, n_heads, d_head]; TL wants [n_heads, d_model, d_head].
-        let c_attn: Array2<f32> = dim(t.get(&p("attn.c_attn.weight"), &[d, 3 * d])?);
-        let c_attn_b: Array1<f32> = dim(t.get(&p("attn.c_attn.bias"), &[3 * d])?);
-        let split_w = |i: usize| -> Array3<f32> {
+        let c_attn: W2 = dim(t.get(&p("attn.c_attn.weight"), &[d, 3 * d])?);
+        let c_attn_b: W1 = dim(t.get(&p("attn.c_attn.bias"), &[3 * d])?);
+        let split_w = |i: usize| -> W3 {
             let part = c_attn.slice(ndarray::s![.., i * d..(i + 1) * d]).to_owned();
             let per_head = part.into_shape_with_order((d, h, dh)).expect("d = h * dh");
             per_head
                 .permuted_axes([1, 0, 2])
                 .as_standard_layout()
                 .to_owned()
+                .into_shared()
         };
-        let split_b = |i: usize| -> Array2<f32> {
+        let split_b = |i: usize| -> W2 {
             let part = c_attn_b.slice(ndarray::s![i * d..(i + 1) * d]).to_owned();
-            part.into_shape_with_order((h, dh)).expect("d = h * dh")
+            part.into_shape_with_order((h, dh))
+                .expect("d = h * dh")
+                .into_shared()
         };
-        let c_proj: Array2<f32> = dim(t.get(&p("attn.c_proj.weight"), &[d, d])?);
+        let c_proj: W2 = dim(t.get(&p("attn.c_proj.weight"), &[d, d])?);
         blocks.push(BlockParams {
             ln1: Some(ln(&p("ln_1"))?),
             attn: AttnParams {
@@ -297,10 +308,13 @@ pub fn params_from_bytes(bytes: &[u8], cfg: &ModelConfig) -> std::result::Result
     }
     // lm_head is tied to wte in every released GPT-2; a separate one is honoured.
     let w_u = if t.has("lm_head.weight") {
-        let lm: Array2<f32> = dim(t.get("lm_head.weight", &[v, d])?);
-        lm.reversed_axes().as_standard_layout().to_owned()
+        let lm: W2 = dim(t.get("lm_head.weight", &[v, d])?);
+        lm.reversed_axes()
+            .as_standard_layout()
+            .to_owned()
+            .into_shared()
     } else {
-        w_e.t().as_standard_layout().to_owned()
+        w_e.t().as_standard_layout().to_owned().into_shared()
     };
     Ok(Params {
         w_e,
@@ -308,7 +322,7 @@ pub fn params_from_bytes(bytes: &[u8], cfg: &ModelConfig) -> std::result::Result
         blocks,
         ln_final: Some(ln("ln_f")?),
         w_u,
-        b_u: Array1::zeros(v),
+        b_u: Array1::zeros(v).into_shared(),
     })
 }
 

@@ -11,7 +11,7 @@
 use dfdx::prelude::*;
 use ndarray::{Array2, ArrayD};
 
-use super::checkpoint::{LayerNormParams, Params};
+use super::checkpoint::{LayerNormParams, Params, W1, W2, W3};
 use super::config::ModelConfig;
 use super::ops::{self, Linear, T1, T2, T3, T4};
 use crate::error::{Error, Result};
@@ -72,10 +72,10 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
     /// Uploads processed host parameters to `dev`.
     pub fn new(dev: D, cfg: ModelConfig, p: &Params) -> Result<Self> {
         let (d, h, dh) = (cfg.d_model, cfg.n_heads, cfg.d_head);
-        let up1 = |a: &ndarray::Array1<f32>| ops::upload(&dev, &a.clone().into_dyn(), (a.len(),));
-        let up2 = |a: &Array2<f32>| {
+        let up1 = |a: &W1| ops::upload(&dev, &a.view().into_dyn().to_owned(), (a.len(),));
+        let up2 = |a: &W2| {
             let (r, c) = a.dim();
-            ops::upload(&dev, &a.clone().into_dyn(), (r, c))
+            ops::upload(&dev, &a.view().into_dyn().to_owned(), (r, c))
         };
         let ln = |l: &Option<LayerNormParams>| -> Result<Option<LayerNorm<D>>> {
             l.as_ref()
@@ -87,34 +87,42 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 })
                 .transpose()
         };
-        let vec1 = |a: &ndarray::Array1<f32>| a.to_vec();
-        let linear = |w: &Array2<f32>, b: &ndarray::Array1<f32>| {
-            let (n_in, n_out) = w.dim();
-            Linear::new(&dev, w.iter().copied().collect(), vec1(b), n_in, n_out)
-        };
-        // TL's [n_heads, d_model, d_head] -> [d_model, n_heads * d_head], bias [n_heads * d_head]
-        let heads_in = |w: &ndarray::Array3<f32>, b: &Array2<f32>| {
-            let w: Vec<f32> = w.view().permuted_axes([1, 0, 2]).iter().copied().collect();
-            Linear::new(&dev, w, b.iter().copied().collect(), d, h * dh)
+        // `clone` of a shared array is a reference count, not a copy.
+        let linear = |w: &W2, b: &W1| Linear::new(&dev, w.clone(), b.clone());
+        // TL's [n_heads, d_model, d_head] -> [d_model, n_heads * d_head] (a copy), bias
+        // [n_heads * d_head].
+        let heads_in = |w: &W3, b: &W2| {
+            let w = w
+                .view()
+                .permuted_axes([1, 0, 2])
+                .as_standard_layout()
+                .into_owned();
+            let w = w
+                .into_shape_with_order((d, h * dh))
+                .expect("d_model x (heads d_head)");
+            let b = b
+                .clone()
+                .into_shape_with_order(h * dh)
+                .expect("heads x d_head");
+            Linear::new(&dev, w.into_shared(), b)
         };
         let mut blocks = Vec::with_capacity(p.blocks.len());
         for b in &p.blocks {
             let a = &b.attn;
+            // [n_heads, d_head, d_model] is already [(n_heads d_head), d_model].
+            let w_o = a
+                .w_o
+                .clone()
+                .into_shape_with_order((h * dh, d))
+                .expect("heads x d_head");
             blocks.push(Block {
                 ln1: ln(&b.ln1)?,
                 attn: Attention {
                     q: heads_in(&a.w_q, &a.b_q)?,
                     k: heads_in(&a.w_k, &a.b_k)?,
                     v: heads_in(&a.w_v, &a.b_v)?,
-                    // [n_heads, d_head, d_model] is already [(n_heads d_head), d_model].
-                    o: Linear::new(
-                        &dev,
-                        a.w_o.iter().copied().collect(),
-                        vec1(&a.b_o),
-                        h * dh,
-                        d,
-                    )?,
-                    w_o_heads: ops::upload(&dev, &a.w_o.clone().into_dyn(), (h, dh, d))?,
+                    o: Linear::new(&dev, w_o, a.b_o.clone())?,
+                    w_o_heads: ops::upload(&dev, &a.w_o.view().into_dyn().to_owned(), (h, dh, d))?,
                 },
                 ln2: ln(&b.ln2)?,
                 mlp: Mlp {

@@ -75,11 +75,10 @@ pub struct Linear<D: Device<f32>> {
 }
 
 enum LinearWeights<D: Device<f32>> {
+    /// Shares the buffers of the host parameters (`Params`): no second copy on the CPU.
     Host {
-        w: Vec<f32>,
-        b: Vec<f32>,
-        n_in: usize,
-        n_out: usize,
+        w: ndarray::ArcArray2<f32>,
+        b: ndarray::ArcArray1<f32>,
     },
     Device {
         w: T2<D>,
@@ -88,21 +87,27 @@ enum LinearWeights<D: Device<f32>> {
 }
 
 impl<D: Device<f32>> Linear<D> {
-    /// From row-major host weights `w` (`[n_in, n_out]`) and bias `b` (`[n_out]`).
-    pub fn new(dev: &D, w: Vec<f32>, b: Vec<f32>, n_in: usize, n_out: usize) -> Result<Self> {
-        if w.len() != n_in * n_out || b.len() != n_out {
+    /// From host weights `w` (`[n_in, n_out]`) and bias `b` (`[n_out]`).
+    pub fn new(dev: &D, w: ndarray::ArcArray2<f32>, b: ndarray::ArcArray1<f32>) -> Result<Self> {
+        let (n_in, n_out) = w.dim();
+        if b.len() != n_out {
             return Err(Error::Other(format!(
-                "linear: weights for [{n_in}, {n_out}] have {} and {} values",
-                w.len(),
+                "linear: bias of {} values for [{n_in}, {n_out}] weights",
                 b.len()
             )));
         }
         let inner = if (dev as &dyn Any).is::<Cpu>() {
-            LinearWeights::Host { w, b, n_in, n_out }
+            // gemm reads row-major slices: keep the shared buffer when it already is one.
+            let w = if w.is_standard_layout() {
+                w
+            } else {
+                w.as_standard_layout().to_owned().into_shared()
+            };
+            LinearWeights::Host { w, b }
         } else {
             LinearWeights::Device {
-                w: dev.tensor_from_vec(w, (n_in, n_out)),
-                b: dev.tensor_from_vec(b, (n_out,)),
+                w: dev.tensor_from_vec(w.iter().copied().collect(), (n_in, n_out)),
+                b: dev.tensor_from_vec(b.to_vec(), (n_out,)),
             }
         };
         Ok(Linear { inner })
@@ -112,14 +117,19 @@ impl<D: Device<f32>> Linear<D> {
 /// `x @ w + b` over the last axis: `[B, S, in] @ [in, out] + [out]`.
 pub fn linear<D: Device<f32> + 'static>(x: T3<D>, l: &Linear<D>) -> T3<D> {
     match &l.inner {
-        LinearWeights::Host { w, b, n_in, n_out } => {
+        LinearWeights::Host { w, b } => {
             let cpu = as_cpu(&x).expect("host weights exist only on the Cpu device");
             let (bs, s, k) = *cpu.shape();
-            assert_eq!(k, *n_in, "linear: input width");
-            let mut y = crate::kernels::sgemm(bs * s, k, *n_out, &cpu.as_vec(), w);
-            y.par_chunks_mut(*n_out)
+            let (n_in, n_out) = w.dim();
+            assert_eq!(k, n_in, "linear: input width");
+            let w = w
+                .as_slice()
+                .expect("standard layout, checked in Linear::new");
+            let b = b.as_slice().expect("a 1-d owned array is contiguous");
+            let mut y = crate::kernels::sgemm(bs * s, k, n_out, &cpu.as_vec(), w);
+            y.par_chunks_mut(n_out)
                 .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-            from_cpu(cpu.device().tensor_from_vec(y, (bs, s, *n_out))).expect("D is Cpu")
+            from_cpu(cpu.device().tensor_from_vec(y, (bs, s, n_out))).expect("D is Cpu")
         }
         LinearWeights::Device { w, b } => {
             let y = x.matmul(w.clone());
@@ -261,7 +271,11 @@ mod tests {
         let w: T2<Cpu> =
             dev.tensor_from_vec((0..20).map(|i| (i as f32 * 0.37).sin()).collect(), (4, 5));
         let b: T1<Cpu> = dev.tensor_from_vec(vec![0.1, -0.2, 0.3, 0.0, 1.0], (5,));
-        let l = Linear::new(&dev, w.as_vec(), b.as_vec(), 4, 5).unwrap();
+        let w_host = ndarray::Array2::from_shape_vec((4, 5), w.as_vec())
+            .unwrap()
+            .into_shared();
+        let b_host = ndarray::Array1::from_vec(b.as_vec()).into_shared();
+        let l = Linear::new(&dev, w_host, b_host).unwrap();
         assert!(
             matches!(l.inner, LinearWeights::Host { .. }),
             "Cpu keeps host weights"

@@ -6,10 +6,10 @@
 //! and each must match TL's `load_and_process_state_dict` number for number (the goldens
 //! check it). Must not: know about devices, files or hooks.
 
-use ndarray::{Array1, Array2, Array3, Axis};
+use ndarray::Axis;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{LayerNormParams, Params};
+use super::checkpoint::{LayerNormParams, Params, W1, W2, W3};
 
 /// Which processing steps to apply; the default is TransformerLens's `from_pretrained`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +61,7 @@ pub fn process(p: &mut Params, how: Processing) {
 }
 
 /// `b' = b + b_ln @ W` for a `[.., d_model, ..]` weight read by a LayerNorm, per head.
-fn fold_bias_heads(b: &mut Array2<f32>, w: &Array3<f32>, ln_b: &Array1<f32>) {
+fn fold_bias_heads(b: &mut W2, w: &W3, ln_b: &W1) {
     // w: [heads, d_model, d_head]; b: [heads, d_head]
     for (mut bh, wh) in b.outer_iter_mut().zip(w.outer_iter()) {
         bh += &ln_b.dot(&wh);
@@ -70,7 +70,7 @@ fn fold_bias_heads(b: &mut Array2<f32>, w: &Array3<f32>, ln_b: &Array1<f32>) {
 
 /// `W' = w_ln[:, None] * W`, then centre along d_model: the LayerNorm's mean subtraction
 /// makes the component of `W` along the all-ones direction irrelevant, and TL removes it.
-fn fold_weight_heads(w: &mut Array3<f32>, ln_w: &Array1<f32>) {
+fn fold_weight_heads(w: &mut W3, ln_w: &W1) {
     for mut wh in w.outer_iter_mut() {
         wh *= &ln_w.view().insert_axis(Axis(1));
         let mean = wh.mean_axis(Axis(0)).expect("d_model > 0");
@@ -78,7 +78,7 @@ fn fold_weight_heads(w: &mut Array3<f32>, ln_w: &Array1<f32>) {
     }
 }
 
-fn fold_matrix(w: &mut Array2<f32>, b: &mut Array1<f32>, ln: &LayerNormParams) {
+fn fold_matrix(w: &mut W2, b: &mut W1, ln: &LayerNormParams) {
     *b += &ln.b.dot(&*w);
     *w *= &ln.w.view().insert_axis(Axis(1));
     let mean = w.mean_axis(Axis(0)).expect("d_model > 0");
@@ -108,13 +108,13 @@ pub fn fold_ln(p: &mut Params) {
 }
 
 /// Subtracts the mean over d_model (the last axis) from every row.
-fn center_last_axis<D: ndarray::RemoveAxis>(w: &mut ndarray::Array<f32, D>) {
+fn center_last_axis<D: ndarray::RemoveAxis>(w: &mut ndarray::ArcArray<f32, D>) {
     let last = Axis(w.ndim() - 1);
     let mean = w.mean_axis(last).expect("non-empty axis");
     *w -= &mean.insert_axis(last);
 }
 
-fn center_vector(b: &mut Array1<f32>) {
+fn center_vector(b: &mut W1) {
     let mean = b.mean().unwrap_or(0.0);
     *b -= mean;
 }
