@@ -49,7 +49,7 @@ fn check(ckpt: &str, golden: &str, tokens: &str, processing: Processing) {
         RTOL,
         ATOL,
     );
-    let loss = model::per_token_loss(&logits, &toks);
+    let loss = model::per_token_loss(logits.view(), toks.view());
     assert_close("loss", &loss.into_dyn(), &gold["loss"], RTOL, ATOL);
 }
 

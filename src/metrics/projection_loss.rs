@@ -185,7 +185,7 @@ impl Metric for ProjectionLoss {
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
         let (b, s) = batch.tokens.dim();
         let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
-        let orig = crate::model::per_token_loss(&logits.to_owned(), &batch.tokens.to_owned());
+        let orig = crate::model::per_token_loss(logits, batch.tokens);
         // A position counts as "no padding" when the token it predicts is real.
         let real = |i: usize, q: usize| !batch.dataset.is_pad(batch.start + i, q + 1);
         self.n_all += b * s.saturating_sub(1);

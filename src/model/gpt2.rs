@@ -345,7 +345,10 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
 
 /// TL's `lm_cross_entropy_loss(logits, tokens, per_token=True)`: `[batch, seq - 1]`,
 /// `-log_softmax(logits[:, s])[tokens[:, s + 1]]`.
-pub fn per_token_loss(logits: &ndarray::Array3<f32>, tokens: &Array2<u32>) -> Array2<f32> {
+pub fn per_token_loss(
+    logits: ndarray::ArrayView3<f32>,
+    tokens: ndarray::ArrayView2<u32>,
+) -> Array2<f32> {
     use rayon::prelude::*;
     let (b, s, _) = logits.dim();
     let rows: Vec<(usize, usize)> = (0..b)
@@ -355,7 +358,15 @@ pub fn per_token_loss(logits: &ndarray::Array3<f32>, tokens: &Array2<u32>) -> Ar
         .par_iter()
         .map(|&(i, j)| {
             let row = logits.slice(ndarray::s![i, j, ..]);
-            let row = row.as_slice().expect("logits rows are contiguous");
+            // Rows of a standard-layout array are slices; any other layout is copied once.
+            let owned: Vec<f32>;
+            let row = match row.as_slice() {
+                Some(r) => r,
+                None => {
+                    owned = row.to_vec();
+                    &owned
+                }
+            };
             crate::kernels::log_sum_exp(row) - row[tokens[[i, j + 1]] as usize]
         })
         .collect();
