@@ -635,7 +635,7 @@ mod tests {
     use std::path::Path;
 
     fn gpt2() -> GptTokenizer {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/gpt2");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/checkpoints/tiny-gpt2");
         GptTokenizer::from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt")).unwrap()
     }
 

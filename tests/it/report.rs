@@ -3,12 +3,10 @@
 //! attention page's data against a forward pass, and the index linking every file.
 //! No browser needed (`scripts/check_pages.sh` renders the pages with Chromium by hand).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::data::{unpadded_lengths, Dataset};
 use hookgraph::hooks::{HookFilter, Hooks};
@@ -566,21 +564,15 @@ fn test_prompt_matches_a_direct_softmax() {
     )));
 }
 
-/// GPT-2's tokenizer files: `assets/gpt2/` once committed, else the shared copy.
+/// GPT-2's tokenizer files, as shipped with the tiny checkpoint.
 fn gpt2_tokenizer() -> Option<GptTokenizer> {
-    [
-        root().join("assets/gpt2"),
-        PathBuf::from("/work/shared/data/gpt2"),
-    ]
-    .into_iter()
-    .find(|d| GptTokenizer::present_in(d))
-    .map(|d| GptTokenizer::from_dir(&d).unwrap())
+    Some(GptTokenizer::from_dir(&root().join("experiments/checkpoints/tiny-gpt2")).unwrap())
 }
 
 #[test]
 fn prompt_tokens_match_the_notebook() {
     let Some(tok) = gpt2_tokenizer() else {
-        eprintln!("skipped: no GPT-2 tokenizer files (assets/gpt2)");
+        eprintln!("skipped: no GPT-2 tokenizer files (experiments/checkpoints/tiny-gpt2)");
         return;
     };
     let p = "Then, Sarah and Arthur had a lot of fun at the hospital. Arthur gave a bone to";
@@ -615,7 +607,7 @@ fn test_prompt_on_the_smoke_checkpoint() {
     let files = CheckpointFiles::in_dir(&dir).unwrap();
     let tok_dir = [
         dir.clone(),
-        root().join("assets/gpt2"),
+        root().join("experiments/checkpoints/tiny-gpt2"),
         PathBuf::from("/work/shared/data/gpt2"),
     ]
     .into_iter()

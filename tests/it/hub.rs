@@ -3,11 +3,9 @@
 //! Every subprocess gets HF_HUB_OFFLINE=1 and its own HF_HUB_CACHE: no network, and the test
 //! process's environment is never changed.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use hookgraph::model::hub::find_in_cache;
 
 /// `cache/models--{repo}/snapshots/{rev}/` holding ckpt_a's files as symlinks into `blobs/`.

@@ -1,11 +1,9 @@
 //! Broken checkpoints give a one-line error naming the file and the problem, a non-zero exit
 //! and no panic; F16 and BF16 checkpoints load exactly (conversion to f32 is lossless).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::hooks::Hooks;
 use hookgraph::model::{self, CheckpointFiles, Processing};

@@ -3,9 +3,7 @@
 //! the processed weights, on two configs, with processing on and off, on a right-padded
 //! batch.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::hooks::{HookFilter, Hooks};
 use hookgraph::model::{self, CheckpointFiles, Processing};

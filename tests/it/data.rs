@@ -12,7 +12,7 @@ fn root() -> PathBuf {
 }
 
 fn gpt2_tok() -> GptTokenizer {
-    let dir = root().join("assets/gpt2");
+    let dir = root().join("experiments/checkpoints/tiny-gpt2");
     GptTokenizer::from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt")).unwrap()
 }
 

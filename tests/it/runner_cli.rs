@@ -1,11 +1,9 @@
 //! `runner` end to end: a spec in, CSVs and a manifest out, numbers equal to the notebook's
 //! (TransformerLens goldens), and every kind of bad input a clear error that writes nothing.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// Writes `spec` into a temp dir whose paths point at the repo's fixtures; returns
 /// (dir, spec path, output dir).

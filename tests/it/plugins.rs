@@ -5,13 +5,11 @@
 //! scores; each deliberately broken plugin (`tests/plugins/*`) must fail with an
 //! `Error::Plugin` naming the plugin and the cause.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::*;
+use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::data::{unpadded_lengths, Dataset};
 use hookgraph::hooks::{HookFilter, Hooks};

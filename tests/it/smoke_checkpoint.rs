@@ -2,9 +2,7 @@
 //! (`tests/golden/make_smoke_checkpoint.py`): it loads with GPT-2's real tokenizer, runs the
 //! smoke prompt, and agrees with HuggingFace's forward of the same weights.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::hooks::Hooks;
 use hookgraph::model::{self, CheckpointFiles, Processing};

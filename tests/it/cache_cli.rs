@@ -1,12 +1,10 @@
 //! `runner cache` end to end: the file it writes holds exactly the asked hook points, the
 //! logits and the tokens, and every activation matches TransformerLens's goldens.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 const HOOKS: &[&str] = &[
     "blocks.*.attn.hook_pattern",

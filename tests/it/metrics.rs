@@ -2,9 +2,7 @@
 //! (`tests/golden/make_golden.py` writes `X_metrics.safetensors`): every head of every layer,
 //! `only_negative` false and true, from one forward pass; and independence from batch size.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::data::{unpadded_lengths, Dataset};
 use hookgraph::hooks::{HookFilter, Hooks};

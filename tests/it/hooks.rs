@@ -1,9 +1,7 @@
 //! Hook points through a real forward pass: caching follows the filter, and write hooks
 //! replace activations downstream (TL's hooks that return a new value).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::hooks::{HookFilter, Hooks};
 use hookgraph::model::{self, CheckpointFiles, Processing};

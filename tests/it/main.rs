@@ -1,0 +1,19 @@
+//! hookgraph's integration tests, one binary (as ripgrep does): every module links the
+//! library once, so the suite builds dfdx into one test executable instead of a dozen.
+//!
+//! Shared helpers live in [`common`]; fixtures and goldens sit beside this folder in
+//! `tests/fixtures` and `tests/golden`.
+
+mod cache_cli;
+mod checkpoint_errors;
+mod common;
+mod data;
+mod hooks;
+mod hub;
+mod metrics;
+mod parity;
+mod plugins;
+mod report;
+mod runner_cli;
+mod smoke_checkpoint;
+mod tokenizer;
