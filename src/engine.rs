@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use dfdx::prelude::Device;
 use indicatif::ProgressBar;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -28,7 +28,7 @@ use crate::model::HookedGpt2;
 use crate::output::Table;
 
 /// A metric that failed, and why.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Failure {
     pub metric: String,
     /// The dataset it failed on (none when it failed before any dataset, e.g. to load).
@@ -139,6 +139,29 @@ impl<'m> MetricSet<'m> {
         self.first_error.take()
     }
 
+    /// Failures recorded by an earlier process of this run (a resumed checkpoint, a
+    /// shard's manifest): added as they are, without an error to raise.
+    pub fn restore_failures(&mut self, failures: &[Failure]) {
+        for f in failures {
+            if !self.failures.contains(f) {
+                self.failures.push(f.clone());
+            }
+        }
+    }
+
+    /// Whether the metric at `i` has a failure recorded on `dataset`.
+    pub fn failed_on(&self, i: usize, dataset: &str) -> bool {
+        let name = &self.entries[i].name;
+        self.failures
+            .iter()
+            .any(|f| &f.metric == name && f.dataset.as_deref() == Some(dataset))
+    }
+
+    /// Stops calling the metric at `i` on the current dataset (it failed there earlier).
+    pub fn deactivate(&mut self, i: usize) {
+        self.entries[i].active = false;
+    }
+
     /// Records a failure of something other than a metric's call (e.g. the report).
     pub fn push_failure(&mut self, f: Failure) {
         self.failures.push(f);
@@ -226,7 +249,7 @@ impl<'m> MetricSet<'m> {
 }
 
 /// Where one dataset's time went.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Timings {
     /// The forward passes (caching the hook points).
     pub forward_seconds: f64,
@@ -239,10 +262,11 @@ pub struct Timings {
 pub struct LoopOptions<'a> {
     /// Advanced by each batch's sequence count.
     pub progress: Option<&'a ProgressBar>,
-    /// Called after every batch with the index one past the batch's last sequence (a
-    /// resumable run writes its checkpoint here). An error stops the loop.
+    /// Called after every batch with the metrics, the dataset's timings so far and the index
+    /// one past the batch's last sequence (a resumable run writes its checkpoint here). An
+    /// error stops the loop.
     #[allow(clippy::type_complexity)]
-    pub after_batch: Option<&'a mut dyn FnMut(&MetricSet, usize) -> Result<()>>,
+    pub after_batch: Option<&'a mut dyn FnMut(&MetricSet, &Timings, usize) -> Result<()>>,
 }
 
 /// The model, what every metric may read, and the cache filter: the same for a whole run.
@@ -325,7 +349,7 @@ impl<'a, D: Device<f32>> Engine<'a, D> {
                 pb.inc((end - start) as u64);
             }
             if let Some(f) = opts.after_batch.as_mut() {
-                f(metrics, end)?;
+                f(metrics, timings, end)?;
             }
         }
         Ok(())

@@ -20,6 +20,7 @@ pub mod model;
 pub mod output;
 pub mod report;
 pub mod runner;
+pub mod shard;
 pub mod spec;
 pub mod tokenizer;
 

@@ -18,12 +18,15 @@ use serde::Serialize;
 
 use crate::data::{self, DataContext, Dataset};
 use crate::device::{with_device, DeviceChoice, DeviceKind, OnDevice};
-use crate::engine::{Engine, LoopOptions, MetricSet, Timings};
+use crate::engine::{Engine, MetricSet, Timings};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Metric, RunContext};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
 use crate::output::{self, Table};
 use crate::report;
+use crate::shard::checkpoint::Recorder;
+use crate::shard::compute::ComputeOptions;
+use crate::shard::{self, DatasetId, Identity, Shard, ShardDataset, ShardManifest};
 use crate::spec::LoadedSpec;
 
 /// Command-line overrides of a spec.
@@ -32,6 +35,10 @@ pub struct RunOptions {
     pub device: Option<DeviceChoice>,
     pub output: Option<PathBuf>,
     pub quiet: bool,
+    /// `--shard I/N`: run one slice and save its partial state for `runner merge`.
+    pub shard: Option<Shard>,
+    /// `--resume`: continue from this run's checkpoint, if it left one.
+    pub resume: bool,
 }
 
 pub use crate::engine::Failure;
@@ -100,15 +107,19 @@ impl OnDevice for Run<'_> {
 }
 
 /// Everything a run prepares before its first forward pass; `validate` stops here.
-struct Prepared<D: Device<f32>> {
-    loaded: LoadedModel<D>,
-    heads: Vec<(usize, usize)>,
-    datasets: Vec<Dataset>,
+pub(crate) struct Prepared<D: Device<f32>> {
+    pub loaded: LoadedModel<D>,
+    pub heads: Vec<(usize, usize)>,
+    pub datasets: Vec<Dataset>,
     /// The metrics (a plugin that did not load is already a failure in it).
-    metrics: MetricSet<'static>,
+    pub metrics: MetricSet<'static>,
 }
 
-fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Prepared<D>> {
+pub(crate) fn prepare<D: Device<f32>>(
+    dev: D,
+    spec: &LoadedSpec,
+    quiet: bool,
+) -> Result<Prepared<D>> {
     let source = model_source(spec);
     let pb = spinner(quiet, format!("loading model {source:?}"));
     let files = source.resolve()?;
@@ -244,6 +255,9 @@ struct Manifest<'a> {
     failures: &'a [Failure],
     load_seconds: f64,
     total_seconds: f64,
+    /// Set when `runner merge` wrote these results from this many shards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merged_shards: Option<usize>,
 }
 
 fn crate_versions() -> BTreeMap<&'static str, &'static str> {
@@ -251,17 +265,6 @@ fn crate_versions() -> BTreeMap<&'static str, &'static str> {
         .split(',')
         .filter_map(|kv| kv.split_once('='))
         .collect()
-}
-
-fn tokens_hash(d: &Dataset) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update((d.n_sequences() as u64).to_le_bytes());
-    h.update((d.seq_len() as u64).to_le_bytes());
-    for t in d.tokens.iter() {
-        h.update(t.to_le_bytes());
-    }
-    hex::encode(h.finalize())
 }
 
 fn run_on<D: Device<f32>>(
@@ -287,32 +290,99 @@ fn run_on<D: Device<f32>>(
         tokenizer: loaded.tokenizer.as_ref(),
     };
 
-    // The compute phase: every dataset's batches through the model and the metrics.
-    let engine = Engine::new(&loaded.model, &ctx, &metrics, spec.spec.model.batch_size)?;
-    let mut computed = Computed::new(engine.hook_points().to_vec());
-    for dataset in &datasets {
-        let n = dataset.n_sequences();
-        let pb = bar(
-            opts.quiet,
-            n as u64,
-            format!("{} ({} seqs)", dataset.name, n),
-        );
-        let (tables, timings) = engine.run_dataset(
-            &mut metrics,
-            dataset,
-            &mut LoopOptions {
-                progress: Some(&pb),
-                ..LoopOptions::default()
-            },
-        )?;
-        pb.finish_and_clear();
-        computed.add_dataset(dataset, tables, timings)?;
+    // The compute phase: every dataset's batches (a shard's slice of them) through the
+    // model and the metrics, with a checkpoint after each batch when every metric can save
+    // its state.
+    let batch_size = spec.spec.model.batch_size;
+    let engine = Engine::new(&loaded.model, &ctx, &metrics, batch_size)?;
+    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    let weights_sha256 = checkpoint::sha256_file(&loaded.files.weights)?;
+    let identity = Identity {
+        runner_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec_path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
+        spec_sha256: shard::text_hash(&spec.text),
+        weights_sha256: weights_sha256.clone(),
+        datasets: datasets.iter().map(DatasetId::of).collect(),
+        metrics: metrics.names().map(str::to_string).collect(),
+    };
+    let stateless = (0..metrics.len())
+        .filter_map(|i| metrics.get(i).map(|m| m.save_state()))
+        .find_map(|r| r.err());
+    let mut recorder = match stateless {
+        Some(e) if opts.shard.is_some() || opts.resume => return Err(e),
+        Some(_) => None,
+        None => Some(Recorder::new(
+            shard::checkpoint::path(&out_dir, opts.shard),
+            identity.clone(),
+            opts.shard.unwrap_or(Shard::WHOLE),
+            batch_size,
+        )),
+    };
+    let (outcomes, last) = shard::compute::run(
+        &engine,
+        &mut metrics,
+        &datasets,
+        recorder.as_mut(),
+        &ComputeOptions {
+            shard: opts.shard,
+            resume: opts.resume,
+            quiet: opts.quiet,
+        },
+    )?;
+
+    if let (Some(s), Some(last)) = (opts.shard, last) {
+        let dir = shard::shard_dir(&out_dir, s);
+        let manifest = ShardManifest {
+            identity,
+            shard: s,
+            spec_toml: spec.text.clone(),
+            spec_path_given: spec.path.clone(),
+            device: kind.to_string(),
+            hook_points: engine.hook_points().to_vec(),
+            datasets: datasets
+                .iter()
+                .zip(&outcomes)
+                .map(|(d, o)| {
+                    let r = s.range(d.n_sequences(), batch_size);
+                    ShardDataset {
+                        name: d.name.clone(),
+                        sequences: [r.start, r.end],
+                        timings: o.timings.clone(),
+                    }
+                })
+                .collect(),
+            failures: last.progress.failures.clone(),
+            load_seconds,
+            total_seconds: t0.elapsed().as_secs_f64(),
+        };
+        let manifest_path = dir.join(shard::SHARD_MANIFEST);
+        output::write_json(&manifest_path, &manifest)?;
+        let seqs: usize = manifest
+            .datasets
+            .iter()
+            .map(|d| d.sequences[1] - d.sequences[0])
+            .sum();
+        return Ok(RunReport {
+            summary: format!(
+                "shard {s}: {seqs} sequences of {} datasets; merge with `runner merge {}` once all {} shards are done\n",
+                datasets.len(),
+                out_dir.display(),
+                s.count
+            ),
+            output_dir: dir.clone(),
+            files: vec![dir.join(shard::checkpoint::STATE_FILE), manifest_path],
+            failures: metrics.failures().to_vec(),
+        });
     }
 
-    write_results(
+    let mut computed = Computed::new(engine.hook_points().to_vec());
+    for (dataset, o) in datasets.iter().zip(outcomes) {
+        computed.add_dataset(dataset, o.tables, o.timings)?;
+    }
+    let report = write_results(
         &WriteInput {
             spec,
-            out_dir: opts.output.clone().unwrap_or_else(|| spec.output_dir()),
+            out_dir: out_dir.clone(),
             kind,
             loaded: &loaded,
             heads: &heads,
@@ -320,10 +390,17 @@ fn run_on<D: Device<f32>>(
             quiet: opts.quiet,
             t0,
             load_seconds,
+            weights_sha256,
+            merged_shards: None,
         },
         &mut metrics,
         computed,
-    )
+    )?;
+    // The results are written: the checkpoint has served its purpose.
+    if recorder.is_some() {
+        let _ = std::fs::remove_dir_all(out_dir.join(shard::checkpoint::PARTIAL_DIR));
+    }
+    Ok(report)
 }
 
 /// What the compute phase produced, as the write phase takes it.
@@ -367,7 +444,7 @@ impl Computed {
             name: dataset.name.clone(),
             n_sequences: dataset.n_sequences(),
             seq_len: dataset.seq_len(),
-            tokens_sha256: tokens_hash(dataset),
+            tokens_sha256: shard::tokens_hash(dataset),
             forward_seconds: timings.forward_seconds,
             metric_seconds: timings.metric_seconds,
         });
@@ -387,6 +464,10 @@ pub struct WriteInput<'a, D: Device<f32>> {
     /// When the run started, and how long loading took (for the manifest).
     pub t0: Instant,
     pub load_seconds: f64,
+    /// Of the weights file (hashed once per run).
+    pub weights_sha256: String,
+    /// How many shards a merge combined (`None` for a run).
+    pub merged_shards: Option<usize>,
 }
 
 /// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
@@ -455,7 +536,8 @@ pub fn write_results<D: Device<f32>>(
         spec_toml: &spec.text,
         spec: &spec.spec,
         model_dir: loaded.files.dir.display().to_string(),
-        weights_sha256: checkpoint::sha256_file(&loaded.files.weights)?,
+        weights_sha256: w.weights_sha256.clone(),
+        merged_shards: w.merged_shards,
         config: cfg,
         processing: loaded.processing,
         device: kind,
