@@ -15,5 +15,6 @@ mod parity;
 mod plugins;
 mod report;
 mod runner_cli;
+mod shards;
 mod smoke_checkpoint;
 mod tokenizer;
