@@ -7,6 +7,8 @@
 mod cache_cli;
 mod checkpoint_errors;
 mod common;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod data;
 mod hooks;
 mod hub;
