@@ -10,6 +10,7 @@ mod common;
 mod data;
 mod hooks;
 mod hub;
+mod hub_download;
 mod metrics;
 mod parity;
 mod plugins;
