@@ -7,6 +7,7 @@
 mod cache_cli;
 mod checkpoint_errors;
 mod common;
+mod compare_cli;
 mod data;
 mod hooks;
 mod hub;
