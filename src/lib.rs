@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod data;
 pub mod device;
 pub mod engine;
