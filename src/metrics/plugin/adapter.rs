@@ -4,7 +4,7 @@
 //! `{layer}` hook templates, one call into the plugin per metric phase (with a fresh host
 //! context and message buffer), turning its status into an error that names the call, never
 //! calling a plugin again after it panicked, and destroying its state. Must not: check the
-//! ABI (that happened in [`super::abi_check`]) or serve the callbacks ([`super::host`]).
+//! ABI (that happened in [`super::abi_check`]) or serve the callbacks (`host`).
 
 use std::ffi::{c_void, CString};
 use std::path::Path;

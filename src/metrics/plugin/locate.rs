@@ -3,7 +3,7 @@
 //!
 //! Owns: the search path (`HOOKGRAPH_PLUGIN_PATH`, then cargo's target directories) and the
 //! path-or-name rule. Must not: load or call a library except through
-//! [`super::abi_check::open`], which checks it first.
+//! `abi_check::open`, which checks it first.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
