@@ -27,9 +27,14 @@ use std::ffi::{c_char, c_void};
 /// `b"HGPLUGIN"` read as a little-endian u64: the first field of every descriptor.
 pub const HG_PLUGIN_MAGIC: u64 = u64::from_le_bytes(*b"HGPLUGIN");
 
-/// The ABI version this crate speaks. The host accepts only its own version: any change to a
-/// `#[repr(C)]` type or a function signature below bumps it.
-pub const HG_PLUGIN_ABI_VERSION: u32 = 1;
+/// The ABI version this crate speaks. Any change to a `#[repr(C)]` type or a function
+/// signature below bumps it. Version 2 appended `save_state` / `merge_state` (partial state,
+/// for sharded and resumable runs) to [`HgPluginDescriptor`]; nothing else changed.
+pub const HG_PLUGIN_ABI_VERSION: u32 = 2;
+
+/// The oldest ABI version a host of this crate still loads: a version-1 plugin (no partial
+/// state) runs as before, and is refused by name for `--shard` and `--resume`.
+pub const HG_PLUGIN_ABI_MIN_VERSION: u32 = 1;
 
 /// The one exported symbol: `extern "C" fn() -> *const HgPluginDescriptor` (type
 /// [`HgDescriptorFn`]). Its signature is part of the stable header and never changes.
@@ -217,6 +222,35 @@ pub type HgCallFn = unsafe extern "C" fn(
 /// `destroy`: frees a state from `create`. Never fails (a panic inside is swallowed).
 pub type HgDestroyFn = unsafe extern "C" fn(state: *mut c_void);
 
+/// Where `save_state` writes its bytes: `write(sink, data, len)` appends `len` bytes (the
+/// host copies them before returning). Host-owned, valid only during the call.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HgStateSink {
+    pub sink: *mut c_void,
+    pub write:
+        Option<unsafe extern "C" fn(sink: *mut c_void, data: *const u8, len: usize) -> HgStatus>,
+}
+
+/// `save_state` (ABI >= 2): writes the exact partial state accumulated since
+/// `begin_dataset` (sums, counts, rows: never means) into `sink`, in a format of the
+/// plugin's choosing. It must not change the state.
+pub type HgSaveStateFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    sink: *const HgStateSink,
+    msg: *mut HgMessage,
+) -> HgStatus;
+
+/// `merge_state` (ABI >= 2): adds a state `save_state` wrote (same plugin and options, same
+/// dataset, for the sequences right after those already seen) to `state`. Into a state
+/// fresh from `begin_dataset` it restores it. `data` is host-owned, valid for the call.
+pub type HgMergeStateFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    data: *const u8,
+    len: usize,
+    msg: *mut HgMessage,
+) -> HgStatus;
+
 /// The type of the exported [`HG_DESCRIPTOR_SYMBOL`]. Null means the plugin could not build
 /// its descriptor (e.g. a NUL inside a name).
 pub type HgDescriptorFn = unsafe extern "C" fn() -> *const HgPluginDescriptor;
@@ -243,6 +277,57 @@ pub struct HgPluginDescriptor {
     pub batch: Option<HgCallFn>,
     pub finish_dataset: Option<HgCallFn>,
     pub destroy: Option<HgDestroyFn>,
+    /// ABI >= 2. Both null: the plugin has no partial state (it cannot be sharded or
+    /// resumed); both set: it can. One without the other is rejected.
+    pub save_state: Option<HgSaveStateFn>,
+    pub merge_state: Option<HgMergeStateFn>,
+}
+
+/// The descriptor of ABI version 1 (the version-2 one without its last two fields), which
+/// hosts read from version-1 plugins.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HgPluginDescriptorV1 {
+    pub header: HgPluginHeader,
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub description: *const c_char,
+    pub hooks: *const *const c_char,
+    pub n_hooks: usize,
+    pub tables: *const HgTableDesc,
+    pub n_tables: usize,
+    pub options: *const HgOptionDesc,
+    pub n_options: usize,
+    pub create: Option<HgCreateFn>,
+    pub begin_dataset: Option<HgCallFn>,
+    pub batch: Option<HgCallFn>,
+    pub finish_dataset: Option<HgCallFn>,
+    pub destroy: Option<HgDestroyFn>,
+}
+
+impl HgPluginDescriptorV1 {
+    /// The same descriptor in the current layout, without partial state.
+    pub fn upgrade(&self) -> HgPluginDescriptor {
+        HgPluginDescriptor {
+            header: self.header,
+            name: self.name,
+            version: self.version,
+            description: self.description,
+            hooks: self.hooks,
+            n_hooks: self.n_hooks,
+            tables: self.tables,
+            n_tables: self.n_tables,
+            options: self.options,
+            n_options: self.n_options,
+            create: self.create,
+            begin_dataset: self.begin_dataset,
+            batch: self.batch,
+            finish_dataset: self.finish_dataset,
+            destroy: self.destroy,
+            save_state: None,
+            merge_state: None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -254,5 +339,18 @@ mod tests {
         assert_eq!(std::mem::size_of::<HgPluginHeader>(), 16);
         assert_eq!(std::mem::offset_of!(HgPluginDescriptor, header), 0);
         assert_eq!(&HG_PLUGIN_MAGIC.to_le_bytes(), b"HGPLUGIN");
+    }
+
+    #[test]
+    fn version_2_only_appends_to_version_1() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(
+            offset_of!(HgPluginDescriptor, save_state),
+            size_of::<HgPluginDescriptorV1>()
+        );
+        assert_eq!(
+            offset_of!(HgPluginDescriptor, destroy),
+            offset_of!(HgPluginDescriptorV1, destroy)
+        );
     }
 }

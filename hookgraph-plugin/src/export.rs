@@ -115,6 +115,16 @@ impl DescriptorHolder {
             batch: Some(batch::<M>),
             finish_dataset: Some(finish_dataset::<M>),
             destroy: Some(destroy::<M>),
+            save_state: if M::PARTIAL_STATE {
+                Some(save_state::<M>)
+            } else {
+                None
+            },
+            merge_state: if M::PARTIAL_STATE {
+                Some(merge_state::<M>)
+            } else {
+                None
+            },
         };
         Ok(DescriptorHolder {
             desc,
@@ -307,6 +317,52 @@ unsafe extern "C" fn finish_dataset<M: PluginMetric>(
         // SAFETY: the host's context, valid for this call.
         let c = unsafe { Ctx::from_raw(raw) }?;
         m.finish(&c, &mut Emitter::new(raw))
+    })
+}
+
+unsafe extern "C" fn save_state<M: PluginMetric>(
+    st: *mut c_void,
+    sink: *const HgStateSink,
+    msg: *mut HgMessage,
+) -> HgStatus {
+    guard(msg, || {
+        // SAFETY: `st` is from create::<M> (host contract).
+        let m = unsafe { state::<M>(st) }?;
+        // SAFETY: the host passes a sink valid for the call, or null (checked).
+        let sink = unsafe { sink.as_ref() }.ok_or("host passed a null state sink")?;
+        let write = sink
+            .write
+            .ok_or("host passed a state sink without `write`")?;
+        let bytes = m.save_state()?;
+        // SAFETY: the host's callback and sink, with a buffer of `bytes.len()` bytes.
+        match unsafe { write(sink.sink, bytes.as_ptr(), bytes.len()) } {
+            HG_OK => Ok(()),
+            s => Err(format!(
+                "the host refused the state ({} bytes): status {s}",
+                bytes.len()
+            )),
+        }
+    })
+}
+
+unsafe extern "C" fn merge_state<M: PluginMetric>(
+    st: *mut c_void,
+    data: *const u8,
+    len: usize,
+    msg: *mut HgMessage,
+) -> HgStatus {
+    guard(msg, || {
+        // SAFETY: `st` is from create::<M> (host contract).
+        let m = unsafe { state::<M>(st) }?;
+        let bytes: &[u8] = if len == 0 {
+            &[]
+        } else if data.is_null() {
+            return Err("host passed a null state".into());
+        } else {
+            // SAFETY: the host passes `len` readable bytes, valid for the call.
+            unsafe { std::slice::from_raw_parts(data, len) }
+        };
+        m.merge_state(bytes)
     })
 }
 

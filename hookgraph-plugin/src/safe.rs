@@ -42,6 +42,27 @@ pub trait PluginMetric: Sized + Send + 'static {
 
     /// Called after the dataset's last batch: emit this dataset's rows into `out`.
     fn finish(&mut self, ctx: &Ctx, out: &mut Emitter) -> Result<(), String>;
+
+    /// Set to `true`, with [`save_state`](Self::save_state) and
+    /// [`merge_state`](Self::merge_state), to let the runner shard this metric (`--shard`,
+    /// `runner merge`) and resume it (`--resume`). Without it the runner refuses both for
+    /// this plugin, by name, and runs it unsharded as before.
+    const PARTIAL_STATE: bool = false;
+
+    /// The exact partial state since `begin_dataset`, as bytes in a format of your choosing:
+    /// sums and counts, per-sequence rows; never means (a mean of shard means is not the
+    /// mean). Must not change the metric.
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        Err("this plugin has no partial state".into())
+    }
+
+    /// Adds a state [`save_state`](Self::save_state) made (same options and dataset) for
+    /// the sequences right after those already seen. Called after `begin_dataset`; merging
+    /// every shard's state in order, then `finish`, must give the unsharded rows.
+    fn merge_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let _ = state;
+        Err("this plugin has no partial state".into())
+    }
 }
 
 /// What every call may read: model dimensions, the selected heads, the dataset, and the

@@ -14,6 +14,8 @@ use crate::error::{Error, Result};
 /// One array of a state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Array {
+    /// Opaque bytes (a plugin's own state format).
+    U8(Vec<u8>),
     F32(Vec<f32>),
     F64(Vec<f64>),
     U32(Vec<u32>),
@@ -23,6 +25,7 @@ pub enum Array {
 impl Array {
     fn dtype(&self) -> Dtype {
         match self {
+            Array::U8(_) => Dtype::U8,
             Array::F32(_) => Dtype::F32,
             Array::F64(_) => Dtype::F64,
             Array::U32(_) => Dtype::U32,
@@ -32,6 +35,7 @@ impl Array {
 
     fn len(&self) -> usize {
         match self {
+            Array::U8(v) => v.len(),
             Array::F32(v) => v.len(),
             Array::F64(v) => v.len(),
             Array::U32(v) => v.len(),
@@ -42,6 +46,7 @@ impl Array {
     /// Little-endian bytes, as safetensors stores them.
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         match self {
+            Array::U8(v) => v.clone(),
             Array::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Array::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Array::U32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -56,6 +61,7 @@ impl Array {
                 .collect()
         }
         Ok(match dtype {
+            Dtype::U8 => Array::U8(bytes.to_vec()),
             Dtype::F32 => Array::F32(chunks(bytes, f32::from_le_bytes)),
             Dtype::F64 => Array::F64(chunks(bytes, f64::from_le_bytes)),
             Dtype::U32 => Array::U32(chunks(bytes, u32::from_le_bytes)),
@@ -96,6 +102,13 @@ impl State {
         Error::Metric {
             metric: metric.to_string(),
             msg: format!("saved state '{key}' is not {want}"),
+        }
+    }
+
+    pub fn u8(&self, metric: &str, key: &str) -> Result<&[u8]> {
+        match self.get(metric, key)? {
+            Array::U8(v) => Ok(v),
+            _ => Err(Self::wrong(metric, key, "bytes")),
         }
     }
 

@@ -27,6 +27,7 @@ const PACKAGES: &[&str] = &[
     "hg_test_no_descriptor",
     "hg_test_panics",
     "hg_test_errors",
+    "hg_test_abi_v1",
 ];
 
 /// Builds every plugin once (one cargo invocation for all tests) and returns the directory
@@ -308,7 +309,7 @@ fn an_older_abi_version_is_rejected_naming_both_versions() {
     let (plugin, msg) = plugin_error(load("hg_test_bad_abi", "").err().unwrap());
     assert!(plugin.contains("hg_test_bad_abi"), "{plugin}");
     let (theirs, ours) = (
-        hookgraph_plugin::abi::HG_PLUGIN_ABI_VERSION - 1,
+        hookgraph_plugin::abi::HG_PLUGIN_ABI_MIN_VERSION - 1,
         hookgraph_plugin::abi::HG_PLUGIN_ABI_VERSION,
     );
     assert!(

@@ -310,7 +310,7 @@ fn resuming_another_runs_checkpoint_is_refused() {
 #[test]
 fn a_plugin_without_partial_state_is_refused_by_name_when_sharding() {
     let dir = tempfile::tempdir().unwrap();
-    let lib = crate::plugins::library("hg_attention_entropy");
+    let lib = crate::plugins::library("hg_source_suppression");
     let spec = write_spec(
         dir.path(),
         &tiny(),
@@ -325,12 +325,76 @@ fn a_plugin_without_partial_state_is_refused_by_name_when_sharding() {
             .assert()
             .failure()
             .stderr(
-                predicates::str::contains("plugin 'hg_attention_entropy'")
-                    .and(predicates::str::contains("cannot be sharded or resumed")),
+                predicates::str::contains("plugin 'hg_source_suppression'")
+                    .and(predicates::str::contains("cannot be sharded or resumed"))
+                    .and(predicates::str::contains("PARTIAL_STATE")),
             );
     }
     // Without --shard or --resume the run works as before (it just keeps no checkpoint).
     let out = dir.path().join("plain");
     run_ok(&spec, &out, &[]);
-    assert!(out.join("attention_entropy.csv").is_file());
+    assert!(out.join("plugin_source_suppression.csv").is_file());
+}
+
+#[test]
+fn a_plugin_with_partial_state_shards_and_resumes_like_a_builtin() {
+    // hg_attention_entropy implements ABI version 2's save_state / merge_state.
+    let dir = tempfile::tempdir().unwrap();
+    let lib = crate::plugins::library("hg_attention_entropy");
+    let spec = write_spec(
+        dir.path(),
+        &tiny(),
+        &corpus(),
+        &format!("[[metric]]\nplugin = \"{}\"\n", lib.display()),
+    );
+    let whole = dir.path().join("whole");
+    run_ok(&spec, &whole, &[]);
+    assert!(whole.join("attention_entropy.csv").is_file());
+    let sharded = dir.path().join("sharded");
+    for i in 0..3 {
+        run_ok(&spec, &sharded, &["--shard", &format!("{i}/3")]);
+    }
+    runner()
+        .args(["merge", "-q"])
+        .arg(&sharded)
+        .assert()
+        .success();
+    assert_same_results(&whole, &sharded);
+
+    let killed = dir.path().join("killed");
+    runner()
+        .args(["run", "-q", "--output"])
+        .arg(&killed)
+        .arg(&spec)
+        .env("HOOKGRAPH_TEST_ABORT_AFTER_BATCHES", "4")
+        .assert()
+        .failure();
+    run_ok(&spec, &killed, &["--resume"]);
+    assert_same_results(&whole, &killed);
+}
+
+#[test]
+fn a_plugin_built_for_abi_version_1_still_runs_and_is_refused_by_name_when_sharding() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = crate::plugins::library("hg_test_abi_v1");
+    let spec = write_spec(
+        dir.path(),
+        &tiny(),
+        &corpus(),
+        &format!("[[metric]]\nplugin = \"{}\"\n", lib.display()),
+    );
+    runner()
+        .args(["run", "-q", "--shard", "1/2"])
+        .arg(&spec)
+        .assert()
+        .failure()
+        .stderr(
+            predicates::str::contains("plugin 'hg_test_abi_v1'")
+                .and(predicates::str::contains("plugin ABI version 1")),
+        );
+    let out = dir.path().join("plain");
+    run_ok(&spec, &out, &[]);
+    let t = std::fs::read_to_string(out.join("abi_v1_count.csv")).unwrap();
+    // 2 layers x 4 heads, per dataset; every head saw all 10 ioi sequences.
+    assert!(t.contains("ioi,1,3,10"), "{t}");
 }

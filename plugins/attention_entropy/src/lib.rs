@@ -84,6 +84,38 @@ impl PluginMetric for AttentionEntropy {
         Ok(())
     }
 
+    // Sums and counts, not means: shards merge exactly (`runner run --shard`, `--resume`).
+    const PARTIAL_STATE: bool = true;
+
+    /// Per head: the sum as f64 bits and the count, 16 little-endian bytes.
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        Ok(self
+            .sums
+            .iter()
+            .flat_map(|&(sum, n)| {
+                let mut b = sum.to_bits().to_le_bytes().to_vec();
+                b.extend((n as u64).to_le_bytes());
+                b
+            })
+            .collect())
+    }
+
+    fn merge_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.len() != 16 * self.sums.len() {
+            return Err(format!(
+                "state of {} bytes for {} heads",
+                state.len(),
+                self.sums.len()
+            ));
+        }
+        for (slot, c) in self.sums.iter_mut().zip(state.chunks_exact(16)) {
+            let word = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
+            slot.0 += f64::from_bits(word(0));
+            slot.1 += word(8) as usize;
+        }
+        Ok(())
+    }
+
     fn finish(&mut self, ctx: &Ctx, out: &mut Emitter) -> Result<(), String> {
         for (&(layer, head), &(sum, n)) in ctx.heads().iter().zip(&self.sums) {
             let mean = if n == 0 { f64::NAN } else { sum / n as f64 };

@@ -48,6 +48,10 @@ pub(crate) struct Plugin {
     pub(crate) batch: HgCallFn,
     pub(crate) finish_dataset: HgCallFn,
     pub(crate) destroy: HgDestroyFn,
+    /// Partial state (ABI >= 2, when the plugin opts in): both or neither.
+    pub(crate) state_fns: Option<(HgSaveStateFn, HgMergeStateFn)>,
+    /// The ABI version it was built for.
+    pub(crate) abi_version: u32,
     /// Last field, so it is dropped (unloaded) after everything pointing into it.
     pub(crate) _lib: Library,
 }
@@ -106,33 +110,57 @@ pub(crate) fn open(path: &Path) -> std::result::Result<Plugin, OpenError> {
             header.magic
         )));
     }
-    if header.abi_version != HG_PLUGIN_ABI_VERSION {
-        let which = if header.abi_version < HG_PLUGIN_ABI_VERSION {
+    let v = header.abi_version;
+    if !(HG_PLUGIN_ABI_MIN_VERSION..=HG_PLUGIN_ABI_VERSION).contains(&v) {
+        let which = if v < HG_PLUGIN_ABI_VERSION {
             "an older"
         } else {
             "a newer"
         };
         return Err(Invalid(format!(
-            "plugin ABI version {} vs this runner's version {HG_PLUGIN_ABI_VERSION}: the plugin was built against {which} `hookgraph-plugin`; rebuild it against this hookgraph's",
-            header.abi_version
+            "plugin ABI version {v} vs this runner's version {HG_PLUGIN_ABI_VERSION} (which also reads versions from {HG_PLUGIN_ABI_MIN_VERSION}): the plugin was built against {which} `hookgraph-plugin`; rebuild it against this hookgraph's"
         )));
     }
-    let expected = std::mem::size_of::<HgPluginDescriptor>();
+    // Version 1 descriptors end before the partial-state functions.
+    let expected = if v == 1 {
+        std::mem::size_of::<HgPluginDescriptorV1>()
+    } else {
+        std::mem::size_of::<HgPluginDescriptor>()
+    };
     if header.struct_size as usize != expected {
         return Err(Invalid(format!(
-            "its descriptor is {} bytes but ABI version {HG_PLUGIN_ABI_VERSION} expects {expected} (built for another platform, or a hand-written descriptor that does not match)",
+            "its descriptor is {} bytes but ABI version {v} expects {expected} (built for another platform, or a hand-written descriptor that does not match)",
             header.struct_size
         )));
     }
-    // SAFETY: magic, version and size match: this is an HgPluginDescriptor of our ABI, static
-    // in the library, which `lib` keeps loaded.
-    let d = unsafe { &*desc };
+    let upgraded;
+    let d: &HgPluginDescriptor = if v == 1 {
+        // SAFETY: magic, version and size match: a version-1 descriptor, static in the
+        // library, which `lib` keeps loaded; only its own fields are read.
+        upgraded = unsafe { &*desc.cast::<HgPluginDescriptorV1>() }.upgrade();
+        &upgraded
+    } else {
+        // SAFETY: magic, version and size match: this is an HgPluginDescriptor of our ABI,
+        // static in the library, which `lib` keeps loaded.
+        unsafe { &*desc }
+    };
     // SAFETY: the descriptor's pointers are valid while the library is loaded (ABI contract).
     let (info, tables) = unsafe { read_metadata(d, path) }.map_err(Invalid)?;
     fn need<F>(f: Option<F>, what: &str) -> std::result::Result<F, OpenError> {
         f.ok_or_else(|| OpenError::Invalid(format!("its descriptor has no `{what}` function")))
     }
+    let state_fns =
+        match (d.save_state, d.merge_state) {
+            (Some(s), Some(m)) => Some((s, m)),
+            (None, None) => None,
+            _ => return Err(Invalid(
+                "its descriptor has only one of `save_state` and `merge_state` (both or neither)"
+                    .into(),
+            )),
+        };
     Ok(Plugin {
+        state_fns,
+        abi_version: v,
         create: need(d.create, "create")?,
         begin_dataset: need(d.begin_dataset, "begin_dataset")?,
         batch: need(d.batch, "batch")?,

@@ -17,6 +17,7 @@ use super::host::{host_emit_row, host_get_activation, host_get_weight, HostCtx, 
 use super::{locate, plugin_error, PluginInfo};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::metrics::state::Array;
 use crate::metrics::{BatchView, Metric, RunContext, State};
 use crate::output::Table;
 
@@ -132,8 +133,16 @@ impl PluginAdapter {
     }
 
     fn no_state(&self) -> Error {
+        let why = if self.plugin.abi_version < 2 {
+            format!(
+                "it was built for plugin ABI version {}, which has no partial state; rebuild it against this hookgraph-plugin and implement `save_state`/`merge_state`",
+                self.plugin.abi_version
+            )
+        } else {
+            "it does not implement partial state (`PluginMetric::PARTIAL_STATE`, `save_state`, `merge_state`)".to_string()
+        };
         self.err(format!(
-            "cannot be sharded or resumed: plugin ABI version {HG_PLUGIN_ABI_VERSION} has no partial state (save/merge); run it in an unsharded spec of its own, without --shard or --resume"
+            "cannot be sharded or resumed: {why}; or run it unsharded, without --shard or --resume"
         ))
     }
 
@@ -270,6 +279,23 @@ impl PluginAdapter {
     }
 }
 
+/// `HgStateSink::write`: appends the plugin's bytes to the host's `Vec<u8>`.
+unsafe extern "C" fn host_write_state(sink: *mut c_void, data: *const u8, len: usize) -> HgStatus {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if sink.is_null() || (data.is_null() && len > 0) {
+            return HG_INVALID;
+        }
+        // SAFETY: `sink` is the Vec<u8> that `save_state` lends for this call.
+        let buf = unsafe { &mut *(sink as *mut Vec<u8>) };
+        if len > 0 {
+            // SAFETY: the plugin passes `len` readable bytes, valid during the callback.
+            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+        }
+        HG_OK
+    }))
+    .unwrap_or(HG_INVALID)
+}
+
 /// The plugin's status as a result; the message names the call.
 fn describe_status(status: HgStatus, msg: &str, what: &str) -> std::result::Result<(), String> {
     match status {
@@ -311,13 +337,50 @@ impl Metric for PluginAdapter {
         self.call(Phase::Finish, ctx, dataset, None)
     }
 
-    /// Plugin ABI version 1 has no partial state: refused, naming the plugin.
+    /// The plugin's bytes (ABI >= 2, when it opts in), kept as one `u8` array; a plugin
+    /// without partial state is refused, naming it.
     fn save_state(&self) -> Result<State> {
-        Err(self.no_state())
+        let Some((save, _)) = self.plugin.state_fns else {
+            return Err(self.no_state());
+        };
+        if let Some(p) = &self.poisoned {
+            return Err(self.err(format!("not called again after it panicked ({p})")));
+        }
+        let mut bytes: Vec<u8> = Vec::new();
+        let sink = HgStateSink {
+            sink: &mut bytes as *mut Vec<u8> as *mut c_void,
+            write: Some(host_write_state),
+        };
+        let state = self.state;
+        let (status, msg) = with_message(|m| {
+            // SAFETY: a checked plugin's save_state with its own state, a sink whose buffer
+            // outlives the call, and a message buffer.
+            unsafe { save(state, &sink, m) }
+        });
+        describe_status(status, &msg, "save_state").map_err(|m| self.err(m))?;
+        let mut st = State::new();
+        st.put("bytes", Array::U8(bytes));
+        Ok(st)
     }
 
-    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, _state: &State) -> Result<()> {
-        Err(self.no_state())
+    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+        let Some((_, merge)) = self.plugin.state_fns else {
+            return Err(self.no_state());
+        };
+        if let Some(p) = &self.poisoned {
+            return Err(self.err(format!("not called again after it panicked ({p})")));
+        }
+        let bytes = st.u8(&self.plugin.info.name, "bytes")?;
+        let state = self.state;
+        let (status, msg) = with_message(|m| {
+            // SAFETY: a checked plugin's merge_state with its own state and `bytes.len()`
+            // readable bytes that outlive the call.
+            unsafe { merge(state, bytes.as_ptr(), bytes.len(), m) }
+        });
+        if status == HG_PANIC {
+            self.poisoned = Some(format!("merge_state: {msg}"));
+        }
+        describe_status(status, &msg, "merge_state").map_err(|m| self.err(m))
     }
 }
 
