@@ -1,12 +1,16 @@
-//! Results on disk: CSV tables, the manifest, written atomically.
+//! Results on disk: CSV tables, the manifest, and the whole-run swap.
 //!
-//! Owns: the [`Table`] type metrics return, writing tables as CSV (`dataset` first), and the
-//! run's `manifest.json`; every file is written to a temporary file in the output directory
-//! and renamed into place, so a failed run never leaves a half-written file. Must not:
-//! compute results or decide what a table contains.
+//! Owns: the [`Table`] type metrics return, finding non-finite cells in one
+//! ([`Table::non_finite`]), writing tables as CSV (`dataset` first), the run's
+//! `manifest.json`, the file names a run may use ([`file_in`]), and [`Staging`]: a run
+//! writes every file into a fresh directory beside its output directory and swaps it into
+//! place only when all of them are written, so the output directory always holds one whole
+//! run (the previous one is kept as `<dir>.prev`). Must not: compute results or decide
+//! what a table contains.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -27,6 +31,9 @@ impl std::fmt::Display for Value {
             Value::Int(i) => write!(f, "{i}"),
             // Shortest representation that round-trips an f32: CSV readers get the exact value.
             Value::Float(x) if x.is_nan() => f.write_str("NaN"),
+            Value::Float(x) if x.is_infinite() => {
+                f.write_str(if *x > 0.0 { "inf" } else { "-inf" })
+            }
             Value::Float(x) => write!(f, "{}", *x as f32),
             Value::Str(s) => f.write_str(s),
         }
@@ -85,6 +92,23 @@ pub struct Table {
     /// For per-head tables (with `layer` and `head` columns): the column the summary and
     /// heatmaps show.
     pub head_score: Option<String>,
+    /// Columns where NaN means "undefined for this sequence" (metrics.md's 0/0), counted by
+    /// the metric in another column; NaN there is a value, not a failure.
+    #[serde(skip)]
+    pub undefined_as_nan: Vec<String>,
+}
+
+/// Where a table holds values that are not finite numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NonFinite {
+    /// Non-finite cells, not counting allowed undefined NaNs.
+    pub count: usize,
+    /// 0-based row of the first one, its column and value.
+    pub first_row: usize,
+    pub column: String,
+    pub value: String,
+    /// The first row, rendered `column=value, ...`.
+    pub row: String,
 }
 
 impl Table {
@@ -94,7 +118,52 @@ impl Table {
             columns: columns.iter().map(|c| c.to_string()).collect(),
             rows: Vec::new(),
             head_score: None,
+            undefined_as_nan: Vec::new(),
         }
+    }
+
+    /// Marks `column` as one where NaN stands for an undefined (and counted) sequence.
+    pub fn undefined_as_nan(mut self, column: &str) -> Self {
+        self.undefined_as_nan.push(column.to_string());
+        self
+    }
+
+    /// The NaN and infinite cells of the table, except NaN in `undefined_as_nan` columns;
+    /// `None` when every number is finite.
+    pub fn non_finite(&self) -> Option<NonFinite> {
+        let allowed: Vec<bool> = self
+            .columns
+            .iter()
+            .map(|c| self.undefined_as_nan.contains(c))
+            .collect();
+        let mut found: Option<NonFinite> = None;
+        for (r, row) in self.rows.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                let Value::Float(x) = v else { continue };
+                if x.is_finite() || (x.is_nan() && allowed.get(c).copied().unwrap_or(false)) {
+                    continue;
+                }
+                match &mut found {
+                    Some(f) => f.count += 1,
+                    None => {
+                        found = Some(NonFinite {
+                            count: 1,
+                            first_row: r,
+                            column: self.columns.get(c).cloned().unwrap_or_default(),
+                            value: v.to_string(),
+                            row: self
+                                .columns
+                                .iter()
+                                .zip(row)
+                                .map(|(c, v)| format!("{c}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        })
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// Marks this as a per-head table whose headline value is `column`.
@@ -166,6 +235,24 @@ pub fn tables_to_csv(parts: &[(String, &Table)]) -> Result<Vec<u8>> {
         .map_err(|e| Error::Other(format!("csv: {e}")))
 }
 
+/// `dir/name`, checked to stay inside `dir`: `name` must be one plain path component (no
+/// separator, not empty, not `.` or `..`, not absolute). Every file a run writes gets its
+/// path from here or from a name checked the same way ([`crate::spec::check_name`]).
+pub fn file_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(Component::Normal(n)), None)
+            if n == std::ffi::OsStr::new(name) && !name.contains(['/', '\\']) =>
+        {
+            Ok(dir.join(name))
+        }
+        _ => Err(Error::Other(format!(
+            "refusing to write {name:?}: not a plain file name inside {}",
+            dir.display()
+        ))),
+    }
+}
+
 /// Writes `<dir>/<name>.csv` atomically; returns its path.
 pub fn write_csv(dir: &Path, parts: &[(String, &Table)]) -> Result<PathBuf> {
     let name = &parts
@@ -173,7 +260,7 @@ pub fn write_csv(dir: &Path, parts: &[(String, &Table)]) -> Result<PathBuf> {
         .ok_or_else(|| Error::Other("no table".into()))?
         .1
         .name;
-    let path = dir.join(format!("{name}.csv"));
+    let path = file_in(dir, &format!("{name}.csv"))?;
     write_atomic(&path, &tables_to_csv(parts)?)?;
     Ok(path)
 }
@@ -182,6 +269,225 @@ pub fn write_csv(dir: &Path, parts: &[(String, &Table)]) -> Result<PathBuf> {
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Other(e.to_string()))?;
     write_atomic(path, &bytes)
+}
+
+/// Staging directories of runs in progress, for [`abandon_staging`].
+static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every staging directory of a run in progress (best effort). For the signal
+/// handler's second signal, which ends the process without unwinding (so no `Drop` runs).
+pub fn abandon_staging() {
+    if let Ok(dirs) = IN_PROGRESS.lock() {
+        for d in dirs.iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// An output directory a run may replace, made absolute.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Where the results go.
+    pub dir: PathBuf,
+    /// Where the previous results go when they are replaced: `<dir>.prev`.
+    pub prev: PathBuf,
+    /// Whether `dir` holds earlier results now.
+    pub exists: bool,
+}
+
+impl Target {
+    /// Checks that `dir` can take a run's results, without writing anything: it is absent,
+    /// an empty directory, or earlier results (it has a `manifest.json`), and so is
+    /// `<dir>.prev`; its nearest existing ancestor is a directory this process can write in.
+    pub fn check(dir: &Path) -> Result<Target> {
+        let bad = |msg: String| Error::Other(format!("output directory {}: {msg}", dir.display()));
+        let abs = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
+        // `..`, `.` or `/` as the last part: only an existing directory can be meant, and it
+        // must pass the same checks under its real name.
+        let abs = if abs.file_name().is_none() || abs.ends_with("..") {
+            abs.canonicalize().map_err(|e| Error::io(dir, e))?
+        } else {
+            abs
+        };
+        let Some(name) = abs.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return Err(bad("it has no name (the file system root?)".into()));
+        };
+        let prev = abs.with_file_name(format!("{name}.prev"));
+        for (what, p) in [("", &abs), (" (where the previous results go)", &prev)] {
+            match std::fs::symlink_metadata(p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(p, e)),
+                Ok(m) if !m.is_dir() => {
+                    return Err(bad(format!(
+                        "{}{what} exists and is not a directory",
+                        p.display()
+                    )))
+                }
+                Ok(_) => {
+                    if !is_results_dir(p)? {
+                        return Err(bad(format!(
+                            "{}{what} holds files but no manifest.json, so it is not a hookgraph results directory; a run replaces its whole output directory, so choose another output or empty it",
+                            p.display()
+                        )));
+                    }
+                }
+            }
+        }
+        // The nearest ancestor that exists must be a directory we can write in.
+        let mut ancestor = abs.parent();
+        while let Some(a) = ancestor {
+            if a.exists() {
+                break;
+            }
+            ancestor = a.parent();
+        }
+        let ancestor = ancestor.ok_or_else(|| bad("no parent directory exists".into()))?;
+        if !ancestor.is_dir() {
+            return Err(bad(format!("{} is not a directory", ancestor.display())));
+        }
+        tempfile::Builder::new()
+            .prefix(".hookgraph-write-test-")
+            .tempdir_in(ancestor)
+            .map_err(|e| bad(format!("cannot write in {}: {e}", ancestor.display())))?;
+        Ok(Target {
+            exists: abs.exists(),
+            dir: abs,
+            prev,
+        })
+    }
+}
+
+/// Whether `dir` is empty or holds a hookgraph run's results.
+fn is_results_dir(dir: &Path) -> Result<bool> {
+    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(entries.next().is_none() || dir.join("manifest.json").is_file())
+}
+
+/// A run's results being written: a fresh directory `.<name>.staging-XXXX` beside the
+/// output directory. Dropping it without [`Staging::commit`] removes it and everything in
+/// it; the output directory is never touched until the commit.
+#[derive(Debug)]
+pub struct Staging {
+    target: Target,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub dir: PathBuf,
+    /// Where the previous results were moved, if there were any.
+    pub previous: Option<PathBuf>,
+}
+
+impl Staging {
+    /// Checks the target ([`Target::check`]), creates its parent directories and the staging
+    /// directory beside it.
+    pub fn begin(dir: &Path) -> Result<Staging> {
+        let target = Target::check(dir)?;
+        let parent = target.dir.parent().expect("checked: has a name");
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let name = target.dir.file_name().expect("checked").to_string_lossy();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.staging-"))
+            .tempdir_in(parent)
+            .map_err(|e| Error::io(parent, e))?;
+        // Results are for sharing: rwxr-xr-x, not a temporary directory's 0700.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::io(tmp.path(), e))?;
+        }
+        if let Ok(mut v) = IN_PROGRESS.lock() {
+            v.push(tmp.path().to_path_buf());
+        }
+        Ok(Staging {
+            target,
+            dir: Some(tmp),
+        })
+    }
+
+    /// Where to write the run's files.
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("until commit").path()
+    }
+
+    /// The output directory the results will land in.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Swaps the staging directory into place: earlier results (if any) become `<dir>.prev`
+    /// (replacing an older `.prev`), then the staging directory becomes `<dir>`. If the
+    /// second rename fails the earlier results are moved back.
+    pub fn commit(mut self) -> Result<Committed> {
+        let tmp = self.dir.take().expect("commit once");
+        let staged = tmp.keep();
+        unregister(&staged);
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_dir_all(&staged);
+            e
+        };
+        sync_dir(&staged);
+        // Checked again: the directory may have changed during the run.
+        let target = Target::check(&self.target.dir).map_err(cleanup)?;
+        let mut previous = None;
+        if target.exists {
+            if is_empty(&target.dir) {
+                std::fs::remove_dir(&target.dir).map_err(|e| cleanup(Error::io(&target.dir, e)))?;
+            } else {
+                if target.prev.exists() {
+                    std::fs::remove_dir_all(&target.prev)
+                        .map_err(|e| cleanup(Error::io(&target.prev, e)))?;
+                }
+                std::fs::rename(&target.dir, &target.prev)
+                    .map_err(|e| cleanup(Error::io(&target.dir, e)))?;
+                previous = Some(target.prev.clone());
+            }
+        }
+        if let Err(e) = std::fs::rename(&staged, &target.dir) {
+            if let Some(p) = &previous {
+                let _ = std::fs::rename(p, &target.dir);
+            }
+            return Err(cleanup(Error::io(&target.dir, e)));
+        }
+        if let Some(parent) = target.dir.parent() {
+            sync_dir(parent);
+        }
+        Ok(Committed {
+            dir: target.dir,
+            previous,
+        })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.dir {
+            unregister(tmp.path());
+        }
+    }
+}
+
+fn unregister(p: &Path) {
+    if let Ok(mut v) = IN_PROGRESS.lock() {
+        v.retain(|d| d != p);
+    }
+}
+
+fn is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_none())
+}
+
+/// Makes a directory's entries durable (best effort: not every file system can).
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! The hook graph executor: runs a spec from model to files.
 //!
-//! Owns: the order of a run — resolve and load the model, select heads, build datasets,
-//! build metrics, take the union of the hook points they read, run **one** forward pass per
-//! batch caching only that union, hand every metric the same cache, collect tables, write
-//! CSVs and the manifest atomically, and summarise. A metric that fails is reported and the
-//! others still finish and are written ("nothing lost"). Must not: implement metrics, model
-//! math or file formats; those live in `metrics`, `model` and `output`.
+//! Owns: the order of a run — check the output directory, resolve and load the model, select
+//! heads, build datasets, build metrics and plan their table names, take the union of the
+//! hook points they read, run **one** forward pass per batch caching only that union, hand
+//! every metric the same cache, collect tables, fail the metrics whose tables hold NaN or
+//! infinity, write CSVs, pictures and the manifest into a staging directory and swap it into
+//! place, and summarise. Everything that can be checked without the forward pass is checked
+//! before it (`validate` stops there). A metric that fails is reported and the others still
+//! finish and are written ("nothing lost"); an error or a signal leaves the output directory
+//! as it was ("nothing escapes"). Must not: implement metrics, model math or file formats;
+//! those live in `metrics`, `model` and `output`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,11 +23,12 @@ use crate::data::{self, DataContext, Dataset};
 use crate::device::{DeviceChoice, DeviceKind};
 use crate::error::{Error, Result};
 use crate::hooks::{HookFilter, Hooks};
+use crate::interrupt;
 use crate::metrics::{self, BatchView, Metric, RunContext};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
-use crate::output::{self, Table};
+use crate::output::{self, NonFinite, Staging, Table, Target};
 use crate::report;
-use crate::spec::LoadedSpec;
+use crate::spec::{check_name, LoadedSpec};
 
 /// Command-line overrides of a spec.
 #[derive(Debug, Clone, Default)]
@@ -45,6 +50,8 @@ pub struct Failure {
 #[derive(Debug)]
 pub struct RunReport {
     pub output_dir: PathBuf,
+    /// Where the results the run replaced were moved (`<output_dir>.prev`), if any.
+    pub previous: Option<PathBuf>,
     pub files: Vec<PathBuf>,
     pub failures: Vec<Failure>,
     pub summary: String,
@@ -108,7 +115,44 @@ struct Prepared<D: Device<f32>> {
     heads: Vec<(usize, usize)>,
     datasets: Vec<Dataset>,
     metrics: Vec<(String, Option<Box<dyn Metric>>)>,
+    /// How each metric's tables are named in the results (parallel to `metrics`).
+    table_names: Vec<TableNames>,
     failures: Vec<Failure>,
+}
+
+/// The names a metric's tables get: a metric given its own `name` renames its tables, so
+/// one metric (built-in or plugin) can run twice with different options. The table named
+/// like the metric's first declared table becomes `name`, tables that start with it keep
+/// their suffix (`source_suppression_per_position` -> `ss_neg_per_position`), and any other
+/// table becomes `<name>_<table>`.
+#[derive(Debug, Clone)]
+struct TableNames {
+    /// The metric's own name (built-in kind or plugin name).
+    own: String,
+    /// The name the spec gives it (its own unless `name` is set).
+    given: String,
+    /// The tables it declares, before renaming.
+    declared: Vec<String>,
+}
+
+impl TableNames {
+    fn rename(&self, table: &str) -> String {
+        if self.given == self.own {
+            return table.to_string();
+        }
+        let primary = self
+            .declared
+            .first()
+            .map_or(self.own.as_str(), String::as_str);
+        match table.strip_prefix(primary) {
+            Some(rest) => format!("{}{rest}", self.given),
+            None => format!("{}_{table}", self.given),
+        }
+    }
+
+    fn planned(&self) -> Vec<String> {
+        self.declared.iter().map(|t| self.rename(t)).collect()
+    }
 }
 
 fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Prepared<D>> {
@@ -136,30 +180,80 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         .collect::<Result<Vec<_>>>()?;
 
     let mut metrics: Vec<(String, Option<Box<dyn Metric>>)> = Vec::new();
+    let mut table_names = Vec::new();
     let mut failures = Vec::new();
-    for m in &spec.spec.metrics {
+    for (i, m) in spec.spec.metrics.iter().enumerate() {
         if let Some(kind) = &m.kind {
+            // Unknown options are reported on their own line, not on `kind`'s.
+            if let Some(info) = metrics::BUILTINS.iter().find(|b| b.name == kind.get_ref()) {
+                if let Some(key) = m
+                    .options
+                    .keys()
+                    .find(|k| !info.options.iter().any(|(o, _)| o == k))
+                {
+                    let known: Vec<&str> = info.options.iter().map(|(o, _)| *o).collect();
+                    return Err(spec.metric_error(
+                        i,
+                        key,
+                        format!(
+                            "metric '{}': unknown option '{key}' (known: {})",
+                            info.name,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-            metrics.push((
-                m.name.clone().unwrap_or_else(|| kind.get_ref().clone()),
-                Some(metric),
-            ));
+            let declared = metrics::BUILTINS
+                .iter()
+                .find(|b| b.name == kind.get_ref())
+                .map(|b| b.tables.iter().map(|t| t.to_string()).collect())
+                .unwrap_or_default();
+            let given = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+            table_names.push(TableNames {
+                own: metric.name().to_string(),
+                given: given.clone(),
+                declared,
+            });
+            metrics.push((given, Some(metric)));
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
-            match load_plugin(plugin.get_ref(), &dir, &m.options) {
+            match crate::plugin::PluginMetric::load(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
-                Ok(metric) => metrics.push((
-                    m.name.clone().unwrap_or_else(|| metric.name().to_string()),
-                    Some(metric),
-                )),
+                Ok(metric) => {
+                    let info = metric.info();
+                    let given = m.name.clone().unwrap_or_else(|| info.name.clone());
+                    if let Err(why) = check_name(&given) {
+                        return Err(spec.metric_error(
+                            i,
+                            "plugin",
+                            format!("the plugin's name {why}: give this [[metric]] a `name`"),
+                        ));
+                    }
+                    table_names.push(TableNames {
+                        own: info.name.clone(),
+                        given: given.clone(),
+                        declared: info.tables.clone(),
+                    });
+                    metrics.push((given, Some(Box::new(metric) as Box<dyn Metric>)));
+                }
                 Err(e) => {
                     failures.push(Failure {
                         metric: fallback.clone(),
                         dataset: None,
                         error: e.to_string(),
+                    });
+                    table_names.push(TableNames {
+                        own: fallback.clone(),
+                        given: fallback.clone(),
+                        declared: Vec::new(),
                     });
                     metrics.push((fallback, None));
                 }
@@ -168,9 +262,37 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
     }
     for (i, (name, _)) in metrics.iter().enumerate() {
         if metrics[..i].iter().any(|(n, _)| n == name) {
-            return Err(spec.error(format!(
-                "two [[metric]] entries are both named '{name}': give one a different `name`"
-            )));
+            return Err(spec.metric_error(
+                i,
+                "name",
+                format!(
+                    "two [[metric]] entries are both named '{name}': give one a different `name`"
+                ),
+            ));
+        }
+    }
+    // Every table name is known now: check them before the forward pass, not after.
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, names) in table_names.iter().enumerate() {
+        for t in names.planned() {
+            if let Err(why) = check_name(&t) {
+                return Err(spec.metric_error(
+                    i,
+                    "name",
+                    format!("metric '{}': its table name {why}", names.given),
+                ));
+            }
+            if let Some(&j) = owners.get(&t) {
+                return Err(spec.metric_error(
+                    i,
+                    "name",
+                    format!(
+                        "metric '{}' and metric '{}' both write the table '{t}': give one of them a different `name`",
+                        names.given, table_names[j].given
+                    ),
+                ));
+            }
+            owners.insert(t, i);
         }
     }
     Ok(Prepared {
@@ -178,22 +300,22 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         heads,
         datasets,
         metrics,
+        table_names,
         failures,
     })
 }
 
-fn load_plugin(
-    spec: &str,
-    dir: &std::path::Path,
-    options: &toml::Table,
-) -> Result<Box<dyn Metric>> {
-    crate::plugin::load_metric(spec, dir, options)
-}
-
-/// Checks a spec end to end without running a forward pass: the model loads, heads are in
-/// range, datasets build, metrics and plugins load. Returns a short description.
-pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<String> {
+/// Checks a spec end to end without running a forward pass and without writing anything:
+/// the output directory can be replaced, the model loads, heads are in range, datasets build
+/// and fit in memory, metrics and plugins load and their tables have distinct names. Returns
+/// a short description.
+pub fn validate(
+    spec: &LoadedSpec,
+    device: Option<DeviceChoice>,
+    output: Option<&std::path::Path>,
+) -> Result<String> {
     let _ = device.unwrap_or(spec.spec.model.device).resolve()?;
+    let target = Target::check(output.unwrap_or(&spec.output_dir()))?;
     let p = prepare(Cpu::default(), spec, true)?;
     if let Some(f) = p.failures.first() {
         return Err(Error::Metric {
@@ -220,10 +342,33 @@ pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<Strin
             d.seq_len()
         );
     }
-    for (name, _) in &p.metrics {
-        out += &format!("  metric {name}\n");
+    for ((name, _), tables) in p.metrics.iter().zip(&p.table_names) {
+        out += &format!("  metric {name}: {}\n", tables.planned().join(", "));
     }
+    out += &format!(
+        "  output: {}{}\n",
+        target.dir.display(),
+        if target.exists {
+            format!(
+                " (a run moves the results there now to {})",
+                target.prev.display()
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(out)
+}
+
+#[derive(Serialize)]
+struct NonFiniteRecord {
+    metric: String,
+    table: String,
+    /// The dataset of the first non-finite cell, and its 1-based data row in `<table>.csv`.
+    dataset: String,
+    csv_row: usize,
+    #[serde(flatten)]
+    found: NonFinite,
 }
 
 #[derive(Serialize)]
@@ -253,6 +398,8 @@ struct Manifest<'a> {
     datasets: Vec<DatasetRecord>,
     files: Vec<String>,
     failures: &'a [Failure],
+    /// Metrics failed for NaN or infinity in their tables: where the first one is.
+    non_finite: &'a [NonFiniteRecord],
     load_seconds: f64,
     total_seconds: f64,
 }
@@ -282,13 +429,18 @@ fn run_on<D: Device<f32>>(
     opts: &RunOptions,
 ) -> Result<RunReport> {
     let t0 = Instant::now();
+    // The output directory first: a run that cannot write its results should not compute
+    // them. Everything goes into `staging`; dropping it (any error, a signal) removes it.
+    let staging = Staging::begin(&opts.output.clone().unwrap_or_else(|| spec.output_dir()))?;
     let Prepared {
         loaded,
         heads,
         datasets,
         mut metrics,
+        table_names,
         mut failures,
     } = prepare(dev, spec, opts.quiet)?;
+    interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = loaded.cfg().clone();
     let ctx = RunContext {
@@ -339,6 +491,7 @@ fn run_on<D: Device<f32>>(
             format!("{} ({} seqs)", dataset.name, n),
         );
         for start in (0..n).step_by(batch_size) {
+            interrupt::checkpoint("batch")?;
             let end = (start + batch_size).min(n);
             let tokens = dataset.tokens.slice(ndarray::s![start..end, ..]).to_owned();
             let t = Instant::now();
@@ -370,11 +523,7 @@ fn run_on<D: Device<f32>>(
                 match m.finish_dataset(&ctx, dataset) {
                     Ok(ts) => {
                         for mut t in ts {
-                            // A metric given its own `name` prefixes its tables with it, so
-                            // one metric can run twice with different options.
-                            if name != m.name() {
-                                t.name = t.name.replacen(m.name(), name, 1);
-                            }
+                            t.name = table_names[idx].rename(&t.name);
                             let entry = tables.entry(t.name.clone()).or_insert((idx, Vec::new()));
                             if entry.0 != idx {
                                 return Err(Error::Other(format!(
@@ -399,6 +548,45 @@ fn run_on<D: Device<f32>>(
         });
     }
 
+    // NaN or infinity in a table is a failed metric, never a silent result (NaN where the
+    // table marks an undefined, counted sequence excepted).
+    let mut non_finite = Vec::new();
+    for (table, (owner, parts)) in &tables {
+        let mut total = 0;
+        let mut first = None;
+        let mut rows_before = 0;
+        for (dataset, t) in parts {
+            if let Some(f) = t.non_finite() {
+                total += f.count;
+                if first.is_none() {
+                    first = Some((dataset.clone(), rows_before + f.first_row + 1, f));
+                }
+            }
+            rows_before += t.rows.len();
+        }
+        if let Some((dataset, csv_row, found)) = first {
+            let metric = metrics[*owner].0.clone();
+            failures.push(Failure {
+                metric: metric.clone(),
+                dataset: Some(dataset.clone()),
+                error: format!(
+                    "{total} non-finite value(s) (NaN or infinity) in table '{table}'; the first is {}={} in row {csv_row} (dataset '{dataset}': {})",
+                    found.column, found.value, found.row
+                ),
+            });
+            non_finite.push(NonFiniteRecord {
+                metric,
+                table: table.clone(),
+                dataset,
+                csv_row,
+                found: NonFinite {
+                    count: total,
+                    ..found
+                },
+            });
+        }
+    }
+
     // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
     // read as complete.
     let failed: Vec<&str> = failures.iter().map(|f| f.metric.as_str()).collect();
@@ -406,7 +594,7 @@ fn run_on<D: Device<f32>>(
         .iter()
         .map(|(n, _)| failed.contains(&n.as_str()))
         .collect();
-    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    let out_dir = staging.path().to_path_buf();
     let mut files = Vec::new();
     let pb = bar(opts.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
@@ -465,16 +653,32 @@ fn run_on<D: Device<f32>>(
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect(),
         failures: &failures,
+        non_finite: &non_finite,
         load_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
-    let manifest_path = out_dir.join("manifest.json");
+    let manifest_path = output::file_in(&out_dir, "manifest.json")?;
     output::write_json(&manifest_path, &manifest)?;
     files.push(manifest_path);
 
+    // Nothing escapes: every file written lies directly in the staging directory.
+    if let Some(f) = files.iter().find(|f| f.parent() != Some(out_dir.as_path())) {
+        return Err(Error::Other(format!(
+            "internal error: {} was written outside the run's directory",
+            f.display()
+        )));
+    }
+    interrupt::checkpoint("write")?;
+    let committed = staging.commit()?;
+    let files = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| committed.dir.join(n)))
+        .collect();
+
     Ok(RunReport {
         summary: summary(&written_tables),
-        output_dir: out_dir,
+        output_dir: committed.dir,
+        previous: committed.previous,
         files,
         failures,
     })

@@ -79,6 +79,34 @@ pub fn unpadded_lengths(tokens: &Array2<u32>, pad: u32) -> Vec<usize> {
         .collect()
 }
 
+/// Bytes this process can still allocate, as the kernel estimates (`MemAvailable`); `None`
+/// where that is unknown.
+pub(crate) fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// Refuses a dataset of `n` items of about `bytes_each` bytes that cannot fit in memory,
+/// with a sentence instead of an allocation abort.
+pub(crate) fn check_fits(dataset: &str, what: &str, n: usize, bytes_each: usize) -> Result<()> {
+    let need = (n as u128) * (bytes_each as u128);
+    let avail = available_memory().map_or(isize::MAX as u128, u128::from);
+    if need > avail {
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        return Err(err(
+            dataset,
+            format!(
+                "n = {n} {what} need about {:.1} GiB, more than the {:.1} GiB of memory available; lower n",
+                gib(need),
+                gib(avail)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A data error for `dataset`.
 pub(crate) fn err(dataset: &str, msg: impl Into<String>) -> Error {
     Error::Data {
@@ -313,8 +341,9 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     })
 }
 
-/// `kind = "prompts"`: inline texts, BOS first (unless `prepend_bos = false`), truncated to
-/// the context, right-padded with BOS.
+/// `kind = "prompts"`: inline texts, BOS first (unless `prepend_bos = false`), right-padded
+/// with BOS. A prompt longer than the model's context is refused, as a tokens dataset's
+/// sequence or `runner prompt`'s text is: cutting it would run a different prompt.
 fn build_prompts(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     let name = spec.name.as_str();
     let e = |msg: String| err(name, msg);
@@ -331,8 +360,18 @@ fn build_prompts(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
         .collect::<Result<Vec<_>>>()?;
     let lengths: Vec<usize> = encoded
         .iter()
-        .map(|ids| (ids.len() + usize::from(prepend)).min(ctx.cfg.n_ctx))
+        .map(|ids| ids.len() + usize::from(prepend))
         .collect();
+    if let Some(i) = lengths.iter().position(|&l| l > ctx.cfg.n_ctx) {
+        let shown: String = prompts[i].chars().take(40).collect();
+        return Err(e(format!(
+            "prompt {} ({shown:?}...) is {} tokens{}, longer than the model's context ({})",
+            i + 1,
+            lengths[i],
+            if prepend { " with BOS" } else { "" },
+            ctx.cfg.n_ctx
+        )));
+    }
     if let Some(i) = lengths.iter().position(|&l| l == 0) {
         return Err(e(format!(
             "prompt {} ({:?}) has no tokens",
