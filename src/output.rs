@@ -103,7 +103,8 @@ pub struct Table {
 pub struct NonFinite {
     /// Non-finite cells, not counting allowed undefined NaNs.
     pub count: usize,
-    /// 0-based row of the first one, its column and value.
+    /// 0-based row of the first one (in this table), its column and value.
+    #[serde(skip)]
     pub first_row: usize,
     pub column: String,
     pub value: String,

@@ -13,6 +13,7 @@ mod hub;
 mod metrics;
 mod parity;
 mod plugins;
+mod reliability;
 mod report;
 mod runner_cli;
 mod smoke_checkpoint;
