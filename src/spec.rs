@@ -483,6 +483,12 @@ pub fn parse_heads(
     n_layers: usize,
     n_heads: usize,
 ) -> std::result::Result<Vec<(usize, usize)>, String> {
+    // Found by fuzzing: the range messages below subtract 1 from each count.
+    if n_layers == 0 || n_heads == 0 {
+        return Err(format!(
+            "the model has {n_layers} layers x {n_heads} heads: there is no head to study"
+        ));
+    }
     let all = || (0..n_layers).flat_map(|l| (0..n_heads).map(move |h| (l, h)));
     let list = match heads {
         Heads::All(_) => return Ok(all().collect()),

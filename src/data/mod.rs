@@ -270,21 +270,34 @@ pub fn check_dataset(ds: &Dataset, cfg: &ModelConfig) -> Result<()> {
 /// (no BOS added), optionally only the first `n`.
 fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     let name = spec.name.as_str();
-    let e = |msg: String| err(name, msg);
     let Some(path) = &spec.path else {
-        return Err(e("kind = \"tokens\" needs `path`".into()));
+        return Err(err(name, "kind = \"tokens\" needs `path`"));
     };
     let path = resolve(ctx, path.get_ref());
     let text = std::fs::read_to_string(&path)
-        .map_err(|x| e(format!("cannot read {}: {x}", path.display())))?;
+        .map_err(|x| err(name, format!("cannot read {}: {x}", path.display())))?;
+    tokens_from_json(name, &path, &text, spec.n, ctx.cfg)
+}
+
+/// The token-file reader behind `kind = "tokens"`: `text` is the file's content, `path`
+/// only names it in errors. Every malformed input is an [`Error::Data`] (the fuzz tests
+/// hold it to that).
+pub fn tokens_from_json(
+    name: &str,
+    path: &Path,
+    text: &str,
+    n: Option<usize>,
+    cfg: &ModelConfig,
+) -> Result<Dataset> {
+    let e = |msg: String| err(name, msg);
     // u64, so that a too-large id is reported as out of vocabulary rather than as bad JSON.
-    let rows: Vec<Vec<u64>> = serde_json::from_str(&text).map_err(|x| {
+    let rows: Vec<Vec<u64>> = serde_json::from_str(text).map_err(|x| {
         e(format!(
             "{}: expected a JSON list of lists of token ids: {x}",
             path.display()
         ))
     })?;
-    let rows = match spec.n {
+    let rows = match n {
         Some(0) => return Err(e("n must be at least 1".into())),
         Some(n) if n > rows.len() => {
             return Err(e(format!(
@@ -303,11 +316,11 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     if width == 0 {
         return Err(e(format!("{}: sequence 0 is empty", path.display())));
     }
-    if width > ctx.cfg.n_ctx {
+    if width > cfg.n_ctx {
         return Err(e(format!(
             "{}: sequences are {width} tokens, longer than the model's context ({})",
             path.display(),
-            ctx.cfg.n_ctx
+            cfg.n_ctx
         )));
     }
     let mut flat = Vec::with_capacity(rows.len() * width);
@@ -320,11 +333,11 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
             )));
         }
         for (j, &id) in row.iter().enumerate() {
-            if id >= ctx.cfg.d_vocab as u64 {
+            if id >= cfg.d_vocab as u64 {
                 return Err(e(format!(
                     "{}: sequence {i}, position {j}: token id {id} is outside the model's vocabulary (d_vocab = {})",
                     path.display(),
-                    ctx.cfg.d_vocab
+                    cfg.d_vocab
                 )));
             }
             flat.push(id as u32);
@@ -332,7 +345,7 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     }
     let tokens = Array2::from_shape_vec((rows.len(), width), flat)
         .map_err(|x| e(format!("{}: {x}", path.display())))?;
-    let lengths = unpadded_lengths(&tokens, ctx.cfg.bos_token_id);
+    let lengths = unpadded_lengths(&tokens, cfg.bos_token_id);
     Ok(Dataset {
         name: name.to_string(),
         tokens,

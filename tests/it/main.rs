@@ -8,6 +8,7 @@ mod cache_cli;
 mod checkpoint_errors;
 mod common;
 mod data;
+mod fuzz;
 mod hooks;
 mod hub;
 mod metrics;
