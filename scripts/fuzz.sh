@@ -15,6 +15,6 @@ cargo test --quiet --test it --no-run
 for target in "fuzz_spec_" "fuzz_config_ fuzz_safetensors_" "fuzz_token_"; do
   echo "== fuzz: ${target} (${seconds}s, ${PROPTEST_CASES} cases per round)"
   # shellcheck disable=SC2086  # several filters on purpose
-  cargo test --quiet --test it -- $target --nocapture
+  cargo test --quiet --test it -- $target --nocapture --test-threads=4
 done
 echo "== fuzz: nothing found"

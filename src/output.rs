@@ -517,4 +517,67 @@ mod tests {
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.csv")]);
     }
+
+    #[test]
+    fn file_names_stay_inside_the_directory() {
+        let d = Path::new("/r");
+        assert_eq!(file_in(d, "a.csv").unwrap(), PathBuf::from("/r/a.csv"));
+        for bad in ["", ".", "..", "../a", "a/b", "/etc/passwd", "a\\b", "./a"] {
+            assert!(file_in(d, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_cells_are_found_except_undefined_nans() {
+        let mut t = Table::new("x", &["seq", "value"]);
+        t.push(vec![0usize.into(), 1.0f32.into()]);
+        assert_eq!(t.non_finite(), None);
+        t.push(vec![1usize.into(), f32::NAN.into()]);
+        t.push(vec![2usize.into(), f32::INFINITY.into()]);
+        let f = t.non_finite().unwrap();
+        assert_eq!((f.count, f.first_row, f.column.as_str()), (2, 1, "value"));
+        assert_eq!(f.row, "seq=1, value=NaN");
+        // NaN marked as undefined is a value; infinity never is.
+        let t = t.undefined_as_nan("value");
+        let f = t.non_finite().unwrap();
+        assert_eq!((f.count, f.first_row, f.value.as_str()), (1, 2, "inf"));
+    }
+
+    #[test]
+    fn staging_swaps_whole_directories_and_drops_cleanly() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("deep").join("out");
+        let names = |p: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // Dropped without commit: nothing left, not even the parent's new entries.
+        let s = Staging::begin(&out).unwrap();
+        write_atomic(&s.path().join("a.csv"), b"1").unwrap();
+        drop(s);
+        assert!(names(&root.path().join("deep")).is_empty());
+        // First commit creates the directory; the second moves it to .prev.
+        for (i, file) in ["a.csv", "b.csv"].iter().enumerate() {
+            let s = Staging::begin(&out).unwrap();
+            write_atomic(&s.path().join(file), b"1").unwrap();
+            write_atomic(&s.path().join("manifest.json"), b"{}").unwrap();
+            let c = s.commit().unwrap();
+            assert_eq!(c.previous.is_some(), i == 1);
+        }
+        assert_eq!(names(&out), ["b.csv", "manifest.json"]);
+        assert_eq!(
+            names(&root.path().join("deep/out.prev")),
+            ["a.csv", "manifest.json"]
+        );
+        assert_eq!(names(&root.path().join("deep")), ["out", "out.prev"]);
+        // A directory that is not a run's is refused.
+        std::fs::remove_file(out.join("manifest.json")).unwrap();
+        let e = Staging::begin(&out).unwrap_err().to_string();
+        assert!(e.contains("not a hookgraph results directory"), "{e}");
+        assert!(Target::check(&out.join("b.csv")).is_err());
+    }
 }

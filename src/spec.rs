@@ -567,4 +567,64 @@ kind = "loss"
         assert!(err.starts_with("x.toml:6:1:"), "{err}");
         assert!(err.contains("batchsize"), "{err}");
     }
+
+    #[test]
+    fn names_must_be_names_and_are_located() {
+        for bad in ["", ".", "..", "a/b", "/tmp/x", "../x", "a b", "é"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["ioi", "ss_neg", "web-2", "v1.2", ".hidden-but-fine"] {
+            check_name(good).unwrap();
+        }
+        let text = OK.replace("name = \"d\"", "name = \"../d\"");
+        let err = LoadedSpec::from_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("x.toml:7:8:"), "{err}");
+    }
+
+    #[test]
+    fn heads_errors_are_readable_and_numbers_are_digits() {
+        let text = OK.replace("heads = [\"1.2\", \"0\"]", "heads = 3");
+        let err = LoadedSpec::from_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("x.toml:3:9:") && err.contains("\"all\""),
+            "{err}"
+        );
+        assert!(!err.contains("untagged"), "{err}");
+        let text = OK.replace("heads = [\"1.2\", \"0\"]", "heads = [1]");
+        let err = LoadedSpec::from_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("strings"), "{err}");
+        for bad in ["+1.0", "1.+0", "-0", "1.2.3", "", "1.", " "] {
+            assert!(
+                parse_heads(&Heads::List(vec![bad.into()]), 4, 4).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse_heads(&Heads::List(vec![" 1 . 2 ".into()]), 4, 4).unwrap(),
+            vec![(1, 2)]
+        );
+    }
+
+    #[test]
+    fn metric_option_keys_have_spans() {
+        let text = format!("{OK}only_negtive = true\n");
+        let s = LoadedSpec::from_str(&text, Path::new("x.toml")).unwrap();
+        let err = s.metric_error(0, "only_negtive", "bad").to_string();
+        assert!(err.starts_with("x.toml:12:1:"), "{err}");
+        // Unknown key: falls back to `kind`.
+        let err = s.metric_error(0, "nope", "bad").to_string();
+        assert!(err.starts_with("x.toml:11:1:"), "{err}");
+    }
+
+    #[test]
+    fn a_spec_without_a_directory_resolves_against_dot() {
+        let s = LoadedSpec::from_str(OK, Path::new("x.toml")).unwrap();
+        assert_eq!(s.dir(), PathBuf::from("."));
+    }
 }

@@ -405,3 +405,21 @@ fn regression_heads_on_a_model_without_layers_or_heads() {
         assert!(e.contains("no head"), "{e}");
     }
 }
+
+#[test]
+fn regression_config_sizes_beyond_any_gpt2_are_refused() {
+    // n_layer = 2^64-1 parsed, then overflowed a capacity in the checkpoint loader.
+    let weights = std::fs::read(fixture("ckpt_a").join("model.safetensors")).unwrap();
+    for (key, value) in [
+        ("\"n_layer\": 2", "\"n_layer\": 18446744073709551615"),
+        ("\"n_embd\": 32", "\"n_embd\": 9223372036854775808"),
+        ("\"n_inner\": null", "\"n_inner\": 18446744073709551615"),
+    ] {
+        let text = ckpt_config().replace(key, value);
+        assert_ne!(text, ckpt_config(), "{key}");
+        match ModelConfig::from_json(&text) {
+            Ok(cfg) => assert!(params_from_bytes(&weights, &cfg).is_err()),
+            Err(e) => assert!(e.contains("larger than"), "{e}"),
+        }
+    }
+}
