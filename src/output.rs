@@ -236,6 +236,42 @@ pub fn tables_to_csv(parts: &[(String, &Table)]) -> Result<Vec<u8>> {
         .map_err(|e| Error::Other(format!("csv: {e}")))
 }
 
+/// The names a metric's tables get in the results. A metric given its own `name` renames
+/// its tables, so one metric (built-in or plugin) can run twice with different options: the
+/// table named like its first declared table becomes `name`, tables that start with that
+/// name keep their suffix (`source_suppression_per_position` -> `ss_neg_per_position`), and
+/// any other table becomes `<name>_<table>`.
+#[derive(Debug, Clone)]
+pub struct TableNames {
+    /// The metric's own name (built-in kind or plugin name).
+    pub own: String,
+    /// The name the spec gives it (its own unless `name` is set).
+    pub given: String,
+    /// The tables it declares, before renaming.
+    pub declared: Vec<String>,
+}
+
+impl TableNames {
+    pub fn rename(&self, table: &str) -> String {
+        if self.given == self.own {
+            return table.to_string();
+        }
+        let primary = self
+            .declared
+            .first()
+            .map_or(self.own.as_str(), String::as_str);
+        match table.strip_prefix(primary) {
+            Some(rest) => format!("{}{rest}", self.given),
+            None => format!("{}_{table}", self.given),
+        }
+    }
+
+    /// Every declared table's name in the results.
+    pub fn planned(&self) -> Vec<String> {
+        self.declared.iter().map(|t| self.rename(t)).collect()
+    }
+}
+
 /// `dir/name`, checked to stay inside `dir`: `name` must be one plain path component (no
 /// separator, not empty, not `.` or `..`, not absolute). Every file a run writes gets its
 /// path from here or from a name checked the same way ([`crate::spec::check_name`]).
@@ -298,8 +334,8 @@ pub struct Target {
 
 impl Target {
     /// Checks that `dir` can take a run's results, without writing anything: it is absent,
-    /// an empty directory, or earlier results (it has a `manifest.json`), and so is
-    /// `<dir>.prev`; its nearest existing ancestor is a directory this process can write in.
+    /// an empty directory, or hookgraph's (earlier results with a `manifest.json`, or a
+    /// resume checkpoint `.partial/`, or `shards/`), and so is `<dir>.prev`; its nearest existing ancestor is a directory this process can write in.
     pub fn check(dir: &Path) -> Result<Target> {
         let bad = |msg: String| Error::Other(format!("output directory {}: {msg}", dir.display()));
         let abs = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
@@ -358,10 +394,13 @@ impl Target {
     }
 }
 
-/// Whether `dir` is empty or holds a hookgraph run's results.
+/// Whether `dir` is empty or hookgraph's: a run's results, its resume checkpoint, shards.
 fn is_results_dir(dir: &Path) -> Result<bool> {
     let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    Ok(entries.next().is_none() || dir.join("manifest.json").is_file())
+    Ok(entries.next().is_none()
+        || dir.join("manifest.json").is_file()
+        || dir.join(".partial").is_dir()
+        || dir.join("shards").is_dir())
 }
 
 /// A run's results being written: a fresh directory `.<name>.staging-XXXX` beside the
@@ -419,10 +458,12 @@ impl Staging {
         &self.target
     }
 
-    /// Swaps the staging directory into place: earlier results (if any) become `<dir>.prev`
-    /// (replacing an older `.prev`), then the staging directory becomes `<dir>`. If the
-    /// second rename fails the earlier results are moved back.
-    pub fn commit(mut self) -> Result<Committed> {
+    /// Swaps the staging directory into place: the entries of `<dir>` named in `discard`
+    /// are removed and those in `carry` moved into the staging directory, then earlier
+    /// results (if any are left) become `<dir>.prev` (replacing an older `.prev`), then the
+    /// staging directory becomes `<dir>`. If the last rename fails the earlier results are
+    /// moved back.
+    pub fn commit(mut self, carry: &[&str], discard: &[&str]) -> Result<Committed> {
         let tmp = self.dir.take().expect("commit once");
         let staged = tmp.keep();
         unregister(&staged);
@@ -434,16 +475,59 @@ impl Staging {
         // Checked again: the directory may have changed during the run.
         let target = Target::check(&self.target.dir).map_err(cleanup)?;
         let mut previous = None;
+        let mut carried = Vec::new();
+        if target.exists {
+            for name in discard {
+                let p = target.dir.join(name);
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p).map_err(|e| cleanup(Error::io(&p, e)))?;
+                } else if p.exists() {
+                    std::fs::remove_file(&p).map_err(|e| cleanup(Error::io(&p, e)))?;
+                }
+            }
+            for name in carry {
+                let (from, to) = (target.dir.join(name), staged.join(name));
+                if from.exists() && !to.exists() {
+                    std::fs::rename(&from, &to).map_err(|e| cleanup(Error::io(&from, e)))?;
+                    carried.push((from, to));
+                }
+            }
+        }
+        // Puts the carried entries back if the swap does not happen; false if one could not
+        // be (then the staging directory, which still holds it, must not be removed).
+        let uncarry = |carried: &[(PathBuf, PathBuf)]| {
+            carried.iter().all(|(from, to)| {
+                from.parent()
+                    .is_some_and(|p| std::fs::create_dir_all(p).is_ok())
+                    && std::fs::rename(to, from).is_ok()
+            })
+        };
+        let fail = |carried: &[(PathBuf, PathBuf)], e: Error| {
+            if uncarry(carried) {
+                cleanup(e)
+            } else {
+                Error::Other(format!(
+                    "{e}; and {} could not be moved back from {}",
+                    carried
+                        .iter()
+                        .map(|(f, _)| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    staged.display()
+                ))
+            }
+        };
         if target.exists {
             if is_empty(&target.dir) {
-                std::fs::remove_dir(&target.dir).map_err(|e| cleanup(Error::io(&target.dir, e)))?;
+                std::fs::remove_dir(&target.dir)
+                    .map_err(|e| fail(&carried, Error::io(&target.dir, e)))?;
             } else {
                 if target.prev.exists() {
                     std::fs::remove_dir_all(&target.prev)
-                        .map_err(|e| cleanup(Error::io(&target.prev, e)))?;
+                        .map_err(|e| fail(&carried, Error::io(&target.prev, e)))?;
                 }
                 std::fs::rename(&target.dir, &target.prev)
-                    .map_err(|e| cleanup(Error::io(&target.dir, e)))?;
+                    .map_err(|e| fail(&carried, Error::io(&target.dir, e)))?;
                 previous = Some(target.prev.clone());
             }
         }
@@ -451,7 +535,7 @@ impl Staging {
             if let Some(p) = &previous {
                 let _ = std::fs::rename(p, &target.dir);
             }
-            return Err(cleanup(Error::io(&target.dir, e)));
+            return Err(fail(&carried, Error::io(&target.dir, e)));
         }
         if let Some(parent) = target.dir.parent() {
             sync_dir(parent);
@@ -565,7 +649,7 @@ mod tests {
             let s = Staging::begin(&out).unwrap();
             write_atomic(&s.path().join(file), b"1").unwrap();
             write_atomic(&s.path().join("manifest.json"), b"{}").unwrap();
-            let c = s.commit().unwrap();
+            let c = s.commit(&[], &[]).unwrap();
             assert_eq!(c.previous.is_some(), i == 1);
         }
         assert_eq!(names(&out), ["b.csv", "manifest.json"]);

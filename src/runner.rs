@@ -1,15 +1,16 @@
 //! The hook graph executor: runs a spec from model to files.
 //!
-//! Owns: the order of a run — check the output directory, resolve and load the model, select
-//! heads, build datasets, build metrics and plan their table names, take the union of the
-//! hook points they read, run **one** forward pass per batch caching only that union, hand
-//! every metric the same cache, collect tables, fail the metrics whose tables hold NaN or
-//! infinity, write CSVs, pictures and the manifest into a staging directory and swap it into
-//! place, and summarise. Everything that can be checked without the forward pass is checked
-//! before it (`validate` stops there). A metric that fails is reported and the others still
-//! finish and are written ("nothing lost"); an error or a signal leaves the output directory
-//! as it was ("nothing escapes"). Must not: implement metrics, model math or file formats;
-//! those live in `metrics`, `model` and `output`.
+//! Owns: the order of a run — the prepare phase (check the output directory, resolve and
+//! load the model, select heads, build datasets and metrics, plan and check their table
+//! names: everything that can fail before the forward pass, where `validate` stops), the
+//! compute phase (handed to [`crate::engine`], the one batch loop), and the write phase
+//! ([`write_results`]: fail the metrics whose tables hold NaN or infinity, write CSVs,
+//! pictures and the manifest into a staging directory and swap it into place whole; a merge
+//! of shards ends there too), and the summary. A metric that fails is reported and the
+//! others still finish and are written ("nothing lost"); an error or a signal leaves the
+//! output directory's results as they were ("nothing escapes"). Must not: implement
+//! metrics, the batch loop, model math or file formats; those live in `metrics`, `engine`,
+//! `model` and `output`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,14 +21,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::data::{self, DataContext, Dataset};
-use crate::device::{DeviceChoice, DeviceKind};
+use crate::device::{with_device, DeviceChoice, DeviceKind, OnDevice};
+use crate::engine::{Engine, MetricSet, Timings};
 use crate::error::{Error, Result};
-use crate::hooks::{HookFilter, Hooks};
 use crate::interrupt;
-use crate::metrics::{self, BatchView, Metric, RunContext};
+use crate::metrics::{self, RunContext};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
-use crate::output::{self, NonFinite, Staging, Table, Target};
+use crate::output::{self, NonFinite, Staging, Table, TableNames, Target};
 use crate::report;
+use crate::shard::checkpoint::Recorder;
+use crate::shard::compute::ComputeOptions;
+use crate::shard::{self, DatasetId, Identity, Shard, ShardDataset, ShardManifest};
 use crate::spec::{check_name, LoadedSpec};
 
 /// Command-line overrides of a spec.
@@ -36,15 +40,13 @@ pub struct RunOptions {
     pub device: Option<DeviceChoice>,
     pub output: Option<PathBuf>,
     pub quiet: bool,
+    /// `--shard I/N`: run one slice and save its partial state for `runner merge`.
+    pub shard: Option<Shard>,
+    /// `--resume`: continue from this run's checkpoint, if it left one.
+    pub resume: bool,
 }
 
-/// A metric that failed, and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub metric: String,
-    pub dataset: Option<String>,
-    pub error: String,
-}
+pub use crate::engine::Failure;
 
 /// What a run did.
 #[derive(Debug)]
@@ -94,68 +96,37 @@ pub fn run(spec: &LoadedSpec, opts: &RunOptions) -> Result<RunReport> {
     if !opts.quiet {
         eprintln!("device: {kind}");
     }
-    match kind {
-        DeviceKind::Cpu => run_on(Cpu::default(), kind, spec, opts),
-        DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                let dev = dfdx::tensor::Cuda::try_build(0, 0)
-                    .map_err(|e| Error::Device(format!("{e:?}")))?;
-                run_on(dev, kind, spec, opts)
-            }
-            #[cfg(not(feature = "cuda"))]
-            unreachable!("DeviceChoice::resolve refuses CUDA without the feature")
-        }
+    with_device(kind, Run { kind, spec, opts })
+}
+
+/// A run's work, on whichever device was picked.
+struct Run<'a> {
+    kind: DeviceKind,
+    spec: &'a LoadedSpec,
+    opts: &'a RunOptions,
+}
+
+impl OnDevice for Run<'_> {
+    type Output = RunReport;
+    fn run<D: Device<f32>>(self, dev: D) -> Result<RunReport> {
+        run_on(dev, self.kind, self.spec, self.opts)
     }
 }
 
 /// Everything a run prepares before its first forward pass; `validate` stops here.
-struct Prepared<D: Device<f32>> {
-    loaded: LoadedModel<D>,
-    heads: Vec<(usize, usize)>,
-    datasets: Vec<Dataset>,
-    metrics: Vec<(String, Option<Box<dyn Metric>>)>,
-    /// How each metric's tables are named in the results (parallel to `metrics`).
-    table_names: Vec<TableNames>,
-    failures: Vec<Failure>,
+pub(crate) struct Prepared<D: Device<f32>> {
+    pub loaded: LoadedModel<D>,
+    pub heads: Vec<(usize, usize)>,
+    pub datasets: Vec<Dataset>,
+    /// The metrics (a plugin that did not load is already a failure in it).
+    pub metrics: MetricSet<'static>,
 }
 
-/// The names a metric's tables get: a metric given its own `name` renames its tables, so
-/// one metric (built-in or plugin) can run twice with different options. The table named
-/// like the metric's first declared table becomes `name`, tables that start with it keep
-/// their suffix (`source_suppression_per_position` -> `ss_neg_per_position`), and any other
-/// table becomes `<name>_<table>`.
-#[derive(Debug, Clone)]
-struct TableNames {
-    /// The metric's own name (built-in kind or plugin name).
-    own: String,
-    /// The name the spec gives it (its own unless `name` is set).
-    given: String,
-    /// The tables it declares, before renaming.
-    declared: Vec<String>,
-}
-
-impl TableNames {
-    fn rename(&self, table: &str) -> String {
-        if self.given == self.own {
-            return table.to_string();
-        }
-        let primary = self
-            .declared
-            .first()
-            .map_or(self.own.as_str(), String::as_str);
-        match table.strip_prefix(primary) {
-            Some(rest) => format!("{}{rest}", self.given),
-            None => format!("{}_{table}", self.given),
-        }
-    }
-
-    fn planned(&self) -> Vec<String> {
-        self.declared.iter().map(|t| self.rename(t)).collect()
-    }
-}
-
-fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Prepared<D>> {
+pub(crate) fn prepare<D: Device<f32>>(
+    dev: D,
+    spec: &LoadedSpec,
+    quiet: bool,
+) -> Result<Prepared<D>> {
     let source = model_source(spec);
     let pb = spinner(quiet, format!("loading model {source:?}"));
     let files = source.resolve()?;
@@ -179,13 +150,12 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         .map(|d| data::build(d, &ctx))
         .collect::<Result<Vec<_>>>()?;
 
-    let mut metrics: Vec<(String, Option<Box<dyn Metric>>)> = Vec::new();
-    let mut table_names = Vec::new();
-    let mut failures = Vec::new();
+    let mut metrics = MetricSet::new();
     for (i, m) in spec.spec.metrics.iter().enumerate() {
         if let Some(kind) = &m.kind {
             // Unknown options are reported on their own line, not on `kind`'s.
-            if let Some(info) = metrics::BUILTINS.iter().find(|b| b.name == kind.get_ref()) {
+            let info = metrics::BUILTINS.iter().find(|b| b.name == kind.get_ref());
+            if let Some(info) = info {
                 if let Some(key) = m
                     .options
                     .keys()
@@ -209,23 +179,20 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
             }
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-            let declared = metrics::BUILTINS
-                .iter()
-                .find(|b| b.name == kind.get_ref())
-                .map(|b| b.tables.iter().map(|t| t.to_string()).collect())
-                .unwrap_or_default();
             let given = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
-            table_names.push(TableNames {
+            let names = TableNames {
                 own: metric.name().to_string(),
                 given: given.clone(),
-                declared,
-            });
-            metrics.push((given, Some(metric)));
+                declared: info.map_or_else(Vec::new, |b| {
+                    b.tables.iter().map(|t| t.to_string()).collect()
+                }),
+            };
+            metrics.add_named(given, metric, names);
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
-            match crate::plugin::PluginMetric::load(plugin.get_ref(), &dir, &m.options) {
+            match crate::metrics::plugin::PluginAdapter::load(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
                 Ok(metric) => {
                     let info = metric.info();
@@ -237,31 +204,20 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
                             format!("the plugin's name {why}: give this [[metric]] a `name`"),
                         ));
                     }
-                    table_names.push(TableNames {
+                    let names = TableNames {
                         own: info.name.clone(),
                         given: given.clone(),
                         declared: info.tables.clone(),
-                    });
-                    metrics.push((given, Some(Box::new(metric) as Box<dyn Metric>)));
+                    };
+                    metrics.add_named(given, Box::new(metric), names);
                 }
-                Err(e) => {
-                    failures.push(Failure {
-                        metric: fallback.clone(),
-                        dataset: None,
-                        error: e.to_string(),
-                    });
-                    table_names.push(TableNames {
-                        own: fallback.clone(),
-                        given: fallback.clone(),
-                        declared: Vec::new(),
-                    });
-                    metrics.push((fallback, None));
-                }
+                Err(e) => metrics.add_failed(fallback, e.to_string()),
             }
         }
     }
-    for (i, (name, _)) in metrics.iter().enumerate() {
-        if metrics[..i].iter().any(|(n, _)| n == name) {
+    let names: Vec<&str> = metrics.names().collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
             return Err(spec.metric_error(
                 i,
                 "name",
@@ -273,13 +229,13 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
     }
     // Every table name is known now: check them before the forward pass, not after.
     let mut owners: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, names) in table_names.iter().enumerate() {
-        for t in names.planned() {
+    for i in 0..metrics.len() {
+        for t in metrics.planned_tables(i) {
             if let Err(why) = check_name(&t) {
                 return Err(spec.metric_error(
                     i,
                     "name",
-                    format!("metric '{}': its table name {why}", names.given),
+                    format!("metric '{}': its table name {why}", names[i]),
                 ));
             }
             if let Some(&j) = owners.get(&t) {
@@ -288,7 +244,7 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
                     "name",
                     format!(
                         "metric '{}' and metric '{}' both write the table '{t}': give one of them a different `name`",
-                        names.given, table_names[j].given
+                        names[i], names[j]
                     ),
                 ));
             }
@@ -300,8 +256,6 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         heads,
         datasets,
         metrics,
-        table_names,
-        failures,
     })
 }
 
@@ -317,7 +271,7 @@ pub fn validate(
     let _ = device.unwrap_or(spec.spec.model.device).resolve()?;
     let target = Target::check(output.unwrap_or(&spec.output_dir()))?;
     let p = prepare(Cpu::default(), spec, true)?;
-    if let Some(f) = p.failures.first() {
+    if let Some(f) = p.metrics.failures().first() {
         return Err(Error::Metric {
             metric: f.metric.clone(),
             msg: f.error.clone(),
@@ -342,15 +296,18 @@ pub fn validate(
             d.seq_len()
         );
     }
-    for ((name, _), tables) in p.metrics.iter().zip(&p.table_names) {
-        out += &format!("  metric {name}: {}\n", tables.planned().join(", "));
+    for (i, name) in p.metrics.names().enumerate() {
+        out += &format!(
+            "  metric {name}: {}\n",
+            p.metrics.planned_tables(i).join(", ")
+        );
     }
     out += &format!(
         "  output: {}{}\n",
         target.dir.display(),
         if target.exists {
             format!(
-                " (a run moves the results there now to {})",
+                " (a run moves what is there now to {})",
                 target.prev.display()
             )
         } else {
@@ -358,6 +315,16 @@ pub fn validate(
         }
     );
     Ok(out)
+}
+
+#[derive(Serialize)]
+pub struct DatasetRecord {
+    name: String,
+    n_sequences: usize,
+    seq_len: usize,
+    tokens_sha256: String,
+    forward_seconds: f64,
+    metric_seconds: BTreeMap<String, f64>,
 }
 
 #[derive(Serialize)]
@@ -369,16 +336,6 @@ struct NonFiniteRecord {
     csv_row: usize,
     #[serde(flatten)]
     found: NonFinite,
-}
-
-#[derive(Serialize)]
-struct DatasetRecord {
-    name: String,
-    n_sequences: usize,
-    seq_len: usize,
-    tokens_sha256: String,
-    forward_seconds: f64,
-    metric_seconds: BTreeMap<String, f64>,
 }
 
 #[derive(Serialize)]
@@ -402,6 +359,9 @@ struct Manifest<'a> {
     non_finite: &'a [NonFiniteRecord],
     load_seconds: f64,
     total_seconds: f64,
+    /// Set when `runner merge` wrote these results from this many shards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merged_shards: Option<usize>,
 }
 
 fn crate_versions() -> BTreeMap<&'static str, &'static str> {
@@ -409,17 +369,6 @@ fn crate_versions() -> BTreeMap<&'static str, &'static str> {
         .split(',')
         .filter_map(|kv| kv.split_once('='))
         .collect()
-}
-
-fn tokens_hash(d: &Dataset) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update((d.n_sequences() as u64).to_le_bytes());
-    h.update((d.seq_len() as u64).to_le_bytes());
-    for t in d.tokens.iter() {
-        h.update(t.to_le_bytes());
-    }
-    hex::encode(h.finalize())
 }
 
 fn run_on<D: Device<f32>>(
@@ -430,15 +379,14 @@ fn run_on<D: Device<f32>>(
 ) -> Result<RunReport> {
     let t0 = Instant::now();
     // The output directory first: a run that cannot write its results should not compute
-    // them. Everything goes into `staging`; dropping it (any error, a signal) removes it.
-    let staging = Staging::begin(&opts.output.clone().unwrap_or_else(|| spec.output_dir()))?;
+    // them. (The write phase swaps a staging directory into place; see `write_results`.)
+    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    Target::check(&out_dir)?;
     let Prepared {
         loaded,
         heads,
         datasets,
         mut metrics,
-        table_names,
-        mut failures,
     } = prepare(dev, spec, opts.quiet)?;
     interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
@@ -451,102 +399,201 @@ fn run_on<D: Device<f32>>(
         tokenizer: loaded.tokenizer.as_ref(),
     };
 
-    // The hook graph: one cache filter, the union of what every metric reads.
-    let mut hook_points: Vec<String> = metrics
-        .iter()
-        .filter_map(|(_, m)| m.as_ref())
-        .flat_map(|m| m.hooks(&ctx))
-        .collect();
-    hook_points.sort();
-    hook_points.dedup();
-    let filter = HookFilter::checked(&hook_points, cfg.n_layers)?;
-
+    // The compute phase: every dataset's batches (a shard's slice of them) through the
+    // model and the metrics, with a checkpoint after each batch when every metric can save
+    // its state.
     let batch_size = spec.spec.model.batch_size;
-    // tables[table name] = (index of the metric that made it, [(dataset, table)])
-    let mut tables: BTreeMap<String, (usize, Vec<(String, Table)>)> = BTreeMap::new();
-    let mut records = Vec::new();
-    for dataset in &datasets {
-        let mut metric_seconds: BTreeMap<String, f64> = BTreeMap::new();
-        let mut forward_seconds = 0.0;
-        let fail = |failures: &mut Vec<Failure>, name: &str, e: Error| {
-            failures.push(Failure {
-                metric: name.to_string(),
-                dataset: Some(dataset.name.clone()),
-                error: e.to_string(),
-            })
+    let engine = Engine::new(&loaded.model, &ctx, &metrics, batch_size)?;
+    let weights_sha256 = checkpoint::sha256_file(&loaded.files.weights)?;
+    let identity = Identity {
+        runner_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec_path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
+        spec_sha256: shard::text_hash(&spec.text),
+        weights_sha256: weights_sha256.clone(),
+        datasets: datasets.iter().map(DatasetId::of).collect(),
+        metrics: metrics.names().map(str::to_string).collect(),
+    };
+    let stateless = (0..metrics.len())
+        .filter_map(|i| metrics.get(i).map(|m| m.save_state()))
+        .find_map(|r| r.err());
+    let mut recorder = match stateless {
+        Some(e) if opts.shard.is_some() || opts.resume => return Err(e),
+        Some(_) => None,
+        None => Some(Recorder::new(
+            shard::checkpoint::path(&out_dir, opts.shard),
+            identity.clone(),
+            opts.shard.unwrap_or(Shard::WHOLE),
+            batch_size,
+        )),
+    };
+    let (outcomes, last) = shard::compute::run(
+        &engine,
+        &mut metrics,
+        &datasets,
+        recorder.as_mut(),
+        &ComputeOptions {
+            shard: opts.shard,
+            resume: opts.resume,
+            quiet: opts.quiet,
+        },
+    )?;
+
+    if let (Some(s), Some(last)) = (opts.shard, last) {
+        let dir = shard::shard_dir(&out_dir, s);
+        let manifest = ShardManifest {
+            identity,
+            shard: s,
+            spec_toml: spec.text.clone(),
+            spec_path_given: spec.path.clone(),
+            device: kind.to_string(),
+            hook_points: engine.hook_points().to_vec(),
+            datasets: datasets
+                .iter()
+                .zip(&outcomes)
+                .map(|(d, o)| {
+                    let r = s.range(d.n_sequences(), batch_size);
+                    ShardDataset {
+                        name: d.name.clone(),
+                        sequences: [r.start, r.end],
+                        timings: o.timings.clone(),
+                    }
+                })
+                .collect(),
+            failures: last.progress.failures.clone(),
+            load_seconds,
+            total_seconds: t0.elapsed().as_secs_f64(),
         };
-        let mut active: Vec<bool> = metrics.iter().map(|(_, m)| m.is_some()).collect();
-        for ((name, m), on) in metrics.iter_mut().zip(active.iter_mut()) {
-            if let Some(m) = m.as_mut() {
-                if let Err(e) = m.start_dataset(&ctx, dataset) {
-                    fail(&mut failures, name, e);
-                    *on = false;
-                }
-            }
-        }
-        let n = dataset.n_sequences();
-        let pb = bar(
-            opts.quiet,
-            n as u64,
-            format!("{} ({} seqs)", dataset.name, n),
-        );
-        for start in (0..n).step_by(batch_size) {
-            interrupt::checkpoint("batch")?;
-            let end = (start + batch_size).min(n);
-            let tokens = dataset.tokens.slice(ndarray::s![start..end, ..]).to_owned();
-            let t = Instant::now();
-            let mut hooks = Hooks::caching(filter.clone());
-            loaded.model.run_hooks(&tokens, &mut hooks)?;
-            let cache = hooks.take_cache();
-            forward_seconds += t.elapsed().as_secs_f64();
-            let view = BatchView {
-                dataset,
-                start,
-                tokens: tokens.view(),
-                cache: &cache,
-            };
-            for ((name, m), on) in metrics.iter_mut().zip(active.iter_mut()) {
-                if let (Some(m), true) = (m.as_mut(), *on) {
-                    let t = Instant::now();
-                    if let Err(e) = m.batch(&ctx, &view) {
-                        fail(&mut failures, name, e);
-                        *on = false;
-                    }
-                    *metric_seconds.entry(name.clone()).or_default() += t.elapsed().as_secs_f64();
-                }
-            }
-            pb.inc((end - start) as u64);
-        }
-        pb.finish_and_clear();
-        for (idx, ((name, m), on)) in metrics.iter_mut().zip(active.iter()).enumerate() {
-            if let (Some(m), true) = (m.as_mut(), *on) {
-                match m.finish_dataset(&ctx, dataset) {
-                    Ok(ts) => {
-                        for mut t in ts {
-                            t.name = table_names[idx].rename(&t.name);
-                            let entry = tables.entry(t.name.clone()).or_insert((idx, Vec::new()));
-                            if entry.0 != idx {
-                                return Err(Error::Other(format!(
-                                    "two metrics write the table '{}': give one of them a `name`",
-                                    t.name
-                                )));
-                            }
-                            entry.1.push((dataset.name.clone(), t));
-                        }
-                    }
-                    Err(e) => fail(&mut failures, name, e),
-                }
-            }
-        }
-        records.push(DatasetRecord {
-            name: dataset.name.clone(),
-            n_sequences: n,
-            seq_len: dataset.seq_len(),
-            tokens_sha256: tokens_hash(dataset),
-            forward_seconds,
-            metric_seconds,
+        let manifest_path = dir.join(shard::SHARD_MANIFEST);
+        output::write_json(&manifest_path, &manifest)?;
+        let seqs: usize = manifest
+            .datasets
+            .iter()
+            .map(|d| d.sequences[1] - d.sequences[0])
+            .sum();
+        return Ok(RunReport {
+            summary: format!(
+                "shard {s}: {seqs} sequences of {} datasets; merge with `runner merge {}` once all {} shards are done\n",
+                datasets.len(),
+                out_dir.display(),
+                s.count
+            ),
+            output_dir: dir.clone(),
+            previous: None,
+            files: vec![dir.join(shard::checkpoint::STATE_FILE), manifest_path],
+            failures: metrics.failures().to_vec(),
         });
     }
+
+    let mut computed = Computed::new(engine.hook_points().to_vec());
+    for (dataset, o) in datasets.iter().zip(outcomes) {
+        computed.add_dataset(dataset, o.tables, o.timings)?;
+    }
+    let report = write_results(
+        &WriteInput {
+            spec,
+            out_dir: out_dir.clone(),
+            kind,
+            loaded: &loaded,
+            heads: &heads,
+            datasets: &datasets,
+            quiet: opts.quiet,
+            t0,
+            load_seconds,
+            weights_sha256,
+            merged_shards: None,
+        },
+        &mut metrics,
+        computed,
+    )?;
+    // The results are written: the checkpoint has served its purpose.
+    if recorder.is_some() {
+        let _ = std::fs::remove_dir_all(out_dir.join(shard::checkpoint::PARTIAL_DIR));
+    }
+    Ok(report)
+}
+
+/// What the compute phase produced, as the write phase takes it.
+pub struct Computed {
+    /// tables[table name] = (index of the metric that made it, [(dataset, table)])
+    tables: BTreeMap<String, (usize, Vec<(String, Table)>)>,
+    records: Vec<DatasetRecord>,
+    hook_points: Vec<String>,
+}
+
+impl Computed {
+    pub fn new(hook_points: Vec<String>) -> Self {
+        Computed {
+            tables: BTreeMap::new(),
+            records: Vec::new(),
+            hook_points,
+        }
+    }
+
+    /// Adds a dataset's tables (with the index of the metric that made each) and timings.
+    pub fn add_dataset(
+        &mut self,
+        dataset: &Dataset,
+        tables: Vec<(usize, Table)>,
+        timings: Timings,
+    ) -> Result<()> {
+        for (idx, t) in tables {
+            let entry = self
+                .tables
+                .entry(t.name.clone())
+                .or_insert((idx, Vec::new()));
+            if entry.0 != idx {
+                return Err(Error::Other(format!(
+                    "two metrics write the table '{}': give one of them a `name`",
+                    t.name
+                )));
+            }
+            entry.1.push((dataset.name.clone(), t));
+        }
+        self.records.push(DatasetRecord {
+            name: dataset.name.clone(),
+            n_sequences: dataset.n_sequences(),
+            seq_len: dataset.seq_len(),
+            tokens_sha256: shard::tokens_hash(dataset),
+            forward_seconds: timings.forward_seconds,
+            metric_seconds: timings.metric_seconds,
+        });
+        Ok(())
+    }
+}
+
+/// What the write phase needs besides the computed tables.
+pub struct WriteInput<'a, D: Device<f32>> {
+    pub spec: &'a LoadedSpec,
+    pub out_dir: PathBuf,
+    pub kind: DeviceKind,
+    pub loaded: &'a LoadedModel<D>,
+    pub heads: &'a [(usize, usize)],
+    pub datasets: &'a [Dataset],
+    pub quiet: bool,
+    /// When the run started, and how long loading took (for the manifest).
+    pub t0: Instant,
+    pub load_seconds: f64,
+    /// Of the weights file (hashed once per run).
+    pub weights_sha256: String,
+    /// How many shards a merge combined (`None` for a run).
+    pub merged_shards: Option<usize>,
+}
+
+/// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
+/// both end here, so they write the same files.
+pub fn write_results<D: Device<f32>>(
+    w: &WriteInput<D>,
+    metrics: &mut MetricSet,
+    computed: Computed,
+) -> Result<RunReport> {
+    let Computed {
+        tables,
+        records,
+        hook_points,
+    } = computed;
+    let (spec, loaded, heads, datasets, kind) = (w.spec, w.loaded, w.heads, w.datasets, w.kind);
+    let cfg = loaded.cfg();
+    let t0 = w.t0;
 
     // NaN or infinity in a table is a failed metric, never a silent result (NaN where the
     // table marks an undefined, counted sequence excepted).
@@ -565,15 +612,15 @@ fn run_on<D: Device<f32>>(
             rows_before += t.rows.len();
         }
         if let Some((dataset, csv_row, found)) = first {
-            let metric = metrics[*owner].0.clone();
-            failures.push(Failure {
-                metric: metric.clone(),
-                dataset: Some(dataset.clone()),
-                error: format!(
+            let metric = metrics.names().nth(*owner).unwrap_or("?").to_string();
+            metrics.fail(
+                *owner,
+                Some(&dataset),
+                Error::Other(format!(
                     "{total} non-finite value(s) (NaN or infinity) in table '{table}'; the first is {}={} in row {csv_row} (dataset '{dataset}': {})",
                     found.column, found.value, found.row
-                ),
-            });
+                )),
+            );
             non_finite.push(NonFiniteRecord {
                 metric,
                 table: table.clone(),
@@ -587,20 +634,18 @@ fn run_on<D: Device<f32>>(
         }
     }
 
-    // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
-    // read as complete.
-    let failed: Vec<&str> = failures.iter().map(|f| f.metric.as_str()).collect();
-    let failed_idx: Vec<bool> = metrics
-        .iter()
-        .map(|(n, _)| failed.contains(&n.as_str()))
-        .collect();
+    // Every file goes into a fresh staging directory beside the output directory; dropping
+    // it (an error, a signal) removes it, and the output directory changes only at the end.
+    let staging = Staging::begin(&w.out_dir)?;
     let out_dir = staging.path().to_path_buf();
     let mut files = Vec::new();
-    let pb = bar(opts.quiet, tables.len() as u64, "writing results".into());
+    let pb = bar(w.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
     let mut report_tables: Vec<(String, &Table)> = Vec::new();
     for (owner, parts) in tables.values() {
-        if failed_idx[*owner] {
+        // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
+        // read as complete.
+        if metrics.has_failed(*owner) {
             continue;
         }
         let refs: Vec<(String, &Table)> = parts.iter().map(|(d, t)| (d.clone(), t)).collect();
@@ -619,20 +664,22 @@ fn run_on<D: Device<f32>>(
     let pictures = report::write_all(&report::ReportInput {
         out_dir: &out_dir,
         spec,
-        loaded: &loaded,
-        heads: &heads,
-        datasets: &datasets,
+        loaded,
+        heads,
+        datasets,
         tables: &report_tables,
         csv_files: &files,
         device: kind.to_string(),
         seconds: t0.elapsed().as_secs_f64(),
     });
     files.extend(pictures.files);
-    failures.extend(pictures.problems.into_iter().map(|error| Failure {
-        metric: "report".into(),
-        dataset: None,
-        error,
-    }));
+    for error in pictures.problems {
+        metrics.push_failure(Failure {
+            metric: "report".into(),
+            dataset: None,
+            error,
+        });
+    }
 
     let manifest = Manifest {
         hookgraph_version: env!("CARGO_PKG_VERSION"),
@@ -641,8 +688,9 @@ fn run_on<D: Device<f32>>(
         spec_toml: &spec.text,
         spec: &spec.spec,
         model_dir: loaded.files.dir.display().to_string(),
-        weights_sha256: checkpoint::sha256_file(&loaded.files.weights)?,
-        config: &cfg,
+        weights_sha256: w.weights_sha256.clone(),
+        merged_shards: w.merged_shards,
+        config: cfg,
         processing: loaded.processing,
         device: kind,
         heads: heads.len(),
@@ -652,9 +700,9 @@ fn run_on<D: Device<f32>>(
             .iter()
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect(),
-        failures: &failures,
+        failures: metrics.failures(),
         non_finite: &non_finite,
-        load_seconds,
+        load_seconds: w.load_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
     let manifest_path = output::file_in(&out_dir, "manifest.json")?;
@@ -669,7 +717,9 @@ fn run_on<D: Device<f32>>(
         )));
     }
     interrupt::checkpoint("write")?;
-    let committed = staging.commit()?;
+    // The shards' directories outlive any one set of results (a merge reads them again);
+    // the run's own resume checkpoint has served its purpose once the results are whole.
+    let committed = staging.commit(&["shards"], &[shard::checkpoint::PARTIAL_DIR])?;
     let files = files
         .iter()
         .filter_map(|f| f.file_name().map(|n| committed.dir.join(n)))
@@ -680,7 +730,7 @@ fn run_on<D: Device<f32>>(
         output_dir: committed.dir,
         previous: committed.previous,
         files,
-        failures,
+        failures: metrics.failures().to_vec(),
     })
 }
 

@@ -1,4 +1,5 @@
-//! `runner run` and `runner validate`: the command-line face of [`crate::runner`].
+//! `runner run`, `runner merge` and `runner validate`: the command-line face of
+//! [`crate::runner`] and [`crate::shard::merge`].
 //!
 //! Owns: installing the Ctrl-C/SIGTERM handler for a run, printing the summary, the files
 //! written, where earlier results went and any metric failures, and choosing the exit code
@@ -18,22 +19,41 @@ pub fn run(spec_path: &Path, args: &RunArgs) -> crate::Result<ExitCode> {
     let spec = LoadedSpec::from_file(spec_path)?;
     crate::interrupt::install()?;
     let output = args.output.clone().unwrap_or_else(|| spec.output_dir());
-    let report = match runner::run(
+    let result = runner::run(
         &spec,
         &RunOptions {
             device: args.device,
             output: Some(output.clone()),
             quiet: args.quiet,
+            shard: args.shard,
+            resume: args.resume,
         },
-    ) {
+    );
+    finish(result, &output)
+}
+
+/// `runner merge RESULTS`.
+pub fn merge(results: &Path, device: Option<DeviceChoice>, quiet: bool) -> crate::Result<ExitCode> {
+    crate::interrupt::install()?;
+    let result = crate::shard::merge::merge(
+        results,
+        &crate::shard::merge::MergeOptions { device, quiet },
+    );
+    finish(result, results)
+}
+
+/// Prints a run's (or merge's) summary, files and failures, or what a stopped one left;
+/// exit code 3 if a metric failed, 130 if a signal stopped it.
+fn finish(result: crate::Result<runner::RunReport>, output: &Path) -> crate::Result<ExitCode> {
+    let report = match result {
         Ok(r) => r,
         Err(Error::Interrupted(why)) => {
-            eprintln!("{why}: stopped; {}", kept(&output));
+            eprintln!("{why}: stopped; {}", kept(output));
             return Ok(ExitCode::from(130));
         }
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("{}", kept(&output));
+            eprintln!("{}", kept(output));
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -61,16 +81,25 @@ pub fn run(spec_path: &Path, args: &RunArgs) -> crate::Result<ExitCode> {
     })
 }
 
-/// What a run that stopped left in its output directory: nothing of its own.
+/// What a run that stopped left in its output directory: no results of its own, at most
+/// its resume checkpoint.
 fn kept(output: &Path) -> String {
     let shown = output.display();
-    if output.join("manifest.json").is_file() {
-        format!("nothing was written; {shown} still holds the previous results, unchanged")
+    let mut out = if output.join("manifest.json").is_file() {
+        format!("no results were written; {shown} still holds the previous results, unchanged")
     } else if output.exists() {
-        format!("nothing was written; {shown} is unchanged")
+        format!("no results were written to {shown}")
     } else {
         format!("nothing was written ({shown} was not created)")
+    };
+    let partial = output.join(crate::shard::checkpoint::PARTIAL_DIR);
+    if partial.is_dir() {
+        out += &format!(
+            "; the checkpoint in {} lets `runner run --resume` continue",
+            partial.display()
+        );
     }
+    out
 }
 
 pub fn validate(
