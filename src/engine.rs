@@ -41,6 +41,8 @@ struct Entry<'m> {
     name: String,
     /// `None` when it could not be built (a plugin that did not load).
     metric: Option<Box<dyn Metric + 'm>>,
+    /// How its tables are named in the results (`None`: the old prefix rule).
+    tables: Option<crate::output::TableNames>,
     /// Still called on the current dataset (reset for every dataset).
     active: bool,
 }
@@ -69,8 +71,30 @@ impl<'m> MetricSet<'m> {
         self.entries.push(Entry {
             name: name.into(),
             metric: Some(metric),
+            tables: None,
             active: true,
         });
+    }
+
+    /// Adds a metric under `name` whose tables are named by `tables` (declared up front, so
+    /// the runner can check every table name before the forward pass).
+    pub fn add_named(
+        &mut self,
+        name: impl Into<String>,
+        metric: Box<dyn Metric + 'm>,
+        tables: crate::output::TableNames,
+    ) {
+        self.add(name, metric);
+        self.entries.last_mut().expect("just added").tables = Some(tables);
+    }
+
+    /// The names of the tables the metric at `i` declared, as the results will have them.
+    pub fn planned_tables(&self, i: usize) -> Vec<String> {
+        self.entries[i]
+            .tables
+            .as_ref()
+            .map(|t| t.planned())
+            .unwrap_or_default()
     }
 
     /// Records a metric that could not be built: it is a failure, not a failed run.
@@ -84,6 +108,7 @@ impl<'m> MetricSet<'m> {
         self.entries.push(Entry {
             name,
             metric: None,
+            tables: None,
             active: false,
         });
     }
@@ -235,7 +260,9 @@ impl<'m> MetricSet<'m> {
             match m.finish_dataset(ctx, dataset) {
                 Ok(tables) => {
                     for mut t in tables {
-                        if e.name != m.name() {
+                        if let Some(names) = &e.tables {
+                            t.name = names.rename(&t.name);
+                        } else if e.name != m.name() {
                             t.name = t.name.replacen(m.name(), &e.name, 1);
                         }
                         out.push((i, t));

@@ -1,12 +1,16 @@
 //! The hook graph executor: runs a spec from model to files.
 //!
-//! Owns: the order of a run — the prepare phase (resolve and load the model, select heads,
-//! build datasets and metrics), the compute phase (handed to [`crate::engine`], the one
-//! batch loop), and the write phase ([`write_results`]: CSVs, pictures, the manifest,
-//! atomically; a merge of shards ends there too), and the summary. A metric that fails is
-//! reported and the others still finish and are written ("nothing lost"). Must not:
-//! implement metrics, the batch loop, model math or file formats; those live in `metrics`,
-//! `engine`, `model` and `output`.
+//! Owns: the order of a run — the prepare phase (check the output directory, resolve and
+//! load the model, select heads, build datasets and metrics, plan and check their table
+//! names: everything that can fail before the forward pass, where `validate` stops), the
+//! compute phase (handed to [`crate::engine`], the one batch loop), and the write phase
+//! ([`write_results`]: fail the metrics whose tables hold NaN or infinity, write CSVs,
+//! pictures and the manifest into a staging directory and swap it into place whole; a merge
+//! of shards ends there too), and the summary. A metric that fails is reported and the
+//! others still finish and are written ("nothing lost"); an error or a signal leaves the
+//! output directory's results as they were ("nothing escapes"). Must not: implement
+//! metrics, the batch loop, model math or file formats; those live in `metrics`, `engine`,
+//! `model` and `output`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,14 +24,15 @@ use crate::data::{self, DataContext, Dataset};
 use crate::device::{with_device, DeviceChoice, DeviceKind, OnDevice};
 use crate::engine::{Engine, MetricSet, Timings};
 use crate::error::{Error, Result};
-use crate::metrics::{self, Metric, RunContext};
+use crate::interrupt;
+use crate::metrics::{self, RunContext};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
-use crate::output::{self, Table};
+use crate::output::{self, NonFinite, Staging, Table, TableNames, Target};
 use crate::report;
 use crate::shard::checkpoint::Recorder;
 use crate::shard::compute::ComputeOptions;
 use crate::shard::{self, DatasetId, Identity, Shard, ShardDataset, ShardManifest};
-use crate::spec::LoadedSpec;
+use crate::spec::{check_name, LoadedSpec};
 
 /// Command-line overrides of a spec.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +54,8 @@ pub use crate::engine::Failure;
 #[derive(Debug)]
 pub struct RunReport {
     pub output_dir: PathBuf,
+    /// Where the results the run replaced were moved (`<output_dir>.prev`), if any.
+    pub previous: Option<PathBuf>,
     pub files: Vec<PathBuf>,
     pub failures: Vec<Failure>,
     pub summary: String,
@@ -146,24 +153,66 @@ pub(crate) fn prepare<D: Device<f32>>(
         .collect::<Result<Vec<_>>>()?;
 
     let mut metrics = MetricSet::new();
-    for m in &spec.spec.metrics {
+    for (i, m) in spec.spec.metrics.iter().enumerate() {
         if let Some(kind) = &m.kind {
+            // Unknown options are reported on their own line, not on `kind`'s.
+            let info = metrics::BUILTINS.iter().find(|b| b.name == kind.get_ref());
+            if let Some(info) = info {
+                if let Some(key) = m
+                    .options
+                    .keys()
+                    .find(|k| !info.options.iter().any(|(o, _)| o == k))
+                {
+                    let known: Vec<&str> = info.options.iter().map(|(o, _)| *o).collect();
+                    return Err(spec.metric_error(
+                        i,
+                        key,
+                        format!(
+                            "metric '{}': unknown option '{key}' (known: {})",
+                            info.name,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-            metrics.add(
-                m.name.clone().unwrap_or_else(|| kind.get_ref().clone()),
-                metric,
-            );
+            let given = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+            let names = TableNames {
+                own: metric.name().to_string(),
+                given: given.clone(),
+                declared: info.map_or_else(Vec::new, |b| {
+                    b.tables.iter().map(|t| t.to_string()).collect()
+                }),
+            };
+            metrics.add_named(given, metric, names);
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
-            match load_plugin(plugin.get_ref(), &dir, &m.options) {
+            match crate::metrics::plugin::PluginAdapter::load(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
-                Ok(metric) => metrics.add(
-                    m.name.clone().unwrap_or_else(|| metric.name().to_string()),
-                    metric,
-                ),
+                Ok(metric) => {
+                    let info = metric.info();
+                    let given = m.name.clone().unwrap_or_else(|| info.name.clone());
+                    if let Err(why) = check_name(&given) {
+                        return Err(spec.metric_error(
+                            i,
+                            "plugin",
+                            format!("the plugin's name {why}: give this [[metric]] a `name`"),
+                        ));
+                    }
+                    let names = TableNames {
+                        own: info.name.clone(),
+                        given: given.clone(),
+                        declared: info.tables.clone(),
+                    };
+                    metrics.add_named(given, Box::new(metric), names);
+                }
                 Err(e) => metrics.add_failed(fallback, e.to_string()),
             }
         }
@@ -171,9 +220,37 @@ pub(crate) fn prepare<D: Device<f32>>(
     let names: Vec<&str> = metrics.names().collect();
     for (i, name) in names.iter().enumerate() {
         if names[..i].contains(name) {
-            return Err(spec.error(format!(
-                "two [[metric]] entries are both named '{name}': give one a different `name`"
-            )));
+            return Err(spec.metric_error(
+                i,
+                "name",
+                format!(
+                    "two [[metric]] entries are both named '{name}': give one a different `name`"
+                ),
+            ));
+        }
+    }
+    // Every table name is known now: check them before the forward pass, not after.
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..metrics.len() {
+        for t in metrics.planned_tables(i) {
+            if let Err(why) = check_name(&t) {
+                return Err(spec.metric_error(
+                    i,
+                    "name",
+                    format!("metric '{}': its table name {why}", names[i]),
+                ));
+            }
+            if let Some(&j) = owners.get(&t) {
+                return Err(spec.metric_error(
+                    i,
+                    "name",
+                    format!(
+                        "metric '{}' and metric '{}' both write the table '{t}': give one of them a different `name`",
+                        names[i], names[j]
+                    ),
+                ));
+            }
+            owners.insert(t, i);
         }
     }
     Ok(Prepared {
@@ -184,18 +261,17 @@ pub(crate) fn prepare<D: Device<f32>>(
     })
 }
 
-fn load_plugin(
-    spec: &str,
-    dir: &std::path::Path,
-    options: &toml::Table,
-) -> Result<Box<dyn Metric>> {
-    crate::metrics::plugin::load_metric(spec, dir, options)
-}
-
-/// Checks a spec end to end without running a forward pass: the model loads, heads are in
-/// range, datasets build, metrics and plugins load. Returns a short description.
-pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<String> {
+/// Checks a spec end to end without running a forward pass and without writing anything:
+/// the output directory can be replaced, the model loads, heads are in range, datasets build
+/// and fit in memory, metrics and plugins load and their tables have distinct names. Returns
+/// a short description.
+pub fn validate(
+    spec: &LoadedSpec,
+    device: Option<DeviceChoice>,
+    output: Option<&std::path::Path>,
+) -> Result<String> {
     let _ = device.unwrap_or(spec.spec.model.device).resolve()?;
+    let target = Target::check(output.unwrap_or(&spec.output_dir()))?;
     let p = prepare(Cpu::default(), spec, true)?;
     if let Some(f) = p.metrics.failures().first() {
         return Err(Error::Metric {
@@ -222,9 +298,24 @@ pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<Strin
             d.seq_len()
         );
     }
-    for name in p.metrics.names() {
-        out += &format!("  metric {name}\n");
+    for (i, name) in p.metrics.names().enumerate() {
+        out += &format!(
+            "  metric {name}: {}\n",
+            p.metrics.planned_tables(i).join(", ")
+        );
     }
+    out += &format!(
+        "  output: {}{}\n",
+        target.dir.display(),
+        if target.exists {
+            format!(
+                " (a run moves what is there now to {})",
+                target.prev.display()
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(out)
 }
 
@@ -237,6 +328,17 @@ pub struct DatasetRecord {
     forward_seconds: f64,
     metric_seconds: BTreeMap<String, f64>,
     checkpoint_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct NonFiniteRecord {
+    metric: String,
+    table: String,
+    /// The dataset of the first non-finite cell, and its 1-based data row in `<table>.csv`.
+    dataset: String,
+    csv_row: usize,
+    #[serde(flatten)]
+    found: NonFinite,
 }
 
 #[derive(Serialize)]
@@ -256,6 +358,8 @@ struct Manifest<'a> {
     datasets: Vec<DatasetRecord>,
     files: Vec<String>,
     failures: &'a [Failure],
+    /// Metrics failed for NaN or infinity in their tables: where the first one is.
+    non_finite: &'a [NonFiniteRecord],
     load_seconds: f64,
     total_seconds: f64,
     /// Set when `runner merge` wrote these results from this many shards.
@@ -277,12 +381,17 @@ fn run_on<D: Device<f32>>(
     opts: &RunOptions,
 ) -> Result<RunReport> {
     let t0 = Instant::now();
+    // The output directory first: a run that cannot write its results should not compute
+    // them. (The write phase swaps a staging directory into place; see `write_results`.)
+    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    Target::check(&out_dir)?;
     let Prepared {
         loaded,
         heads,
         datasets,
         mut metrics,
     } = prepare(dev, spec, opts.quiet)?;
+    interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = loaded.cfg().clone();
     let ctx = RunContext {
@@ -298,7 +407,6 @@ fn run_on<D: Device<f32>>(
     // its state.
     let batch_size = spec.spec.model.batch_size;
     let engine = Engine::new(&loaded.model, &ctx, &metrics, batch_size)?;
-    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
     let weights_sha256 = checkpoint::sha256_file(&loaded.files.weights)?;
     let identity = Identity {
         runner_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -376,6 +484,7 @@ fn run_on<D: Device<f32>>(
                 s.count
             ),
             output_dir: dir.clone(),
+            previous: None,
             files: vec![dir.join(shard::checkpoint::STATE_FILE), manifest_path],
             failures: metrics.failures().to_vec(),
         });
@@ -491,8 +600,51 @@ pub fn write_results<D: Device<f32>>(
     } = computed;
     let (spec, loaded, heads, datasets, kind) = (w.spec, w.loaded, w.heads, w.datasets, w.kind);
     let cfg = loaded.cfg();
-    let out_dir = w.out_dir.clone();
     let t0 = w.t0;
+
+    // NaN or infinity in a table is a failed metric, never a silent result (NaN where the
+    // table marks an undefined, counted sequence excepted).
+    let mut non_finite = Vec::new();
+    for (table, (owner, parts)) in &tables {
+        let mut total = 0;
+        let mut first = None;
+        let mut rows_before = 0;
+        for (dataset, t) in parts {
+            if let Some(f) = t.non_finite() {
+                total += f.count;
+                if first.is_none() {
+                    first = Some((dataset.clone(), rows_before + f.first_row + 1, f));
+                }
+            }
+            rows_before += t.rows.len();
+        }
+        if let Some((dataset, csv_row, found)) = first {
+            let metric = metrics.names().nth(*owner).unwrap_or("?").to_string();
+            metrics.fail(
+                *owner,
+                Some(&dataset),
+                Error::Other(format!(
+                    "{total} non-finite value(s) (NaN or infinity) in table '{table}'; the first is {}={} in row {csv_row} (dataset '{dataset}': {})",
+                    found.column, found.value, found.row
+                )),
+            );
+            non_finite.push(NonFiniteRecord {
+                metric,
+                table: table.clone(),
+                dataset,
+                csv_row,
+                found: NonFinite {
+                    count: total,
+                    ..found
+                },
+            });
+        }
+    }
+
+    // Every file goes into a fresh staging directory beside the output directory; dropping
+    // it (an error, a signal) removes it, and the output directory changes only at the end.
+    let staging = Staging::begin(&w.out_dir)?;
+    let out_dir = staging.path().to_path_buf();
     let mut files = Vec::new();
     let pb = bar(w.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
@@ -556,16 +708,34 @@ pub fn write_results<D: Device<f32>>(
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect(),
         failures: metrics.failures(),
+        non_finite: &non_finite,
         load_seconds: w.load_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
-    let manifest_path = out_dir.join("manifest.json");
+    let manifest_path = output::file_in(&out_dir, "manifest.json")?;
     output::write_json(&manifest_path, &manifest)?;
     files.push(manifest_path);
 
+    // Nothing escapes: every file written lies directly in the staging directory.
+    if let Some(f) = files.iter().find(|f| f.parent() != Some(out_dir.as_path())) {
+        return Err(Error::Other(format!(
+            "internal error: {} was written outside the run's directory",
+            f.display()
+        )));
+    }
+    interrupt::checkpoint("write")?;
+    // The shards' directories outlive any one set of results (a merge reads them again);
+    // the run's own resume checkpoint has served its purpose once the results are whole.
+    let committed = staging.commit(&["shards"], &[shard::checkpoint::PARTIAL_DIR])?;
+    let files = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| committed.dir.join(n)))
+        .collect();
+
     Ok(RunReport {
         summary: summary(&written_tables),
-        output_dir: out_dir,
+        output_dir: committed.dir,
+        previous: committed.previous,
         files,
         failures: metrics.failures().to_vec(),
     })

@@ -173,10 +173,13 @@ impl Metric for SourceSuppression {
             ],
         )
         .per_head("score");
+        // NaN there is a sequence with no non-BOS attention (0/0, metrics.md §1), counted in
+        // `n_undefined`: a value, not a failure.
         let mut per_seq = Table::new(
             "source_suppression_per_sequence",
             &["layer", "head", "seq", "value"],
-        );
+        )
+        .undefined_as_nan("value");
         let mut per_pos = Table::new(
             "source_suppression_per_position",
             &["layer", "head", "seq", "pos", "token", "value"],

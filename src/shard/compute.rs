@@ -141,16 +141,17 @@ pub fn run<D: Device<f32>>(
         pb.set_position((start - range.start) as u64);
         {
             let mut checkpoint_seconds = timings.checkpoint_seconds;
-            let mut after = |m: &MetricSet, t: &Timings, next: usize| match recorder.as_mut() {
-                Some(r) => {
+            // After the batch's checkpoint: Ctrl-C/SIGTERM stop here, leaving a checkpoint
+            // that `--resume` continues from and no results (see `crate::interrupt`).
+            let mut after = |m: &MetricSet, t: &Timings, next: usize| {
+                if let Some(r) = recorder.as_mut() {
                     let t0 = std::time::Instant::now();
                     let mut t = t.clone();
                     t.checkpoint_seconds = checkpoint_seconds;
                     r.after_batch(m, d, &t, next)?;
                     checkpoint_seconds += t0.elapsed().as_secs_f64();
-                    Ok(())
                 }
-                None => Ok(()),
+                crate::interrupt::checkpoint("batch")
             };
             engine.run_batches(
                 metrics,

@@ -11,12 +11,14 @@ mod compare_cli;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod data;
+mod fuzz;
 mod hooks;
 mod hub;
 mod hub_download;
 mod metrics;
 mod parity;
 mod plugins;
+mod reliability;
 mod report;
 mod runner_cli;
 mod shards;
