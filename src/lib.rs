@@ -8,6 +8,7 @@
 //! `runner` binary's front end.
 
 pub mod bench;
+pub mod build_info;
 pub mod cli;
 pub mod compare;
 pub mod data;

@@ -239,7 +239,7 @@ struct DatasetRecord {
 #[derive(Serialize)]
 struct Manifest<'a> {
     hookgraph_version: &'static str,
-    crate_versions: BTreeMap<&'static str, &'static str>,
+    crate_versions: BTreeMap<&'static str, String>,
     spec_path: String,
     spec_toml: &'a str,
     spec: &'a crate::spec::Spec,
@@ -255,13 +255,6 @@ struct Manifest<'a> {
     failures: &'a [Failure],
     load_seconds: f64,
     total_seconds: f64,
-}
-
-fn crate_versions() -> BTreeMap<&'static str, &'static str> {
-    env!("HOOKGRAPH_DEP_VERSIONS")
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .collect()
 }
 
 fn tokens_hash(d: &Dataset) -> String {
@@ -448,7 +441,7 @@ fn run_on<D: Device<f32>>(
 
     let manifest = Manifest {
         hookgraph_version: env!("CARGO_PKG_VERSION"),
-        crate_versions: crate_versions(),
+        crate_versions: crate::build_info::crate_versions(),
         spec_path: spec.path.display().to_string(),
         spec_toml: &spec.text,
         spec: &spec.spec,
