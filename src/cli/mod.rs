@@ -50,6 +50,13 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Run slice I of N (from 0) of every dataset and save its exact partial state in
+    /// `<output>/shards/I-of-N/` for `runner merge` (Slurm: `$SLURM_ARRAY_TASK_ID/N`).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::shard::Shard>,
+    /// Continue from the checkpoint an interrupted run (or shard) left, if any.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +72,17 @@ pub enum Command {
         spec: PathBuf,
         #[arg(long, value_enum)]
         device: Option<DeviceChoice>,
+    },
+    /// Merge the shards in RESULTS/shards/ into the results the unsharded run would write.
+    Merge {
+        /// The run's output directory (`results/<name>`), holding `shards/I-of-N/`.
+        results: PathBuf,
+        /// Where the report's pages run the model (default: the spec's device).
+        #[arg(long, value_enum)]
+        device: Option<DeviceChoice>,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// List built-in metrics, plugins found, and hook point names.
     List(list::ListArgs),
@@ -84,6 +102,11 @@ pub fn main() -> ExitCode {
     let outcome = match cli.command {
         Some(Command::Run { spec, run }) => run::run(&spec, &run),
         Some(Command::Validate { spec, device }) => run::validate(&spec, device),
+        Some(Command::Merge {
+            results,
+            device,
+            quiet,
+        }) => run::merge(&results, device, quiet),
         Some(Command::List(args)) => list::list(&args),
         Some(Command::Cache(args)) => cache::cache(&args),
         Some(Command::Bench(args)) => bench::bench(&args),

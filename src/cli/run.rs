@@ -1,4 +1,5 @@
-//! `runner run` and `runner validate`: the command-line face of [`crate::runner`].
+//! `runner run`, `runner merge` and `runner validate`: the command-line face of
+//! [`crate::runner`] and [`crate::shard::merge`].
 //!
 //! Owns: printing the summary, the files written and any metric failures, and choosing the
 //! exit code (3 when some metric failed but the others were written). Must not: run
@@ -20,8 +21,24 @@ pub fn run(spec_path: &Path, args: &RunArgs) -> crate::Result<ExitCode> {
             device: args.device,
             output: args.output.clone(),
             quiet: args.quiet,
+            shard: args.shard,
+            resume: args.resume,
         },
     )?;
+    finish(report)
+}
+
+/// `runner merge RESULTS`.
+pub fn merge(results: &Path, device: Option<DeviceChoice>, quiet: bool) -> crate::Result<ExitCode> {
+    let report = crate::shard::merge::merge(
+        results,
+        &crate::shard::merge::MergeOptions { device, quiet },
+    )?;
+    finish(report)
+}
+
+/// Prints a run's (or merge's) summary, files and failures; exit code 3 if any failed.
+fn finish(report: runner::RunReport) -> crate::Result<ExitCode> {
     print!("{}", report.summary);
     println!(
         "wrote {} files to {}",

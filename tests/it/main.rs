@@ -8,6 +8,8 @@ mod cache_cli;
 mod checkpoint_errors;
 mod common;
 mod compare_cli;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod data;
 mod hooks;
 mod hub;
@@ -17,5 +19,6 @@ mod parity;
 mod plugins;
 mod report;
 mod runner_cli;
+mod shards;
 mod smoke_checkpoint;
 mod tokenizer;
