@@ -260,7 +260,6 @@ struct Manifest<'a> {
     merged_shards: Option<usize>,
 }
 
-
 fn run_on<D: Device<f32>>(
     dev: D,
     kind: DeviceKind,
