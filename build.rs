@@ -1,28 +1,10 @@
-//! Embeds the versions of the crates that shape results (from Cargo.lock) for the manifest.
+//! Build-time facts for the run manifest: `built` writes `$OUT_DIR/built.rs` with, among
+//! others, `DEPENDENCIES`, every package and version in Cargo.lock, so a crate linked in two
+//! versions (gemm 0.15 through dfdx, 0.19 directly) is listed twice.
+//! [`build_info`](src/build_info.rs) includes it and picks the crates that shape results.
 fn main() {
+    // Only the lock file changes what is recorded; without this, any edit reruns the script.
     println!("cargo:rerun-if-changed=Cargo.lock");
-    let wanted = [
-        "dfdx",
-        "tokenizers",
-        "safetensors",
-        "gemm",
-        "ndarray",
-        "toml",
-        "libloading",
-    ];
-    let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();
-    let mut found = Vec::new();
-    let mut name = None;
-    for line in lock.lines() {
-        if let Some(n) = line.strip_prefix("name = ") {
-            name = Some(n.trim_matches('"').to_string());
-        } else if let Some(v) = line.strip_prefix("version = ") {
-            if let Some(n) = name.take() {
-                if wanted.contains(&n.as_str()) {
-                    found.push(format!("{n}={}", v.trim_matches('"')));
-                }
-            }
-        }
-    }
-    println!("cargo:rustc-env=HOOKGRAPH_DEP_VERSIONS={}", found.join(","));
+    println!("cargo:rerun-if-changed=build.rs");
+    built::write_built_file().expect("collecting build-time information for the manifest");
 }

@@ -9,6 +9,7 @@
 //! binary's front end.
 
 pub mod bench;
+pub mod build_info;
 pub mod cli;
 pub mod compare;
 pub mod data;

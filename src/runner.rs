@@ -344,7 +344,7 @@ struct NonFiniteRecord {
 #[derive(Serialize)]
 struct Manifest<'a> {
     hookgraph_version: &'static str,
-    crate_versions: BTreeMap<&'static str, &'static str>,
+    crate_versions: BTreeMap<&'static str, String>,
     spec_path: String,
     spec_toml: &'a str,
     spec: &'a crate::spec::Spec,
@@ -365,13 +365,6 @@ struct Manifest<'a> {
     /// Set when `runner merge` wrote these results from this many shards.
     #[serde(skip_serializing_if = "Option::is_none")]
     merged_shards: Option<usize>,
-}
-
-fn crate_versions() -> BTreeMap<&'static str, &'static str> {
-    env!("HOOKGRAPH_DEP_VERSIONS")
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .collect()
 }
 
 fn run_on<D: Device<f32>>(
@@ -690,7 +683,7 @@ pub fn write_results<D: Device<f32>>(
 
     let manifest = Manifest {
         hookgraph_version: env!("CARGO_PKG_VERSION"),
-        crate_versions: crate_versions(),
+        crate_versions: crate::build_info::crate_versions(),
         spec_path: spec.path.display().to_string(),
         spec_toml: &spec.text,
         spec: &spec.spec,

@@ -3,8 +3,10 @@
 //!
 //! Owns: how a value becomes a colour (ColorBrewer RdBu, centred on 0, symmetric around it:
 //! the notebook's `imshow(..., zmin=-zmax, zmax=zmax)`), which text colour stays readable on
-//! it, how a cell value is written (two decimals, like plotly's `text_auto=".2f"`), and text
-//! cleaning for SVG. Must not: decide what a figure shows or write files.
+//! it, how numbers are written ([`NumberFormat`]: one precision per figure, chosen from its
+//! range, so `0.0008` is `8.1e-4` and not `0.00`; colour-bar ticks at round values, each
+//! label distinct), how wide text is, and text cleaning for SVG. Must not: decide what a
+//! figure shows or write files.
 //!
 //! Every figure is drawn with plotters' SVG backend: plotters escapes text itself, and the
 //! cleaning here only replaces characters XML cannot carry at all (control characters).
@@ -96,7 +98,8 @@ pub fn abs_max(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
-/// A value with two decimals (`NaN`, `inf` and `-inf` as such).
+/// A value with two decimals (`NaN`, `inf` and `-inf` as such). Figures use
+/// [`NumberFormat`], which picks the precision from the figure's range.
 pub fn two_decimals(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
@@ -107,14 +110,149 @@ pub fn two_decimals(v: f64) -> String {
     }
 }
 
-/// A table cell as a figure shows it: the number the CSV holds (its text, parsed back, so
-/// the figure agrees with the CSV digit for digit), with two decimals.
+/// A table cell with two decimals (see [`two_decimals`]); figures use [`cell_label`].
 pub fn cell_text(v: &Value) -> String {
     let shown = v.to_string();
     match shown.parse::<f64>() {
         Ok(x) => two_decimals(x),
         Err(_) => shown,
     }
+}
+
+/// How every number of one figure is written, chosen once from the figure's largest |value|
+/// so all labels share a precision and the largest shows three significant digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberFormat {
+    /// This many decimals: `2.97`, `-0.125`, `0.0123`, `123`.
+    Fixed(usize),
+    /// Scientific with this many mantissa decimals, for small or large ranges: `1.2e-3`.
+    Sci(usize),
+}
+
+impl NumberFormat {
+    /// Fixed decimals for `0.01 <= zmax < 10_000` (three significant digits at `zmax`),
+    /// else scientific with two significant digits.
+    pub fn for_range(zmax: f64) -> Self {
+        if !(zmax.is_finite() && zmax > 0.0) {
+            return NumberFormat::Fixed(2);
+        }
+        let e = zmax.log10().floor() as i32;
+        if (-2..4).contains(&e) {
+            NumberFormat::Fixed((2 - e).max(0) as usize)
+        } else {
+            NumberFormat::Sci(1)
+        }
+    }
+
+    /// `v` in this format. Zero is `0`; a value that would round to zero (and so read as
+    /// `0.00` or `-0.00`) is written with one significant digit instead (`-4e-3`), so no
+    /// label claims a zero the data does not hold and no label is `-0`.
+    pub fn format(&self, v: f64) -> String {
+        if v.is_nan() {
+            return "NaN".into();
+        }
+        if v.is_infinite() {
+            return if v > 0.0 { "inf" } else { "-inf" }.into();
+        }
+        if v == 0.0 {
+            return "0".into();
+        }
+        let s = match *self {
+            NumberFormat::Fixed(d) => format!("{v:.d$}"),
+            NumberFormat::Sci(d) => format!("{v:.d$e}"),
+        };
+        if s.parse::<f64>() == Ok(0.0) {
+            format!("{v:.0e}")
+        } else {
+            s
+        }
+    }
+}
+
+/// A table cell as a figure shows it: the number the CSV holds (its text, parsed back, so
+/// the figure agrees with the CSV) in the figure's format; text cells as they are.
+pub fn cell_label(v: &Value, fmt: NumberFormat) -> String {
+    let shown = v.to_string();
+    match shown.parse::<f64>() {
+        Ok(x) => fmt.format(x),
+        Err(_) => shown,
+    }
+}
+
+/// Round tick values for a scale from `-zmax` to `zmax`: multiples of 1, 2, 2.5 or 5 x 10^k,
+/// symmetric around (and including) 0, at most `max_n` of them (and at least 3).
+pub fn nice_ticks(zmax: f64, max_n: usize) -> Vec<f64> {
+    let zmax = if zmax.is_finite() && zmax > 0.0 {
+        zmax
+    } else {
+        1.0
+    };
+    let per_side = (max_n.max(3) - 1) / 2;
+    let e = (zmax / per_side as f64).log10().floor() as i32;
+    // How many steps of `m` x 10^e fit in zmax (with slack for zmax itself being a tick).
+    let fits = |m: f64| (zmax / (m * 10f64.powi(e)) + 1e-9).floor() as i64;
+    let m = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .find(|&m| fits(m) <= per_side as i64)
+        .unwrap_or(10.0);
+    let k = fits(m);
+    // Each tick is parsed from its decimal form (`3e-1`), so it is the f64 nearest the round
+    // number, never 0.30000000000000004.
+    (-k..=k)
+        .map(|i| format!("{}e{e}", i as f64 * m).parse().unwrap_or(0.0))
+        .collect()
+}
+
+/// Labels for `ticks` with the fewest digits that write every tick exactly, so no two
+/// labels read the same (`0.0005`, `0.001`, `0.0015`, or `5e-4`, `1e-3`, `1.5e-3`).
+pub fn tick_labels(ticks: &[f64]) -> Vec<String> {
+    let zmax = ticks.iter().fold(0.0f64, |m, t| m.max(t.abs()));
+    let base = NumberFormat::for_range(zmax);
+    let exact = |f: NumberFormat| {
+        let labels: Vec<String> = ticks.iter().map(|&t| f.format(t)).collect();
+        let ok = labels.iter().zip(ticks).all(|(l, &t)| {
+            l.parse::<f64>()
+                .is_ok_and(|x| (x - t).abs() <= 1e-9 * zmax.max(f64::MIN_POSITIVE))
+        });
+        ok.then_some(labels)
+    };
+    let candidates: Vec<NumberFormat> = match base {
+        NumberFormat::Fixed(_) => (0..=8).map(NumberFormat::Fixed).collect(),
+        NumberFormat::Sci(_) => (0..=4).map(NumberFormat::Sci).collect(),
+    };
+    candidates
+        .into_iter()
+        .find_map(exact)
+        .unwrap_or_else(|| ticks.iter().map(|&t| format!("{t:e}")).collect())
+}
+
+/// Roughly how many pixels `text` takes in a sans-serif font of `size_px`: Helvetica's
+/// (= Arial's, Liberation Sans's) advance widths, plus 8% for wider fallbacks such as
+/// DejaVu Sans. For sizing canvases to their text: a few pixels too wide reads fine, a cut
+/// title does not.
+pub fn text_px(text: &str, size_px: f64) -> u32 {
+    let em: f64 = text
+        .chars()
+        .map(|c| match c {
+            'i' | 'j' | 'l' | '\'' | '|' => 0.222,
+            ' ' | '.' | ',' | ':' | ';' | '!' | 'f' | 't' | '/' | '\\' | 'I' => 0.278,
+            'r' | '-' | '(' | ')' | '[' | ']' => 0.333,
+            'c' | 'k' | 's' | 'v' | 'x' | 'y' | 'z' | 'J' => 0.5,
+            'm' => 0.833,
+            'w' => 0.722,
+            'M' => 0.833,
+            'W' => 0.944,
+            c if c.is_ascii_uppercase() => 0.667,
+            c if c.is_ascii() => 0.556,
+            _ => 1.0,
+        })
+        .sum();
+    (em * 1.08 * size_px).ceil() as u32
+}
+
+/// Pixels of `text` in the monospace cell font of `size_px`.
+pub fn mono_px(text: &str, size_px: f64) -> u32 {
+    (text.chars().count() as f64 * 0.61 * size_px).ceil() as u32
 }
 
 /// The number a cell's text holds (for colours), NaN when it holds none.
@@ -174,29 +312,36 @@ pub const MIN_PLOT_PX: u32 = 180;
 /// a colour bar drawn beside captioned panels lines up with them.
 pub const CAPTION_PX: f64 = 15.0;
 
+/// Width of the area [`colour_bar`] needs for `label` and `zmax`'s tick labels.
+pub fn colour_bar_width(zmax: f64, label: &str) -> u32 {
+    let ticks = tick_labels(&nice_ticks(zmax, 9));
+    let widest = ticks.iter().map(|t| text_px(t, 11.0)).max().unwrap_or(0);
+    // bar 6 + 30 px, tick labels beside it, or the caption, whichever is wider.
+    (6 + 30 + 10 + widest + 8).max(6 + text_px(label, CAPTION_PX) + 8)
+}
+
 /// Draws a vertical colour bar for `[-zmax, zmax]` in `area`, labelled `label`, with its
 /// top and bottom `top`/`bottom` pixels in from the area's edges (to line up with panels).
+/// Ticks sit at round values ([`nice_ticks`]), each label distinct ([`tick_labels`]); size
+/// the area with [`colour_bar_width`] so the label is not cut.
 pub fn colour_bar(area: &Area, zmax: f64, label: &str, top: u32, bottom: u32) -> Result<()> {
+    let (w, _) = area.dim_in_pixel();
+    // About one label per 40 pixels of bar, so short bars do not pile labels up.
+    let bar_px = area.dim_in_pixel().1.saturating_sub(top + bottom + 25);
+    let ticks = nice_ticks(zmax, (bar_px / 40).clamp(3, 9) as usize);
+    let labels = tick_labels(&ticks);
+    // The bar is 30 px wide, 6 px in; tick marks and labels are drawn beside it by hand
+    // (plotters' f64 axis would pick its own ticks and format them with two decimals).
+    // The caption row is plotters' (so the bar's top lines up with captioned panels beside
+    // it), but blank: the label is drawn from the bar's left edge, where the area is sized
+    // for it, rather than centred on the 30 px bar and spilling onto the panels.
     let mut chart = ChartBuilder::on(area)
-        .caption(clean_text(label), (LABEL_FONT, px(CAPTION_PX)))
+        .caption(" ", (LABEL_FONT, px(CAPTION_PX)))
         .margin_top(top)
         .margin_bottom(bottom)
         .margin_left(6)
-        .right_y_label_area_size(56)
+        .margin_right(w.saturating_sub(6 + 30))
         .build_cartesian_2d(0f64..1f64, -zmax..zmax)
-        .map_err(svg_err)?;
-    let fmt = |v: &f64| two_decimals(*v);
-    // About one label per 40 pixels of bar, so short bars do not pile labels up.
-    let bar_px = area.dim_in_pixel().1.saturating_sub(top + bottom + 25);
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .disable_x_axis()
-        .x_labels(0)
-        .y_labels((bar_px / 40).clamp(2, 9) as usize)
-        .y_label_formatter(&fmt)
-        .label_style((LABEL_FONT, px(11.0)))
-        .draw()
         .map_err(svg_err)?;
     // 64 bands: smooth enough to read as a gradient, few enough to keep the file small.
     let n = 64;
@@ -210,6 +355,20 @@ pub fn colour_bar(area: &Area, zmax: f64, label: &str, top: u32, bottom: u32) ->
             )
         }))
         .map_err(svg_err)?;
+    left_text(area, label, 6, top as i32, CAPTION_PX)?;
+    let base = area.get_base_pixel();
+    let style = TextStyle {
+        font: (LABEL_FONT, px(11.0)).into_font(),
+        color: BLACK.to_backend_color(),
+        pos: Pos::new(HPos::Left, VPos::Center),
+    };
+    for (t, l) in ticks.iter().zip(&labels) {
+        let (x, y) = chart.backend_coord(&(1.0, *t));
+        let (x, y) = (x - base.0, y - base.1);
+        area.draw(&PathElement::new(vec![(x, y), (x + 4, y)], BLACK))
+            .map_err(svg_err)?;
+        area.draw_text(l, &style, (x + 7, y)).map_err(svg_err)?;
+    }
     Ok(())
 }
 
@@ -261,8 +420,59 @@ mod tests {
     }
 
     #[test]
+    fn numbers_get_the_precision_of_their_range() {
+        let f = NumberFormat::for_range;
+        assert_eq!(f(2.97), NumberFormat::Fixed(2));
+        assert_eq!(f(0.5), NumberFormat::Fixed(3));
+        assert_eq!(f(0.0123), NumberFormat::Fixed(4));
+        assert_eq!(f(0.0023), NumberFormat::Sci(1));
+        assert_eq!(f(12345.0), NumberFormat::Sci(1));
+        assert_eq!(f(0.0023).format(0.0008061306), "8.1e-4");
+        assert_eq!(f(0.0023).format(-0.00123), "-1.2e-3");
+        assert_eq!(f(2.97).format(-2.968), "-2.97");
+        // Never -0.00: a value too small for the precision keeps one significant digit.
+        assert_eq!(f(2.97).format(-0.0004), "-4e-4");
+        assert_eq!(f(2.97).format(0.0), "0");
+        assert_eq!(f(2.97).format(-0.0), "0");
+        assert_eq!(f(2.97).format(f64::NAN), "NaN");
+    }
+
+    #[test]
+    fn ticks_are_round_symmetric_and_distinct() {
+        for zmax in [0.0023, 0.0128, 0.3, 1.0, 2.97, 3.0, 47.0, 1e-7, 5e5] {
+            for n in [3, 5, 9] {
+                let t = nice_ticks(zmax, n);
+                assert!(t.len() >= 3 && t.len() <= n.max(3), "{zmax} {n}: {t:?}");
+                assert!(t.contains(&0.0));
+                assert!(t.iter().all(|v| v.abs() <= zmax * (1.0 + 1e-9)), "{t:?}");
+                assert!(t.iter().all(|v| t.contains(&-v)), "{t:?}");
+                let l = tick_labels(&t);
+                let mut d = l.clone();
+                d.sort();
+                d.dedup();
+                assert_eq!(d.len(), l.len(), "{zmax} {n}: {l:?}");
+                assert!(!l
+                    .iter()
+                    .any(|s| s.starts_with("-0") && s.parse() == Ok(0.0)));
+            }
+        }
+        let small = [
+            "-2.0e-3", "-1.5e-3", "-1.0e-3", "-5.0e-4", "0", "5.0e-4", "1.0e-3",
+        ];
+        assert_eq!(tick_labels(&nice_ticks(0.0023, 9))[..7], small);
+        assert_eq!(
+            tick_labels(&nice_ticks(2.97, 7)),
+            ["-2", "-1", "0", "1", "2"]
+        );
+    }
+
+    #[test]
     fn cells_show_the_csv_number() {
         assert_eq!(cell_text(&Value::Float(-0.126)), "-0.13");
+        assert_eq!(
+            cell_label(&Value::Float(-0.126), NumberFormat::Fixed(3)),
+            "-0.126"
+        );
         assert_eq!(cell_text(&Value::Float(f64::NAN)), "NaN");
         assert_eq!(cell_text(&Value::Int(3)), "3.00");
         assert_eq!(clean_text("a\u{1}<b"), "a\u{fffd}<b");

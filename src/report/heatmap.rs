@@ -4,8 +4,10 @@
 //!
 //! Owns: reading a per-head table (`layer`, `head` and its `head_score` column) into a grid
 //! and drawing it: a diverging colour scale centred on 0 and symmetric around it (the
-//! largest |value| over all panels), each value written in its cell with two decimals, a
-//! title, a colour bar. Must not: compute scores or choose which tables are per-head (the
+//! largest |value| over all panels), each value written in its cell with the precision the
+//! range needs ([`draw::NumberFormat`]: `2.97`, `0.0123`, `8.1e-4`), a title, a colour bar,
+//! on a canvas as large as its content (cells as wide as their widest label, the bar as
+//! wide as its caption). Must not: compute scores or choose which tables are per-head (the
 //! metric marks them with `Table::per_head`).
 //!
 //! Cell values are drawn in a monospace font and everything else in sans-serif, so a reader
@@ -27,7 +29,9 @@ const X_LABEL: u32 = 44;
 /// What a ChartBuilder caption of [`draw::CAPTION_PX`] takes, with its padding.
 const CAPTION: u32 = 25;
 const TITLE: u32 = 40;
-const BAR_W: u32 = 110;
+const TITLE_PX: f64 = 18.0;
+/// Cell labels' font size.
+const CELL_PX: f64 = 12.0;
 
 /// One dataset's per-head values: `cells[layer][head]`, `None` where the table has no row.
 pub struct HeadGrid {
@@ -109,10 +113,23 @@ pub fn head_heatmap_svg(title: &str, score: &str, grids: &[HeadGrid]) -> Result<
             .flat_map(|g| g.cells.iter().flatten().flatten())
             .map(draw::cell_number),
     );
+    let fmt = draw::NumberFormat::for_range(zmax);
+    let widest = grids
+        .iter()
+        .flat_map(|g| g.cells.iter().flatten().flatten())
+        .map(|v| draw::mono_px(&draw::cell_label(v, fmt), CELL_PX))
+        .max()
+        .unwrap_or(0);
+    let cell_w = CELL_W.max(widest + 8);
     let cell_h = CELL_H.max(draw::MIN_PLOT_PX.div_ceil(n_layers as u32));
-    let panel_w = 2 * MARGIN + Y_LABEL + n_heads as u32 * CELL_W;
+    let panel_w = 2 * MARGIN + Y_LABEL + n_heads as u32 * cell_w;
     let panel_h = CAPTION + 2 * MARGIN + n_layers as u32 * cell_h + X_LABEL;
-    let size = (grids.len() as u32 * panel_w + BAR_W, TITLE + panel_h);
+    let bar_w = draw::colour_bar_width(zmax, score);
+    let title_w = draw::text_px(title, TITLE_PX) + 2 * MARGIN;
+    let size = (
+        (grids.len() as u32 * panel_w + bar_w).max(title_w),
+        TITLE + panel_h,
+    );
 
     let mut svg = String::new();
     {
@@ -121,12 +138,13 @@ pub fn head_heatmap_svg(title: &str, score: &str, grids: &[HeadGrid]) -> Result<
         let root = root
             .titled(
                 &draw::clean_text(title),
-                (draw::LABEL_FONT, draw::px(18.0)).into_font(),
+                (draw::LABEL_FONT, draw::px(TITLE_PX)).into_font(),
             )
             .map_err(draw::svg_err)?;
-        let (panels, bar) = root.split_horizontally(grids.len() as u32 * panel_w);
+        let (panels, rest) = root.split_horizontally(grids.len() as u32 * panel_w);
+        let (bar, _) = rest.split_horizontally(bar_w);
         for (area, grid) in panels.split_evenly((1, grids.len())).iter().zip(grids) {
-            draw_panel(area, grid, zmax)?;
+            draw_panel(area, grid, zmax, fmt)?;
         }
         draw::colour_bar(&bar, zmax, score, MARGIN, MARGIN + X_LABEL)?;
         root.present().map_err(draw::svg_err)?;
@@ -134,7 +152,7 @@ pub fn head_heatmap_svg(title: &str, score: &str, grids: &[HeadGrid]) -> Result<
     Ok(svg)
 }
 
-fn draw_panel(area: &Area, grid: &HeadGrid, zmax: f64) -> Result<()> {
+fn draw_panel(area: &Area, grid: &HeadGrid, zmax: f64, fmt: draw::NumberFormat) -> Result<()> {
     let (n_layers, n_heads) = (grid.cells.len(), grid.cells[0].len());
     // Cells are centred on integers, so integer ticks label them; layers go down the page
     // (layer 0 on top, as `imshow` shows a matrix), hence the negated y axis.
@@ -191,9 +209,9 @@ fn draw_panel(area: &Area, grid: &HeadGrid, zmax: f64) -> Result<()> {
         .draw_series(cells.iter().map(|&(l, h, v)| {
             let bg = draw::diverging(draw::cell_number(v), zmax);
             Text::new(
-                draw::cell_text(v),
+                draw::cell_label(v, fmt),
                 (h as f64, -(l as f64)),
-                draw::centred(draw::CELL_FONT, 12.0, draw::text_on(bg)),
+                draw::centred(draw::CELL_FONT, CELL_PX, draw::text_on(bg)),
             )
         }))
         .map_err(draw::svg_err)?;

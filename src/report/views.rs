@@ -344,7 +344,6 @@ const Y_LABEL: u32 = 52;
 const X_LABEL: u32 = 40;
 const CAPTION: u32 = 25;
 const TITLE: u32 = 40;
-const BAR_W: u32 = 110;
 /// Token labels are 11 px monospace: about 6.6 px a character.
 const CHAR_PX: f64 = 6.8;
 
@@ -369,18 +368,21 @@ pub fn view_svg(view: &ResolvedView, data: &ViewData) -> Result<String> {
     let cell_h = CELL_H.max(draw::MIN_PLOT_PX.div_ceil(n * n_seq as u32));
     let panel_w = 2 * MARGIN + Y_LABEL + n_pos as u32 * cell_w;
     let panel_h = CAPTION + 2 * MARGIN + n_seq as u32 * cell_h + X_LABEL;
-    let size = (panel_w + BAR_W, TITLE + n * panel_h);
     let title = format!(
         "{} per position, dataset {} (first {} sequences)",
         view.metric, view.dataset, n_seq
     );
+    let bar_w = draw::colour_bar_width(zmax, "value");
+    let title_w = MARGIN + Y_LABEL + draw::text_px(&title, 18.0) + MARGIN;
+    let size = ((panel_w + bar_w).max(title_w), TITLE + n * panel_h);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         root.fill(&WHITE).map_err(draw::svg_err)?;
         let (top, root) = root.split_vertically(TITLE);
         draw::left_text(&top, &title, (MARGIN + Y_LABEL) as i32, 10, 18.0)?;
-        let (panels, bar) = root.split_horizontally(panel_w);
+        let (panels, rest) = root.split_horizontally(panel_w);
+        let (bar, _) = rest.split_horizontally(bar_w);
         for (area, panel) in panels
             .split_evenly((data.panels.len(), 1))
             .iter()

@@ -13,7 +13,7 @@ use hookgraph::hooks::{HookFilter, Hooks};
 use hookgraph::metrics::{self, BatchView, RunContext};
 use hookgraph::model::{self, CheckpointFiles, LoadedModel, Processing};
 use hookgraph::output::{self, Table, Value};
-use hookgraph::report::{self, attention, prompt, views, ReportInput};
+use hookgraph::report::{self, attention, draw, prompt, views, ReportInput};
 use hookgraph::spec::LoadedSpec;
 use hookgraph::tokenizer::{GptTokenizer, ENDOFTEXT};
 use ndarray::Array2;
@@ -198,7 +198,7 @@ fn rank(all: &[f64], v: f64) -> usize {
 }
 
 #[test]
-fn heatmap_cells_equal_the_csv_to_two_decimals() {
+fn heatmap_cells_equal_the_csv() {
     let run = run_report(VIEW);
     let svg_path = run.dir.path().join("source_suppression.svg");
     assert!(run.out.files.contains(&svg_path));
@@ -215,12 +215,7 @@ fn heatmap_cells_equal_the_csv_to_two_decimals() {
     let mut datasets: Vec<String> = Vec::new();
     for rec in csv.records() {
         let rec = rec.unwrap();
-        let v: f64 = rec[s].parse().unwrap();
-        let shown = if v.is_nan() {
-            "NaN".to_string()
-        } else {
-            format!("{v:.2}")
-        };
+        let shown = rec[s].to_string();
         if !datasets.contains(&rec[d].to_string()) {
             datasets.push(rec[d].to_string());
         }
@@ -253,10 +248,11 @@ fn heatmap_cells_equal_the_csv_to_two_decimals() {
                 seen.insert((layer, head)),
                 "two labels in cell {layer}.{head}"
             );
-            assert_eq!(
-                c.3,
-                expected[&(dataset.clone(), layer, head)],
-                "{dataset} head {layer}.{head}"
+            let csv = &expected[&(dataset.clone(), layer, head)];
+            assert!(
+                label_matches(&c.3, csv.parse().unwrap()),
+                "{dataset} head {layer}.{head}: label {} for CSV {csv}",
+                c.3
             );
         }
     }
@@ -277,19 +273,246 @@ fn heatmap_cells_equal_the_csv_to_two_decimals() {
         .values()
         .filter_map(|v| v.parse::<f64>().ok())
         .fold(0.0f64, |m, v| m.max(v.abs()));
-    let ticks: Vec<f64> = texts
-        .iter()
-        .filter(|t| t.0 == "sans-serif" && t.3.contains('.'))
-        .filter_map(|t| t.3.parse::<f64>().ok())
-        .collect();
+    let ticks = bar_ticks(&texts);
     assert!(ticks.iter().any(|&t| t > 0.0), "{ticks:?}");
     assert!(
         ticks.iter().all(|t| ticks.contains(&-t)),
         "symmetric: {ticks:?}"
     );
     assert!(
-        ticks.iter().all(|t| t.abs() <= zmax + 0.02),
+        ticks.iter().all(|t| t.abs() <= zmax * 1.01),
         "{ticks:?} vs {zmax}"
+    );
+}
+
+/// Whether a figure's `label` writes `v`: equal to it within half a unit of the label's last
+/// digit (`2.97`: 0.005; `8.1e-4`: 5e-6), with its sign, never `-0`, and `0` only for zero.
+fn label_matches(label: &str, v: f64) -> bool {
+    if v.is_nan() {
+        return label == "NaN";
+    }
+    if v == 0.0 {
+        return label == "0";
+    }
+    let Ok(x) = label.parse::<f64>() else {
+        return false;
+    };
+    let (mantissa, exp) = match label.split_once('e') {
+        Some((m, e)) => (m, e.parse::<i32>().unwrap()),
+        None => (label, 0),
+    };
+    let decimals = mantissa.split_once('.').map_or(0, |(_, d)| d.len()) as i32;
+    let unit = 10f64.powi(exp - decimals);
+    x != 0.0 && x.signum() == v.signum() && (x - v).abs() <= unit / 2.0 * (1.0 + 1e-9)
+}
+
+/// The colour bar's tick values: the sans-serif labels right of every cell that parse as
+/// numbers (the axes' integer ticks are left of or below the cells).
+fn bar_ticks(texts: &[(String, f64, f64, String)]) -> Vec<f64> {
+    let right_of_cells = texts
+        .iter()
+        .filter(|t| t.0 == "monospace")
+        .map(|t| t.1)
+        .fold(f64::MIN, f64::max);
+    texts
+        .iter()
+        .filter(|t| t.0 == "sans-serif" && t.1 > right_of_cells)
+        .filter_map(|t| t.3.parse::<f64>().ok())
+        .collect()
+}
+
+/// The `width` and `height` of an SVG's root, and the extent of its drawn content: the
+/// largest x + width and y + height of any rect, and where any text ends (estimated).
+fn svg_extent(svg: &str) -> ((f64, f64), (f64, f64)) {
+    let doc = roxmltree::Document::parse(svg).unwrap();
+    let root = doc.root_element();
+    let num = |n: roxmltree::Node, a: &str| n.attribute(a).and_then(|v| v.parse::<f64>().ok());
+    let size = (num(root, "width").unwrap(), num(root, "height").unwrap());
+    let (mut w, mut h) = (0.0f64, 0.0f64);
+    for n in doc.descendants() {
+        if n.has_tag_name("rect") {
+            let (x, y) = (num(n, "x").unwrap_or(0.0), num(n, "y").unwrap_or(0.0));
+            let (rw, rh) = (
+                num(n, "width").unwrap_or(0.0),
+                num(n, "height").unwrap_or(0.0),
+            );
+            // The white background fills the whole canvas: not content.
+            if (rw, rh) != size {
+                w = w.max(x + rw);
+                h = h.max(y + rh);
+            }
+        } else if n.has_tag_name("text") {
+            // About 0.45 em a character (sans-serif on average); the anchor says where x is.
+            let size = num(n, "font-size").unwrap_or(12.0);
+            let text_w = n.text().unwrap_or_default().trim().chars().count() as f64 * 0.45 * size;
+            let right = match n.attribute("text-anchor") {
+                Some("middle") => text_w / 2.0,
+                Some("end") => 0.0,
+                _ => text_w,
+            };
+            w = w.max(num(n, "x").unwrap_or(0.0) + right);
+            h = h.max(num(n, "y").unwrap_or(0.0) + size / 2.0);
+        }
+    }
+    (size, (w, h))
+}
+
+/// A 12 x 12 per-head table with values spread over `[-zmax, zmax]` (and one exact zero).
+fn synthetic_head_table(name: &str, score: &str, zmax: f64) -> Table {
+    let mut t = Table::new(name, &["layer", "head", score]).per_head(score);
+    for l in 0..12 {
+        for h in 0..12 {
+            let i = (l * 12 + h) as f64;
+            // A fixed, irregular pattern: both signs, many magnitudes, |v| <= zmax.
+            let v = if (l, h) == (5, 5) {
+                0.0
+            } else {
+                zmax * ((i * 0.7371).sin() * (i * 0.1913).cos()).powi(3)
+            };
+            t.push(vec![
+                Value::Int(l),
+                Value::Int(h),
+                Value::Float(v as f32 as f64),
+            ]);
+        }
+    }
+    t
+}
+
+/// The two cases a person reads: a GPT-2-small-shaped sweep of small values (every cell
+/// read `0.00` or `-0.00` with two decimals) and one of values near +-3; plus a per-token
+/// view of small values. Labels must equal the table, have the range's precision, colour
+/// bar ticks must be distinct, titles must fit and canvases must fit their content.
+/// Set `HOOKGRAPH_PICTURES=DIR` to keep the SVGs (to look at them, e.g. with
+/// `scripts/check_pages.py DIR`).
+#[test]
+fn pictures_of_small_and_large_values_read_right() {
+    let keep = std::env::var_os("HOOKGRAPH_PICTURES").map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = keep.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("small", "source_suppression", "score", 0.0023),
+        ("large", "projection_loss", "increase_ablation", 2.97),
+    ];
+    for (case, name, score, zmax) in cases {
+        let t1 = synthetic_head_table(name, score, zmax);
+        let t2 = synthetic_head_table(name, score, zmax * 0.6);
+        let tables = vec![("ioi".to_string(), &t1), ("webtext".to_string(), &t2)];
+        let sub = dir.join(case);
+        std::fs::create_dir_all(&sub).unwrap();
+        let (files, problems) = report::heatmap::write_head_heatmaps(&sub, &tables, 12, 12);
+        assert!(problems.is_empty(), "{problems:?}");
+        let svg = std::fs::read_to_string(&files[0]).unwrap();
+        let texts = svg_texts(&files[0]);
+        let cells: Vec<&(String, f64, f64, String)> =
+            texts.iter().filter(|t| t.0 == "monospace").collect();
+        assert_eq!(cells.len(), 2 * 144, "{case}");
+        let values: Vec<f64> = [&t1, &t2]
+            .iter()
+            .flat_map(|t| t.rows.iter().map(|r| r[2].as_f64().unwrap()))
+            .collect();
+        let mut seen_zero = false;
+        for (c, &v) in cells.iter().zip(&values) {
+            assert!(label_matches(&c.3, v), "{case}: label {} for {v}", c.3);
+            // Enough digits for the range: two significant digits or more at the figure's
+            // largest value (`2.97`, `2.0e-3`), so any label is within 2.5% of it.
+            let x: f64 = c.3.parse().unwrap();
+            assert!((x - v).abs() <= 0.025 * zmax, "{case}: {} for {v}", c.3);
+            assert!(
+                c.3.chars().count() <= 7,
+                "{case}: {} is too wide for a cell",
+                c.3
+            );
+            seen_zero |= c.3 == "0";
+        }
+        assert!(seen_zero, "{case}: the exact zero reads 0");
+        let ticks = bar_ticks(&texts);
+        let labels: Vec<&str> = texts
+            .iter()
+            .filter(|t| t.0 == "sans-serif" && t.3.parse::<f64>().is_ok())
+            .map(|t| t.3.as_str())
+            .collect();
+        assert!(ticks.len() >= 3, "{case}: {labels:?}");
+        let mut distinct = ticks.clone();
+        distinct.sort_by(f64::total_cmp);
+        distinct.dedup();
+        assert_eq!(distinct.len(), ticks.len(), "{case}: {ticks:?}");
+        assert!(
+            ticks.iter().all(|t| ticks.contains(&-t)),
+            "{case}: {ticks:?}"
+        );
+        // The colour bar's caption is the whole column name, and inside the canvas.
+        let ((w, h), (cw, ch)) = svg_extent(&svg);
+        let caption = texts.iter().find(|t| t.3 == score).expect("bar caption");
+        let caption_w = draw::text_px(score, draw::CAPTION_PX) as f64;
+        assert!(
+            caption.1 + caption_w / 2.0 <= w,
+            "{case}: caption cut at {w}"
+        );
+        let title = format!("{name}: {score} per head");
+        assert!(texts.iter().any(|t| t.3 == title), "{case}");
+        // Canvas sized to its content: no more than a margin of blank space around it.
+        assert!(
+            cw <= w && ch <= h,
+            "{case}: content {cw}x{ch} outside {w}x{h}"
+        );
+        assert!(
+            h - ch <= 40.0 && w - cw <= 60.0,
+            "{case}: {w}x{h} for {cw}x{ch}"
+        );
+    }
+
+    // A per-token view of small values: its own colour bar with distinct ticks.
+    let mut t = Table::new(
+        "source_suppression_per_position",
+        &["layer", "head", "seq", "pos", "token", "value"],
+    );
+    for (i, (l, h)) in [(10usize, 7usize), (11, 10), (9, 9)]
+        .into_iter()
+        .enumerate()
+    {
+        for s in 0..4 {
+            for p in 0..9 {
+                let x = (i * 36 + s * 9 + p) as f64;
+                let v = 0.0031 * (x * 0.91).sin().powi(3);
+                let tok = if p == 0 {
+                    ENDOFTEXT.to_string()
+                } else {
+                    format!(" w{p}")
+                };
+                t.push(vec![
+                    Value::Int(l as i64),
+                    Value::Int(h as i64),
+                    Value::Int(s as i64),
+                    Value::Int(p as i64),
+                    tok.into(),
+                    Value::Float(v),
+                ]);
+            }
+        }
+    }
+    let view = views::ResolvedView {
+        metric: "source_suppression".into(),
+        dataset: "ioi".into(),
+        heads: vec![(10, 7), (11, 10), (9, 9)],
+        sequences: 4,
+    };
+    let svg = views::view_svg(&view, &views::view_data(&view, &t, None).unwrap()).unwrap();
+    let path = dir.join("view_small.svg");
+    std::fs::write(&path, &svg).unwrap();
+    let texts = svg_texts(&path);
+    let ticks = bar_ticks(&texts);
+    assert!(ticks.len() >= 3, "{texts:?}");
+    let mut distinct = ticks.clone();
+    distinct.sort_by(f64::total_cmp);
+    distinct.dedup();
+    assert_eq!(distinct.len(), ticks.len(), "{ticks:?}");
+    assert!(ticks.iter().all(|t| t.abs() <= 0.0031), "{ticks:?}");
+    let ((w, h), (cw, ch)) = svg_extent(&svg);
+    assert!(
+        cw <= w && ch <= h && h - ch <= 40.0,
+        "{w}x{h} for {cw}x{ch}"
     );
 }
 
