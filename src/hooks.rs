@@ -4,7 +4,7 @@
 //! that decides which points a forward pass keeps ([`HookFilter`], TL's `names_filter`), the
 //! [`ActivationCache`] those points land in, and write hooks that replace an activation in
 //! flight. Must not: compute anything about the model; the forward pass calls
-//! [`Hooks::point`] at each named point and this module decides what happens there.
+//! [`Hooks::visit`] at each named point and this module decides what happens there.
 //!
 //! Activations leave the device only at points that are cached or written, so a pass that
 //! asks for three hook points pays for three copies, not for the whole model.

@@ -2,7 +2,7 @@
 //!
 //! Owns: the spec's schema (every key documented in the README), parsing with file:line:col
 //! errors (unknown keys are rejected), and the checks that need only the spec and the model's
-//! shape ([`Spec::check_heads`]). Must not: load models, read datasets or run anything.
+//! shape ([`LoadedSpec::check_heads`]). Must not: load models, read datasets or run anything.
 //!
 //! Paths inside a spec (model `path`, `tokenizer`, dataset `path`, `plugin`) are relative to
 //! the spec file's directory; `output` is relative to the working directory, like

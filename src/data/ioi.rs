@@ -183,7 +183,7 @@ pub const OBJECTS: &[&str] = &[
 
 /// The IOI paper's BABA templates. The final ` [A]` is the answer: it is stripped, so a
 /// prompt ends where the model must predict the IO. ABBA versions are derived
-/// ([`abba`]), so the dataset uses twice as many templates.
+/// ([`Template::abba`]), so the dataset uses twice as many templates.
 pub const BABA_TEMPLATES: &[&str] = &[
     "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]",
     "Then, [B] and [A] had a lot of fun at the [PLACE]. [B] gave a [OBJECT] to [A]",
@@ -321,7 +321,7 @@ impl Template {
     }
 
     /// The ABBA version of a BABA template: the first `[B]` and the first `[A]` swap, as in
-    /// the IOI paper ("Then, [A] and [B] went to the [PLACE]. [B] gave a [OBJECT] to").
+    /// the IOI paper (`"Then, [A] and [B] went to the [PLACE]. [B] gave a [OBJECT] to"`).
     pub fn abba(&self) -> Template {
         let mut pieces = self.pieces.clone();
         let first = |s: Slot| pieces.iter().position(|p| *p == Piece::Slot(s));
