@@ -282,6 +282,9 @@ pub struct Timings {
     pub forward_seconds: f64,
     /// Each metric's `batch` calls, by the metric's name in the spec.
     pub metric_seconds: BTreeMap<String, f64>,
+    /// Writing checkpoints after the batches (a resumable run's overhead).
+    #[serde(default)]
+    pub checkpoint_seconds: f64,
 }
 
 /// What happens around each batch besides the model and the metrics.

@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub shard: Option<Shard>,
     /// `--resume`: continue from this run's checkpoint, if it left one.
     pub resume: bool,
+    /// `--checkpoint-every SECONDS`: write checkpoints at most this often (0: every batch).
+    pub checkpoint_every: f64,
 }
 
 pub use crate::engine::Failure;
@@ -325,6 +327,7 @@ pub struct DatasetRecord {
     tokens_sha256: String,
     forward_seconds: f64,
     metric_seconds: BTreeMap<String, f64>,
+    checkpoint_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -419,12 +422,15 @@ fn run_on<D: Device<f32>>(
     let mut recorder = match stateless {
         Some(e) if opts.shard.is_some() || opts.resume => return Err(e),
         Some(_) => None,
-        None => Some(Recorder::new(
-            shard::checkpoint::path(&out_dir, opts.shard),
-            identity.clone(),
-            opts.shard.unwrap_or(Shard::WHOLE),
-            batch_size,
-        )),
+        None => Some(
+            Recorder::new(
+                shard::checkpoint::path(&out_dir, opts.shard),
+                identity.clone(),
+                opts.shard.unwrap_or(Shard::WHOLE),
+                batch_size,
+            )
+            .with_min_interval(opts.checkpoint_every),
+        ),
     };
     let (outcomes, last) = shard::compute::run(
         &engine,
@@ -556,6 +562,7 @@ impl Computed {
             tokens_sha256: shard::tokens_hash(dataset),
             forward_seconds: timings.forward_seconds,
             metric_seconds: timings.metric_seconds,
+            checkpoint_seconds: timings.checkpoint_seconds,
         });
         Ok(())
     }

@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// Continue from the checkpoint an interrupted run (or shard) left, if any.
     #[arg(long)]
     pub resume: bool,
+    /// Write the resume checkpoint at most every SECONDS (default 0: after every batch).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    pub checkpoint_every: f64,
 }
 
 #[derive(Subcommand, Debug)]

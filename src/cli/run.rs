@@ -27,6 +27,7 @@ pub fn run(spec_path: &Path, args: &RunArgs) -> crate::Result<ExitCode> {
             quiet: args.quiet,
             shard: args.shard,
             resume: args.resume,
+            checkpoint_every: args.checkpoint_every,
         },
     );
     finish(result, &output)

@@ -136,6 +136,9 @@ pub struct Recorder {
     done: BTreeMap<(usize, usize), State>,
     written: usize,
     abort_after: Option<usize>,
+    /// Write at most this often (0: after every batch); the last write is remembered.
+    min_interval: std::time::Duration,
+    last_write: Option<std::time::Instant>,
 }
 
 impl Recorder {
@@ -157,7 +160,17 @@ impl Recorder {
             done: BTreeMap::new(),
             written: 0,
             abort_after: std::env::var(ABORT_ENV).ok().and_then(|v| v.parse().ok()),
+            min_interval: std::time::Duration::ZERO,
+            last_write: None,
         }
+    }
+
+    /// Checkpoints at most every `seconds` (0, the default: after every batch). A run with a
+    /// large state (per-position rows of many heads) on a fast device trades the work a
+    /// resume repeats (at most `seconds`) for the time spent writing.
+    pub fn with_min_interval(mut self, seconds: f64) -> Self {
+        self.min_interval = std::time::Duration::from_secs_f64(seconds.max(0.0));
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -225,6 +238,12 @@ impl Recorder {
         timings: &Timings,
         next: usize,
     ) -> Result<()> {
+        if self
+            .last_write
+            .is_some_and(|t| t.elapsed() < self.min_interval)
+        {
+            return Ok(());
+        }
         self.progress.datasets_done = d;
         self.progress.next_sequence = next;
         self.progress.failures = metrics.failures().to_vec();
@@ -236,6 +255,7 @@ impl Recorder {
             states,
         }
         .write(&self.path)?;
+        self.last_write = Some(std::time::Instant::now());
         self.written += 1;
         if self.abort_after == Some(self.written) {
             eprintln!("{ABORT_ENV}: aborting after {} checkpoints", self.written);

@@ -140,11 +140,16 @@ pub fn run<D: Device<f32>>(
         );
         pb.set_position((start - range.start) as u64);
         {
+            let mut checkpoint_seconds = timings.checkpoint_seconds;
             // After the batch's checkpoint: Ctrl-C/SIGTERM stop here, leaving a checkpoint
             // that `--resume` continues from and no results (see `crate::interrupt`).
             let mut after = |m: &MetricSet, t: &Timings, next: usize| {
                 if let Some(r) = recorder.as_mut() {
-                    r.after_batch(m, d, t, next)?;
+                    let t0 = std::time::Instant::now();
+                    let mut t = t.clone();
+                    t.checkpoint_seconds = checkpoint_seconds;
+                    r.after_batch(m, d, &t, next)?;
+                    checkpoint_seconds += t0.elapsed().as_secs_f64();
                 }
                 crate::interrupt::checkpoint("batch")
             };
@@ -158,6 +163,7 @@ pub fn run<D: Device<f32>>(
                     after_batch: Some(&mut after),
                 },
             )?;
+            timings.checkpoint_seconds = checkpoint_seconds;
         }
         pb.finish_and_clear();
         if let Some(r) = recorder.as_mut() {

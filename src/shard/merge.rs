@@ -278,6 +278,7 @@ impl OnDevice for Merge<'_> {
             for s in shards {
                 if let Some(t) = s.checkpoint.progress.timings.get(d) {
                     timings.forward_seconds += t.forward_seconds;
+                    timings.checkpoint_seconds += t.checkpoint_seconds;
                     for (k, v) in &t.metric_seconds {
                         *timings.metric_seconds.entry(k.clone()).or_default() += v;
                     }
