@@ -9,11 +9,12 @@
 //! directories ([`crate::output::abandon_staging`]). Must not: write results or decide exit
 //! codes (the CLI maps `Interrupted` to 130).
 //!
-//! Tests pause a run at a named checkpoint with `HOOKGRAPH_TEST_PAUSE_AT=<point>` (it prints
-//! `hookgraph: paused at <point>` to stderr and waits, at most a minute, for a signal), so
-//! a signal can be sent at a known moment instead of by timing.
+//! Tests pause a run at a named checkpoint with `HOOKGRAPH_TEST_PAUSE_AT=<point>` or
+//! `<point>#<k>` (its k-th visit): it prints `hookgraph: paused at <point>` to stderr and
+//! waits, at most a minute, for a signal, so a signal can be sent at a known moment instead
+//! of by timing.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -78,18 +79,39 @@ fn signal_name(sig: i32) -> &'static str {
     "stopped"
 }
 
-/// Between two units of work: `Err(Interrupted)` when a stop was requested. `point` names
-/// the place for [`PAUSE_ENV`].
-pub fn checkpoint(point: &str) -> Result<()> {
-    if std::env::var(PAUSE_ENV).is_ok_and(|p| p == point) {
-        eprintln!("hookgraph: paused at {point}");
-        let t = Instant::now();
-        while !requested() && t.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+/// Visits of the point named by [`PAUSE_ENV`] so far.
+static PAUSE_VISITS: AtomicUsize = AtomicUsize::new(0);
+
+/// The test pause of [`PAUSE_ENV`], if `point` (on this visit) is the one it names.
+pub fn pause_at(point: &str) {
+    let Ok(want) = std::env::var(PAUSE_ENV) else {
+        return;
+    };
+    let (name, k) = match want.split_once('#') {
+        Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1)),
+        None => (want, 1),
+    };
+    if name != point || PAUSE_VISITS.fetch_add(1, Ordering::SeqCst) + 1 != k {
+        return;
     }
+    eprintln!("hookgraph: paused at {point}");
+    let t = Instant::now();
+    while !requested() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `Err(Interrupted)` when a stop was requested.
+pub fn stop_if_requested() -> Result<()> {
     match REQUESTED.load(Ordering::SeqCst) {
         0 => Ok(()),
         sig => Err(Error::Interrupted(signal_name(sig).to_string())),
     }
+}
+
+/// Between two units of work: the test pause for `point`, then `Err(Interrupted)` when a
+/// stop was requested.
+pub fn checkpoint(point: &str) -> Result<()> {
+    pause_at(point);
+    stop_if_requested()
 }

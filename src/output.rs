@@ -664,4 +664,30 @@ mod tests {
         assert!(e.contains("not a hookgraph results directory"), "{e}");
         assert!(Target::check(&out.join("b.csv")).is_err());
     }
+
+    #[test]
+    fn renamed_metrics_rename_all_their_tables() {
+        let names = |own: &str, given: &str, declared: &[&str]| TableNames {
+            own: own.into(),
+            given: given.into(),
+            declared: declared.iter().map(|t| t.to_string()).collect(),
+        };
+        let ss = names(
+            "source_suppression",
+            "ss_neg",
+            &["source_suppression", "source_suppression_per_position"],
+        );
+        assert_eq!(ss.planned(), ["ss_neg", "ss_neg_per_position"]);
+        // A plugin whose tables are not prefixed by its own name.
+        let p = names(
+            "hg_attention_entropy",
+            "ent",
+            &["attention_entropy", "other"],
+        );
+        assert_eq!(p.planned(), ["ent", "ent_other"]);
+        // Not renamed: as declared.
+        let same = names("loss", "loss", &["loss"]);
+        assert_eq!(same.planned(), ["loss"]);
+        assert_eq!(same.rename("undeclared"), "undeclared");
+    }
 }

@@ -230,6 +230,12 @@ impl Recorder {
         self.progress.timings.push(t.clone());
     }
 
+    /// Makes the next [`Recorder::after_batch`] write whatever the interval says (a run that
+    /// is stopping by a signal keeps its latest batch).
+    pub fn write_next(&mut self) {
+        self.last_write = None;
+    }
+
     /// Writes the checkpoint after a batch of dataset `d` that ended at sequence `next`.
     pub fn after_batch(
         &mut self,

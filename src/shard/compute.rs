@@ -141,17 +141,22 @@ pub fn run<D: Device<f32>>(
         pb.set_position((start - range.start) as u64);
         {
             let mut checkpoint_seconds = timings.checkpoint_seconds;
-            // After the batch's checkpoint: Ctrl-C/SIGTERM stop here, leaving a checkpoint
-            // that `--resume` continues from and no results (see `crate::interrupt`).
+            // Ctrl-C/SIGTERM stop after a batch, once its checkpoint is written (whatever
+            // `--checkpoint-every` says): `--resume` continues from there; no results are
+            // written (see `crate::interrupt`).
             let mut after = |m: &MetricSet, t: &Timings, next: usize| {
+                crate::interrupt::pause_at("batch");
                 if let Some(r) = recorder.as_mut() {
                     let t0 = std::time::Instant::now();
                     let mut t = t.clone();
                     t.checkpoint_seconds = checkpoint_seconds;
+                    if crate::interrupt::requested() {
+                        r.write_next();
+                    }
                     r.after_batch(m, d, &t, next)?;
                     checkpoint_seconds += t0.elapsed().as_secs_f64();
                 }
-                crate::interrupt::checkpoint("batch")
+                crate::interrupt::stop_if_requested()
             };
             engine.run_batches(
                 metrics,

@@ -223,16 +223,23 @@ fn item2_a_rerun_replaces_the_whole_directory_and_keeps_the_previous_one() {
     );
 }
 
-/// Starts `runner -q SPEC` paused at checkpoint `at`, sends SIGTERM once it says so, and
-/// returns (exit code, stderr).
+/// Starts `runner -q SPEC extra...` paused at checkpoint `at` (`point` or `point#k`), sends
+/// SIGTERM once it says so, and returns (exit code, stderr).
 #[cfg(unix)]
 fn terminate_at(spec: &Path, at: &str) -> (Option<i32>, String) {
+    terminate_at_with(spec, at, &[])
+}
+
+#[cfg(unix)]
+fn terminate_at_with(spec: &Path, at: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let point = at.split('#').next().unwrap();
     let mut child = Command::new(assert_cmd::cargo::cargo_bin("runner"))
         .current_dir(root())
         .env("HF_HUB_OFFLINE", "1")
         .env(hookgraph::interrupt::PAUSE_ENV, at)
         .arg(spec)
         .arg("-q")
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -241,7 +248,7 @@ fn terminate_at(spec: &Path, at: &str) -> (Option<i32>, String) {
     let mut sent = false;
     for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
-        if !sent && line.contains(&format!("paused at {at}")) {
+        if !sent && line.contains(&format!("paused at {point}")) {
             let st = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status()
@@ -301,6 +308,21 @@ fn item2_sigterm_during_the_forward_passes_writes_no_results() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(manifest(&case.out)["datasets"][0]["n_sequences"], 3);
     assert!(!case.out.join(".partial").exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn item2_a_signal_keeps_the_latest_batch_even_between_timed_checkpoints() {
+    // Checkpoints at most hourly: only the first batch's would be on disk, but a run that
+    // is stopping writes the batch it just finished.
+    let case = Case::new(&tokens_spec(3));
+    let (code, stderr) = terminate_at_with(&case.spec, "batch#2", &["--checkpoint-every", "3600"]);
+    assert_eq!(code, Some(130), "{stderr}");
+    let bytes = std::fs::read(case.out.join(".partial/state.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let progress: serde_json::Value = serde_json::from_str(&meta["hookgraph_progress"]).unwrap();
+    assert_eq!(progress["next_sequence"], 2, "{progress}");
 }
 
 #[test]
