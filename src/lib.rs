@@ -8,6 +8,7 @@
 //! `runner` binary's front end.
 
 pub mod bench;
+pub mod circuits;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -19,7 +19,7 @@ use crate::data::{self, DataContext, Dataset};
 use crate::device::{DeviceChoice, DeviceKind};
 use crate::error::{Error, Result};
 use crate::hooks::{HookFilter, Hooks};
-use crate::metrics::{self, BatchView, Metric, RunContext};
+use crate::metrics::{self, BatchView, Metric, RunContext, WeightMetric, WEIGHTS_DATASET};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
 use crate::output::{self, Table};
 use crate::report;
@@ -108,7 +108,16 @@ struct Prepared<D: Device<f32>> {
     heads: Vec<(usize, usize)>,
     datasets: Vec<Dataset>,
     metrics: Vec<(String, Option<Box<dyn Metric>>)>,
+    /// Metrics of the weights alone, with the heads their `[[view]]`s ask details of.
+    weight_metrics: Vec<WeightEntry>,
     failures: Vec<Failure>,
+}
+
+/// A weight metric of the run: its name, the metric, and its per-token heads.
+struct WeightEntry {
+    name: String,
+    metric: Box<dyn WeightMetric>,
+    detail: Vec<(usize, usize)>,
 }
 
 fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Prepared<D>> {
@@ -136,9 +145,25 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         .collect::<Result<Vec<_>>>()?;
 
     let mut metrics: Vec<(String, Option<Box<dyn Metric>>)> = Vec::new();
+    let mut weight_metrics: Vec<WeightEntry> = Vec::new();
     let mut failures = Vec::new();
     for m in &spec.spec.metrics {
-        if let Some(kind) = &m.kind {
+        if let Some(kind) = m
+            .kind
+            .as_ref()
+            .filter(|k| metrics::is_weight_metric(k.get_ref()))
+        {
+            let metric = metrics::weight_builtin(kind.get_ref(), &m.options)
+                .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
+            let name = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+            let detail =
+                report::views::weight_view_heads(spec, &name, &heads, cfg.n_layers, cfg.n_heads)?;
+            weight_metrics.push(WeightEntry {
+                name,
+                metric,
+                detail,
+            });
+        } else if let Some(kind) = &m.kind {
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
             metrics.push((
@@ -166,8 +191,13 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
             }
         }
     }
-    for (i, (name, _)) in metrics.iter().enumerate() {
-        if metrics[..i].iter().any(|(n, _)| n == name) {
+    let names: Vec<&String> = metrics
+        .iter()
+        .map(|(n, _)| n)
+        .chain(weight_metrics.iter().map(|w| &w.name))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
             return Err(spec.error(format!(
                 "two [[metric]] entries are both named '{name}': give one a different `name`"
             )));
@@ -178,6 +208,7 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         heads,
         datasets,
         metrics,
+        weight_metrics,
         failures,
     })
 }
@@ -223,6 +254,9 @@ pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<Strin
     for (name, _) in &p.metrics {
         out += &format!("  metric {name}\n");
     }
+    for w in &p.weight_metrics {
+        out += &format!("  metric {} (from the weights)\n", w.name);
+    }
     Ok(out)
 }
 
@@ -234,6 +268,13 @@ struct DatasetRecord {
     tokens_sha256: String,
     forward_seconds: f64,
     metric_seconds: BTreeMap<String, f64>,
+}
+
+#[derive(Serialize)]
+struct WeightRecord {
+    name: String,
+    seconds: f64,
+    gflop: f64,
 }
 
 #[derive(Serialize)]
@@ -251,6 +292,7 @@ struct Manifest<'a> {
     heads: usize,
     hook_points: Vec<String>,
     datasets: Vec<DatasetRecord>,
+    weight_metrics: Vec<WeightRecord>,
     files: Vec<String>,
     failures: &'a [Failure],
     load_seconds: f64,
@@ -287,6 +329,7 @@ fn run_on<D: Device<f32>>(
         heads,
         datasets,
         mut metrics,
+        mut weight_metrics,
         mut failures,
     } = prepare(dev, spec, opts.quiet)?;
     let load_seconds = t0.elapsed().as_secs_f64();
@@ -310,8 +353,19 @@ fn run_on<D: Device<f32>>(
     let filter = HookFilter::checked(&hook_points, cfg.n_layers)?;
 
     let batch_size = spec.spec.model.batch_size;
-    // tables[table name] = (index of the metric that made it, [(dataset, table)])
+    // tables[table name] = (index of the metric that made it, [(dataset, table)]); weight
+    // metrics are numbered after the activation metrics.
     let mut tables: BTreeMap<String, (usize, Vec<(String, Table)>)> = BTreeMap::new();
+
+    // Weight metrics first: once per run, no forward pass.
+    let weight_records = run_weight_metrics(
+        &ctx,
+        &mut weight_metrics,
+        metrics.len(),
+        &mut tables,
+        &mut failures,
+        opts.quiet,
+    )?;
     let mut records = Vec::new();
     for dataset in &datasets {
         let mut metric_seconds: BTreeMap<String, f64> = BTreeMap::new();
@@ -404,7 +458,9 @@ fn run_on<D: Device<f32>>(
     let failed: Vec<&str> = failures.iter().map(|f| f.metric.as_str()).collect();
     let failed_idx: Vec<bool> = metrics
         .iter()
-        .map(|(n, _)| failed.contains(&n.as_str()))
+        .map(|(n, _)| n)
+        .chain(weight_metrics.iter().map(|w| &w.name))
+        .map(|n| failed.contains(&n.as_str()))
         .collect();
     let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
     let mut files = Vec::new();
@@ -460,6 +516,7 @@ fn run_on<D: Device<f32>>(
         heads: heads.len(),
         hook_points,
         datasets: records,
+        weight_metrics: weight_records,
         files: files
             .iter()
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -480,6 +537,73 @@ fn run_on<D: Device<f32>>(
     })
 }
 
+/// Table name -> (index of the metric that made it, [(dataset, table)]).
+type TablesByName = BTreeMap<String, (usize, Vec<(String, Table)>)>;
+
+/// Runs every weight metric once, adding its tables (dataset [`WEIGHTS_DATASET`]) to
+/// `tables` under owner index `first_index + i`; a metric that fails is recorded and the
+/// others still run.
+fn run_weight_metrics(
+    ctx: &RunContext,
+    weight_metrics: &mut [WeightEntry],
+    first_index: usize,
+    tables: &mut TablesByName,
+    failures: &mut Vec<Failure>,
+    quiet: bool,
+) -> Result<Vec<WeightRecord>> {
+    let mut records = Vec::new();
+    for (i, w) in weight_metrics.iter_mut().enumerate() {
+        let heads = ctx.heads.len();
+        let pb = bar(
+            quiet,
+            w.metric.work(ctx),
+            format!("{} ({heads} heads)", w.name),
+        );
+        let t = Instant::now();
+        let result = w.metric.compute(ctx, &w.detail, &|k| pb.inc(k));
+        pb.finish_and_clear();
+        let seconds = t.elapsed().as_secs_f64();
+        let gflop = w.metric.flop(ctx) / 1e9;
+        if !quiet {
+            eprintln!(
+                "{}: {heads} heads in {seconds:.1} s ({:.1} GFLOP/s of matmul)",
+                w.name,
+                gflop / seconds
+            );
+        }
+        records.push(WeightRecord {
+            name: w.name.clone(),
+            seconds,
+            gflop,
+        });
+        match result {
+            Ok(ts) => {
+                for mut t in ts {
+                    if w.name != w.metric.name() {
+                        t.name = t.name.replacen(w.metric.name(), &w.name, 1);
+                    }
+                    if tables.contains_key(&t.name) {
+                        return Err(Error::Other(format!(
+                            "two metrics write the table '{}': give one of them a `name`",
+                            t.name
+                        )));
+                    }
+                    tables.insert(
+                        t.name.clone(),
+                        (first_index + i, vec![(WEIGHTS_DATASET.to_string(), t)]),
+                    );
+                }
+            }
+            Err(e) => failures.push(Failure {
+                metric: w.name.clone(),
+                dataset: None,
+                error: e.to_string(),
+            }),
+        }
+    }
+    Ok(records)
+}
+
 /// The five most negative heads of every per-head table and dataset.
 pub fn summary(tables: &[(String, Table)]) -> String {
     let mut out = String::new();
@@ -497,12 +621,22 @@ pub fn summary(tables: &[(String, Table)]) -> String {
             .filter_map(|r| Some((r[score].as_f64()?, format!("{}.{}", r[l], r[h]))))
             .filter(|(v, _)| v.is_finite())
             .collect();
-        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // A `frac_*` headline is a share of tokens (the circuits): its highest heads are the
+        // notable ones; every other headline is a suppression score, notable when negative.
+        let score_name = t.head_score.as_deref().unwrap_or_default();
+        let highest = score_name.starts_with("frac_");
+        rows.sort_by(|a, b| {
+            if highest {
+                b.0.total_cmp(&a.0)
+            } else {
+                a.0.total_cmp(&b.0)
+            }
+        });
         out += &format!(
-            "{} / {} ({}), most negative heads:\n",
+            "{} / {} ({score_name}), {} heads:\n",
             t.name,
             dataset,
-            t.head_score.as_deref().unwrap_or_default()
+            if highest { "highest" } else { "most negative" }
         );
         for (v, head) in rows.iter().take(5) {
             out += &format!("  {head:>6}  {v:>10.4}\n");
