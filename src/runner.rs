@@ -1,11 +1,13 @@
 //! The hook graph executor: runs a spec from model to files.
 //!
-//! Owns: the order of a run — resolve and load the model, select heads, build datasets,
-//! build metrics, take the union of the hook points they read, run **one** forward pass per
-//! batch caching only that union, hand every metric the same cache, collect tables, write
-//! CSVs and the manifest atomically, and summarise. A metric that fails is reported and the
-//! others still finish and are written ("nothing lost"). Must not: implement metrics, model
-//! math or file formats; those live in `metrics`, `model` and `output`.
+//! Owns: the order of a run — the prepare phase (resolve and load the model, select heads,
+//! build datasets and metrics), the weight phase (metrics of the weights alone, such as
+//! `ov_circuit`, computed once before any dataset), the compute phase (handed to
+//! [`crate::engine`], the one batch loop), and the write phase ([`write_results`]: CSVs, pictures, the manifest,
+//! atomically; a merge of shards ends there too), and the summary. A metric that fails is
+//! reported and the others still finish and are written ("nothing lost"). Must not:
+//! implement metrics, the batch loop, model math or file formats; those live in `metrics`,
+//! `engine`, `model` and `output`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,10 +18,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::data::{self, DataContext, Dataset};
-use crate::device::{DeviceChoice, DeviceKind};
+use crate::device::{with_device, DeviceChoice, DeviceKind, OnDevice};
+use crate::engine::{Engine, LoopOptions, MetricSet, Timings};
 use crate::error::{Error, Result};
-use crate::hooks::{HookFilter, Hooks};
-use crate::metrics::{self, BatchView, Metric, RunContext, WeightMetric, WEIGHTS_DATASET};
+use crate::metrics::{self, Metric, RunContext, WeightMetric, WEIGHTS_DATASET};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
 use crate::output::{self, Table};
 use crate::report;
@@ -33,13 +35,7 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
-/// A metric that failed, and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub metric: String,
-    pub dataset: Option<String>,
-    pub error: String,
-}
+pub use crate::engine::Failure;
 
 /// What a run did.
 #[derive(Debug)]
@@ -87,18 +83,20 @@ pub fn run(spec: &LoadedSpec, opts: &RunOptions) -> Result<RunReport> {
     if !opts.quiet {
         eprintln!("device: {kind}");
     }
-    match kind {
-        DeviceKind::Cpu => run_on(Cpu::default(), kind, spec, opts),
-        DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                let dev = dfdx::tensor::Cuda::try_build(0, 0)
-                    .map_err(|e| Error::Device(format!("{e:?}")))?;
-                run_on(dev, kind, spec, opts)
-            }
-            #[cfg(not(feature = "cuda"))]
-            unreachable!("DeviceChoice::resolve refuses CUDA without the feature")
-        }
+    with_device(kind, Run { kind, spec, opts })
+}
+
+/// A run's work, on whichever device was picked.
+struct Run<'a> {
+    kind: DeviceKind,
+    spec: &'a LoadedSpec,
+    opts: &'a RunOptions,
+}
+
+impl OnDevice for Run<'_> {
+    type Output = RunReport;
+    fn run<D: Device<f32>>(self, dev: D) -> Result<RunReport> {
+        run_on(dev, self.kind, self.spec, self.opts)
     }
 }
 
@@ -107,13 +105,14 @@ struct Prepared<D: Device<f32>> {
     loaded: LoadedModel<D>,
     heads: Vec<(usize, usize)>,
     datasets: Vec<Dataset>,
-    metrics: Vec<(String, Option<Box<dyn Metric>>)>,
-    /// Metrics of the weights alone, with the heads their `[[view]]`s ask details of.
+    /// The metrics (a plugin that did not load is already a failure in it).
+    metrics: MetricSet<'static>,
+    /// Metrics of the weights alone, computed once before any dataset.
     weight_metrics: Vec<WeightEntry>,
-    failures: Vec<Failure>,
 }
 
-/// A weight metric of the run: its name, the metric, and its per-token heads.
+/// A weight metric of the run: its name, the metric, and the heads whose per-token table
+/// its `[[view]]`s ask for.
 struct WeightEntry {
     name: String,
     metric: Box<dyn WeightMetric>,
@@ -144,15 +143,14 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         .map(|d| data::build(d, &ctx))
         .collect::<Result<Vec<_>>>()?;
 
-    let mut metrics: Vec<(String, Option<Box<dyn Metric>>)> = Vec::new();
+    let mut metrics = MetricSet::new();
     let mut weight_metrics: Vec<WeightEntry> = Vec::new();
-    let mut failures = Vec::new();
     for m in &spec.spec.metrics {
-        if let Some(kind) = m
+        let weight_kind = m
             .kind
             .as_ref()
-            .filter(|k| metrics::is_weight_metric(k.get_ref()))
-        {
+            .filter(|k| metrics::is_weight_metric(k.get_ref()));
+        if let Some(kind) = weight_kind {
             let metric = metrics::weight_builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
             let name = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
@@ -166,35 +164,27 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         } else if let Some(kind) = &m.kind {
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-            metrics.push((
+            metrics.add(
                 m.name.clone().unwrap_or_else(|| kind.get_ref().clone()),
-                Some(metric),
-            ));
+                metric,
+            );
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
             match load_plugin(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
-                Ok(metric) => metrics.push((
+                Ok(metric) => metrics.add(
                     m.name.clone().unwrap_or_else(|| metric.name().to_string()),
-                    Some(metric),
-                )),
-                Err(e) => {
-                    failures.push(Failure {
-                        metric: fallback.clone(),
-                        dataset: None,
-                        error: e.to_string(),
-                    });
-                    metrics.push((fallback, None));
-                }
+                    metric,
+                ),
+                Err(e) => metrics.add_failed(fallback, e.to_string()),
             }
         }
     }
-    let names: Vec<&String> = metrics
-        .iter()
-        .map(|(n, _)| n)
-        .chain(weight_metrics.iter().map(|w| &w.name))
+    let names: Vec<&str> = metrics
+        .names()
+        .chain(weight_metrics.iter().map(|w| w.name.as_str()))
         .collect();
     for (i, name) in names.iter().enumerate() {
         if names[..i].contains(name) {
@@ -209,7 +199,6 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         datasets,
         metrics,
         weight_metrics,
-        failures,
     })
 }
 
@@ -218,7 +207,7 @@ fn load_plugin(
     dir: &std::path::Path,
     options: &toml::Table,
 ) -> Result<Box<dyn Metric>> {
-    crate::plugin::load_metric(spec, dir, options)
+    crate::metrics::plugin::load_metric(spec, dir, options)
 }
 
 /// Checks a spec end to end without running a forward pass: the model loads, heads are in
@@ -226,7 +215,7 @@ fn load_plugin(
 pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<String> {
     let _ = device.unwrap_or(spec.spec.model.device).resolve()?;
     let p = prepare(Cpu::default(), spec, true)?;
-    if let Some(f) = p.failures.first() {
+    if let Some(f) = p.metrics.failures().first() {
         return Err(Error::Metric {
             metric: f.metric.clone(),
             msg: f.error.clone(),
@@ -251,7 +240,7 @@ pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<Strin
             d.seq_len()
         );
     }
-    for (name, _) in &p.metrics {
+    for name in p.metrics.names() {
         out += &format!("  metric {name}\n");
     }
     for w in &p.weight_metrics {
@@ -261,7 +250,7 @@ pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<Strin
 }
 
 #[derive(Serialize)]
-struct DatasetRecord {
+pub struct DatasetRecord {
     name: String,
     n_sequences: usize,
     seq_len: usize,
@@ -270,8 +259,9 @@ struct DatasetRecord {
     metric_seconds: BTreeMap<String, f64>,
 }
 
+/// A weight metric's time and matmul work, for the manifest.
 #[derive(Serialize)]
-struct WeightRecord {
+pub struct WeightRecord {
     name: String,
     seconds: f64,
     gflop: f64,
@@ -330,7 +320,6 @@ fn run_on<D: Device<f32>>(
         datasets,
         mut metrics,
         mut weight_metrics,
-        mut failures,
     } = prepare(dev, spec, opts.quiet)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = loaded.cfg().clone();
@@ -342,133 +331,165 @@ fn run_on<D: Device<f32>>(
         tokenizer: loaded.tokenizer.as_ref(),
     };
 
-    // The hook graph: one cache filter, the union of what every metric reads.
-    let mut hook_points: Vec<String> = metrics
-        .iter()
-        .filter_map(|(_, m)| m.as_ref())
-        .flat_map(|m| m.hooks(&ctx))
-        .collect();
-    hook_points.sort();
-    hook_points.dedup();
-    let filter = HookFilter::checked(&hook_points, cfg.n_layers)?;
-
-    let batch_size = spec.spec.model.batch_size;
-    // tables[table name] = (index of the metric that made it, [(dataset, table)]); weight
-    // metrics are numbered after the activation metrics.
-    let mut tables: BTreeMap<String, (usize, Vec<(String, Table)>)> = BTreeMap::new();
-
-    // Weight metrics first: once per run, no forward pass.
-    let weight_records = run_weight_metrics(
+    // The compute phase: every dataset's batches through the model and the metrics.
+    let engine = Engine::new(&loaded.model, &ctx, &metrics, spec.spec.model.batch_size)?;
+    let mut computed = Computed::new(engine.hook_points().to_vec());
+    // The weight phase: once per run, no forward pass.
+    run_weight_metrics(
         &ctx,
         &mut weight_metrics,
-        metrics.len(),
-        &mut tables,
-        &mut failures,
+        &mut metrics,
+        &mut computed,
         opts.quiet,
     )?;
-    let mut records = Vec::new();
     for dataset in &datasets {
-        let mut metric_seconds: BTreeMap<String, f64> = BTreeMap::new();
-        let mut forward_seconds = 0.0;
-        let fail = |failures: &mut Vec<Failure>, name: &str, e: Error| {
-            failures.push(Failure {
-                metric: name.to_string(),
-                dataset: Some(dataset.name.clone()),
-                error: e.to_string(),
-            })
-        };
-        let mut active: Vec<bool> = metrics.iter().map(|(_, m)| m.is_some()).collect();
-        for ((name, m), on) in metrics.iter_mut().zip(active.iter_mut()) {
-            if let Some(m) = m.as_mut() {
-                if let Err(e) = m.start_dataset(&ctx, dataset) {
-                    fail(&mut failures, name, e);
-                    *on = false;
-                }
-            }
-        }
         let n = dataset.n_sequences();
         let pb = bar(
             opts.quiet,
             n as u64,
             format!("{} ({} seqs)", dataset.name, n),
         );
-        for start in (0..n).step_by(batch_size) {
-            let end = (start + batch_size).min(n);
-            let tokens = dataset.tokens.slice(ndarray::s![start..end, ..]).to_owned();
-            let t = Instant::now();
-            let mut hooks = Hooks::caching(filter.clone());
-            loaded.model.run_hooks(&tokens, &mut hooks)?;
-            let cache = hooks.take_cache();
-            forward_seconds += t.elapsed().as_secs_f64();
-            let view = BatchView {
-                dataset,
-                start,
-                tokens: tokens.view(),
-                cache: &cache,
-            };
-            for ((name, m), on) in metrics.iter_mut().zip(active.iter_mut()) {
-                if let (Some(m), true) = (m.as_mut(), *on) {
-                    let t = Instant::now();
-                    if let Err(e) = m.batch(&ctx, &view) {
-                        fail(&mut failures, name, e);
-                        *on = false;
-                    }
-                    *metric_seconds.entry(name.clone()).or_default() += t.elapsed().as_secs_f64();
-                }
-            }
-            pb.inc((end - start) as u64);
-        }
+        let (tables, timings) = engine.run_dataset(
+            &mut metrics,
+            dataset,
+            &mut LoopOptions {
+                progress: Some(&pb),
+                ..LoopOptions::default()
+            },
+        )?;
         pb.finish_and_clear();
-        for (idx, ((name, m), on)) in metrics.iter_mut().zip(active.iter()).enumerate() {
-            if let (Some(m), true) = (m.as_mut(), *on) {
-                match m.finish_dataset(&ctx, dataset) {
-                    Ok(ts) => {
-                        for mut t in ts {
-                            // A metric given its own `name` prefixes its tables with it, so
-                            // one metric can run twice with different options.
-                            if name != m.name() {
-                                t.name = t.name.replacen(m.name(), name, 1);
-                            }
-                            let entry = tables.entry(t.name.clone()).or_insert((idx, Vec::new()));
-                            if entry.0 != idx {
-                                return Err(Error::Other(format!(
-                                    "two metrics write the table '{}': give one of them a `name`",
-                                    t.name
-                                )));
-                            }
-                            entry.1.push((dataset.name.clone(), t));
-                        }
-                    }
-                    Err(e) => fail(&mut failures, name, e),
-                }
-            }
-        }
-        records.push(DatasetRecord {
-            name: dataset.name.clone(),
-            n_sequences: n,
-            seq_len: dataset.seq_len(),
-            tokens_sha256: tokens_hash(dataset),
-            forward_seconds,
-            metric_seconds,
-        });
+        computed.add_dataset(dataset, tables, timings)?;
     }
 
-    // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
-    // read as complete.
-    let failed: Vec<&str> = failures.iter().map(|f| f.metric.as_str()).collect();
-    let failed_idx: Vec<bool> = metrics
-        .iter()
-        .map(|(n, _)| n)
-        .chain(weight_metrics.iter().map(|w| &w.name))
-        .map(|n| failed.contains(&n.as_str()))
-        .collect();
-    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    write_results(
+        &WriteInput {
+            spec,
+            out_dir: opts.output.clone().unwrap_or_else(|| spec.output_dir()),
+            kind,
+            loaded: &loaded,
+            heads: &heads,
+            datasets: &datasets,
+            quiet: opts.quiet,
+            t0,
+            load_seconds,
+        },
+        &mut metrics,
+        computed,
+    )
+}
+
+/// The owner index of a weight metric's tables in [`Computed`]: a weight metric that
+/// fails adds no tables, so they are never held back for a failure.
+const WEIGHTS_OWNER: usize = usize::MAX;
+
+/// What the compute phase produced, as the write phase takes it.
+pub struct Computed {
+    /// tables[table name] = (index of the metric that made it, [(dataset, table)])
+    tables: BTreeMap<String, (usize, Vec<(String, Table)>)>,
+    records: Vec<DatasetRecord>,
+    weight_records: Vec<WeightRecord>,
+    hook_points: Vec<String>,
+}
+
+impl Computed {
+    pub fn new(hook_points: Vec<String>) -> Self {
+        Computed {
+            tables: BTreeMap::new(),
+            records: Vec::new(),
+            weight_records: Vec::new(),
+            hook_points,
+        }
+    }
+
+    /// Adds a weight metric's tables (dataset [`WEIGHTS_DATASET`]) and its timing.
+    fn add_weights(&mut self, tables: Vec<Table>, record: WeightRecord) -> Result<()> {
+        for t in tables {
+            if self.tables.contains_key(&t.name) {
+                return Err(Error::Other(format!(
+                    "two metrics write the table '{}': give one of them a `name`",
+                    t.name
+                )));
+            }
+            self.tables.insert(
+                t.name.clone(),
+                (WEIGHTS_OWNER, vec![(WEIGHTS_DATASET.to_string(), t)]),
+            );
+        }
+        self.weight_records.push(record);
+        Ok(())
+    }
+
+    /// Adds a dataset's tables (with the index of the metric that made each) and timings.
+    pub fn add_dataset(
+        &mut self,
+        dataset: &Dataset,
+        tables: Vec<(usize, Table)>,
+        timings: Timings,
+    ) -> Result<()> {
+        for (idx, t) in tables {
+            let entry = self
+                .tables
+                .entry(t.name.clone())
+                .or_insert((idx, Vec::new()));
+            if entry.0 != idx {
+                return Err(Error::Other(format!(
+                    "two metrics write the table '{}': give one of them a `name`",
+                    t.name
+                )));
+            }
+            entry.1.push((dataset.name.clone(), t));
+        }
+        self.records.push(DatasetRecord {
+            name: dataset.name.clone(),
+            n_sequences: dataset.n_sequences(),
+            seq_len: dataset.seq_len(),
+            tokens_sha256: tokens_hash(dataset),
+            forward_seconds: timings.forward_seconds,
+            metric_seconds: timings.metric_seconds,
+        });
+        Ok(())
+    }
+}
+
+/// What the write phase needs besides the computed tables.
+pub struct WriteInput<'a, D: Device<f32>> {
+    pub spec: &'a LoadedSpec,
+    pub out_dir: PathBuf,
+    pub kind: DeviceKind,
+    pub loaded: &'a LoadedModel<D>,
+    pub heads: &'a [(usize, usize)],
+    pub datasets: &'a [Dataset],
+    pub quiet: bool,
+    /// When the run started, and how long loading took (for the manifest).
+    pub t0: Instant,
+    pub load_seconds: f64,
+}
+
+/// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
+/// both end here, so they write the same files.
+pub fn write_results<D: Device<f32>>(
+    w: &WriteInput<D>,
+    metrics: &mut MetricSet,
+    computed: Computed,
+) -> Result<RunReport> {
+    let Computed {
+        tables,
+        records,
+        weight_records,
+        hook_points,
+    } = computed;
+    let (spec, loaded, heads, datasets, kind) = (w.spec, w.loaded, w.heads, w.datasets, w.kind);
+    let cfg = loaded.cfg();
+    let out_dir = w.out_dir.clone();
+    let t0 = w.t0;
     let mut files = Vec::new();
-    let pb = bar(opts.quiet, tables.len() as u64, "writing results".into());
+    let pb = bar(w.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
     let mut report_tables: Vec<(String, &Table)> = Vec::new();
     for (owner, parts) in tables.values() {
-        if failed_idx[*owner] {
+        // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
+        // read as complete.
+        if *owner != WEIGHTS_OWNER && metrics.has_failed(*owner) {
             continue;
         }
         let refs: Vec<(String, &Table)> = parts.iter().map(|(d, t)| (d.clone(), t)).collect();
@@ -487,20 +508,22 @@ fn run_on<D: Device<f32>>(
     let pictures = report::write_all(&report::ReportInput {
         out_dir: &out_dir,
         spec,
-        loaded: &loaded,
-        heads: &heads,
-        datasets: &datasets,
+        loaded,
+        heads,
+        datasets,
         tables: &report_tables,
         csv_files: &files,
         device: kind.to_string(),
         seconds: t0.elapsed().as_secs_f64(),
     });
     files.extend(pictures.files);
-    failures.extend(pictures.problems.into_iter().map(|error| Failure {
-        metric: "report".into(),
-        dataset: None,
-        error,
-    }));
+    for error in pictures.problems {
+        metrics.push_failure(Failure {
+            metric: "report".into(),
+            dataset: None,
+            error,
+        });
+    }
 
     let manifest = Manifest {
         hookgraph_version: env!("CARGO_PKG_VERSION"),
@@ -510,7 +533,7 @@ fn run_on<D: Device<f32>>(
         spec: &spec.spec,
         model_dir: loaded.files.dir.display().to_string(),
         weights_sha256: checkpoint::sha256_file(&loaded.files.weights)?,
-        config: &cfg,
+        config: cfg,
         processing: loaded.processing,
         device: kind,
         heads: heads.len(),
@@ -521,8 +544,8 @@ fn run_on<D: Device<f32>>(
             .iter()
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect(),
-        failures: &failures,
-        load_seconds,
+        failures: metrics.failures(),
+        load_seconds: w.load_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
     let manifest_path = out_dir.join("manifest.json");
@@ -533,26 +556,20 @@ fn run_on<D: Device<f32>>(
         summary: summary(&written_tables),
         output_dir: out_dir,
         files,
-        failures,
+        failures: metrics.failures().to_vec(),
     })
 }
 
-/// Table name -> (index of the metric that made it, [(dataset, table)]).
-type TablesByName = BTreeMap<String, (usize, Vec<(String, Table)>)>;
-
-/// Runs every weight metric once, adding its tables (dataset [`WEIGHTS_DATASET`]) to
-/// `tables` under owner index `first_index + i`; a metric that fails is recorded and the
-/// others still run.
+/// The weight phase: runs every weight metric once with a progress bar, adding its tables
+/// to `computed`; one that fails is recorded in `metrics`' failures and the others still run.
 fn run_weight_metrics(
     ctx: &RunContext,
     weight_metrics: &mut [WeightEntry],
-    first_index: usize,
-    tables: &mut TablesByName,
-    failures: &mut Vec<Failure>,
+    metrics: &mut MetricSet,
+    computed: &mut Computed,
     quiet: bool,
-) -> Result<Vec<WeightRecord>> {
-    let mut records = Vec::new();
-    for (i, w) in weight_metrics.iter_mut().enumerate() {
+) -> Result<()> {
+    for w in weight_metrics.iter_mut() {
         let heads = ctx.heads.len();
         let pb = bar(
             quiet,
@@ -571,37 +588,29 @@ fn run_weight_metrics(
                 gflop / seconds
             );
         }
-        records.push(WeightRecord {
+        let record = WeightRecord {
             name: w.name.clone(),
             seconds,
             gflop,
-        });
+        };
         match result {
-            Ok(ts) => {
-                for mut t in ts {
+            Ok(mut tables) => {
+                for t in &mut tables {
+                    // A metric given its own `name` prefixes its tables with it.
                     if w.name != w.metric.name() {
                         t.name = t.name.replacen(w.metric.name(), &w.name, 1);
                     }
-                    if tables.contains_key(&t.name) {
-                        return Err(Error::Other(format!(
-                            "two metrics write the table '{}': give one of them a `name`",
-                            t.name
-                        )));
-                    }
-                    tables.insert(
-                        t.name.clone(),
-                        (first_index + i, vec![(WEIGHTS_DATASET.to_string(), t)]),
-                    );
                 }
+                computed.add_weights(tables, record)?;
             }
-            Err(e) => failures.push(Failure {
+            Err(e) => metrics.push_failure(Failure {
                 metric: w.name.clone(),
                 dataset: None,
                 error: e.to_string(),
             }),
         }
     }
-    Ok(records)
+    Ok(())
 }
 
 /// The five most negative heads of every per-head table and dataset.

@@ -4,10 +4,13 @@
 //! experiment logic; each subcommand calls into the library.
 //!
 //! Exit codes: 0 success; 1 an error stopped the command; 2 bad arguments (clap);
-//! 3 the run finished and wrote its results, but at least one metric failed.
+//! 3 the run finished and wrote its results, but at least one metric failed;
+//! `runner compare` only: 4 a value drifted beyond the tolerance, 5 a table is missing or
+//! extra, or its columns or row keys differ (see [`crate::compare`]).
 
 pub mod bench;
 pub mod cache;
+pub mod compare;
 pub mod list;
 pub mod prompt;
 pub mod run;
@@ -71,6 +74,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// TransformerLens's `test_prompt`: the answer's rank, logit and probability, and the top k.
     Prompt(prompt::PromptArgs),
+    /// Compare a results directory's CSV tables with a baseline's (the CI gate).
+    Compare(compare::CompareArgs),
 }
 
 /// Parses arguments, runs, and maps the outcome to an exit code.
@@ -83,6 +88,7 @@ pub fn main() -> ExitCode {
         Some(Command::Cache(args)) => cache::cache(&args),
         Some(Command::Bench(args)) => bench::bench(&args),
         Some(Command::Prompt(args)) => prompt::prompt(&args),
+        Some(Command::Compare(args)) => compare::compare(&args),
         None => match cli.spec {
             Some(spec) => run::run(&spec, &cli.run),
             None => {

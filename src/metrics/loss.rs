@@ -33,7 +33,7 @@ impl Metric for Loss {
     fn batch(&mut self, _ctx: &RunContext, batch: &BatchView) -> Result<()> {
         let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
         let tokens = batch.tokens;
-        let loss = crate::model::per_token_loss(logits, tokens);
+        let loss = super::ops::per_token_loss(logits, tokens);
         for ((i, q), &l) in loss.indexed_iter() {
             let seq = batch.start + i;
             let pad = batch.dataset.is_pad(seq, q + 1);

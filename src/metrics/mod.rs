@@ -14,6 +14,8 @@
 
 pub mod circuits;
 pub mod loss;
+pub mod ops;
+pub mod plugin;
 pub mod projection_loss;
 pub mod source_suppression;
 
@@ -111,6 +113,25 @@ pub trait Metric {
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()>;
     /// Called after a dataset's last batch; returns its tables.
     fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>>;
+}
+
+/// A lent metric is a metric (the engine holds boxes; tests and the bench lend theirs).
+impl<M: Metric + ?Sized> Metric for &mut M {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn hooks(&self, ctx: &RunContext) -> Vec<String> {
+        (**self).hooks(ctx)
+    }
+    fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()> {
+        (**self).start_dataset(ctx, dataset)
+    }
+    fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
+        (**self).batch(ctx, batch)
+    }
+    fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>> {
+        (**self).finish_dataset(ctx, dataset)
+    }
 }
 
 /// A metric computed from the processed weights alone, once per run: no dataset, no

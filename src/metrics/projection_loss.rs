@@ -20,12 +20,11 @@
 use ndarray::{s, Array2, Array3, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use super::source_suppression::{source_coefficients, unembed_rows};
+use super::ops::{kernels, per_token_loss, source_coefficients, unembed_rows};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::hooks::{block_hook, LOGITS};
-use crate::kernels;
 use crate::output::{Table, Value};
 
 /// The three interventions, in this order everywhere.
@@ -185,7 +184,7 @@ impl Metric for ProjectionLoss {
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
         let (b, s) = batch.tokens.dim();
         let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
-        let orig = crate::model::per_token_loss(logits, batch.tokens);
+        let orig = per_token_loss(logits, batch.tokens);
         // A position counts as "no padding" when the token it predicts is real.
         let real = |i: usize, q: usize| !batch.dataset.is_pad(batch.start + i, q + 1);
         self.n_all += b * s.saturating_sub(1);

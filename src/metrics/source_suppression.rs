@@ -10,55 +10,15 @@
 //! `c[k] = v[k] . (W_O[h] @ u_k)`, and `W_O @ u_k` for all heads of a layer is one matmul
 //! `U_tok [N, d_model] @ W_O_flatᵀ [d_model, H * d_head]`, shared by every head.
 
-use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
+pub use super::ops::{source_coefficients, unembed_rows};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::hooks::block_hook;
 use crate::output::{Table, Value};
-
-/// Rows of `W_U` columns for each token: `[N, d_model]` with `N = tokens.len()`.
-pub fn unembed_rows(w_u: ArrayView2<f32>, tokens: ArrayView2<u32>) -> Array2<f32> {
-    let d = w_u.nrows();
-    let mut out = Array2::<f32>::zeros((tokens.len(), d));
-    for (mut row, &t) in out.outer_iter_mut().zip(tokens.iter()) {
-        row.assign(&w_u.column(t as usize));
-    }
-    out
-}
-
-/// `c[b, k, h] = (v[b, k, h] @ W_O[h]) . W_U[:, tok[b, k]]` for every head of a layer.
-/// `v`: `[B, S, H, d_head]`, `w_o`: `[H, d_head, d_model]`, `u_tok`: `[B * S, d_model]`.
-pub fn source_coefficients(
-    v: ArrayView4<f32>,
-    w_o: ArrayView3<f32>,
-    u_tok: ArrayView2<f32>,
-) -> Array3<f32> {
-    let (b, s, h, dh) = v.dim();
-    let d = w_o.dim().2;
-    let w_o_flat = w_o
-        .into_shape_with_order((h * dh, d))
-        .expect("W_O is contiguous");
-    // g[n, h * dh + e] = (W_O[h] @ u_n)[e]
-    let g = crate::kernels::matmul(u_tok, w_o_flat.t());
-    let v = v
-        .into_shape_with_order((b * s, h, dh))
-        .expect("hook_v is contiguous");
-    let mut c = Array3::<f32>::zeros((b, s, h));
-    let mut c_flat = c
-        .view_mut()
-        .into_shape_with_order((b * s, h))
-        .expect("fresh array");
-    for n in 0..b * s {
-        for head in 0..h {
-            let gv = g.slice(s![n, head * dh..(head + 1) * dh]);
-            c_flat[[n, head]] = gv.dot(&v.slice(s![n, head, ..]));
-        }
-    }
-    c
-}
 
 /// One head's values (metrics.md §1): `per_position [B, S]` and `per_sequence [B]`.
 /// `c`: `[B, S]` source coefficients, `pattern`: `[B, Q, K]`, `scale`: `[B, S]`.

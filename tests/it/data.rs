@@ -7,9 +7,7 @@ use hookgraph::model::ModelConfig;
 use hookgraph::spec::DatasetSpec;
 use hookgraph::tokenizer::GptTokenizer;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::common::root;
 
 fn gpt2_tok() -> GptTokenizer {
     let dir = root().join("experiments/checkpoints/tiny-gpt2");

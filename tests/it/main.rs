@@ -8,9 +8,13 @@ mod cache_cli;
 mod checkpoint_errors;
 mod circuits;
 mod common;
+mod compare_cli;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod data;
 mod hooks;
 mod hub;
+mod hub_download;
 mod metrics;
 mod parity;
 mod plugins;

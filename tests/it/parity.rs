@@ -4,13 +4,24 @@
 //! batch.
 
 use crate::common::*;
-use dfdx::prelude::Cpu;
+use dfdx::prelude::{Cpu, Device};
 use hookgraph::hooks::{HookFilter, Hooks};
 use hookgraph::model::{self, CheckpointFiles, Processing};
 
 fn check(ckpt: &str, golden: &str, tokens: &str, processing: Processing) {
+    check_on(Cpu::default(), ckpt, golden, tokens, processing)
+}
+
+/// The parity check on any device (the `cuda` module runs it on the GPU).
+pub fn check_on<D: Device<f32>>(
+    dev: D,
+    ckpt: &str,
+    golden: &str,
+    tokens: &str,
+    processing: Processing,
+) {
     let files = CheckpointFiles::in_dir(&fixture(ckpt)).unwrap();
-    let loaded = model::load(Cpu::default(), files, processing, None).unwrap();
+    let loaded = model::load(dev, files, processing, None).unwrap();
     let gold = load_golden(golden);
     let toks = load_tokens(&golden_path(tokens));
 
