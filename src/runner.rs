@@ -569,6 +569,7 @@ fn run_weight_metrics(
     computed: &mut Computed,
     quiet: bool,
 ) -> Result<()> {
+    let shared = metrics::WeightInputs::new();
     for w in weight_metrics.iter_mut() {
         let heads = ctx.heads.len();
         let pb = bar(
@@ -577,7 +578,7 @@ fn run_weight_metrics(
             format!("{} ({heads} heads)", w.name),
         );
         let t = Instant::now();
-        let result = w.metric.compute(ctx, &w.detail, &|k| pb.inc(k));
+        let result = w.metric.compute(ctx, &shared, &w.detail, &|k| pb.inc(k));
         pb.finish_and_clear();
         let seconds = t.elapsed().as_secs_f64();
         let gflop = w.metric.flop(ctx) / 1e9;

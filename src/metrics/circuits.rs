@@ -7,7 +7,7 @@
 //! processed weights, with no dataset and no forward pass. Must not: do the math (that is
 //! `crate::circuits`) or write files.
 
-use super::{RunContext, WeightMetric};
+use super::{RunContext, WeightInputs, WeightMetric};
 use crate::circuits::{self, rank_stats, Embedding};
 use crate::error::{Error, Result};
 use crate::output::{Table, Value};
@@ -94,12 +94,11 @@ impl WeightMetric for CircuitMetric {
     fn compute(
         &mut self,
         ctx: &RunContext,
+        shared: &WeightInputs,
         detail: &[(usize, usize)],
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Vec<Table>> {
-        let emb = circuits::effective_embeddings(ctx.params, ctx.cfg);
-        let source = emb.get(self.embedding);
-        drop(emb);
+        let source = shared.effective(ctx).get(self.embedding);
         let v = ctx.cfg.d_vocab;
         let name = self.circuit.name();
         let (mut table, mut tokens) = match self.circuit {

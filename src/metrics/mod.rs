@@ -144,14 +144,36 @@ pub trait WeightMetric {
     /// Matmul FLOPs of [`compute`](Self::compute), for the achieved-rate line and manifest.
     fn flop(&self, ctx: &RunContext) -> f64;
     /// Its tables, one set for the whole run (written under the dataset name
-    /// [`WEIGHTS_DATASET`]). `detail` lists the heads whose per-token values a `[[view]]`
-    /// asks for; `progress(k)` reports `k` more units done.
+    /// [`WEIGHTS_DATASET`]). `shared` holds what several weight metrics read (made once);
+    /// `detail` lists the heads whose per-token values a `[[view]]` asks for;
+    /// `progress(k)` reports `k` more units done.
     fn compute(
         &mut self,
         ctx: &RunContext,
+        shared: &WeightInputs,
         detail: &[(usize, usize)],
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Vec<Table>>;
+}
+
+/// What weight metrics share in one run, made on first use: the effective embeddings
+/// (`docs/metrics.md` §3; 0.6 TFLOP for GPT-2 small, so `ov_circuit` and `qk_circuit` in one
+/// spec make them once).
+#[derive(Default)]
+pub struct WeightInputs {
+    effective: std::sync::OnceLock<crate::circuits::EffectiveEmbeddings>,
+}
+
+impl WeightInputs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The effective embeddings of the run's processed weights.
+    pub fn effective(&self, ctx: &RunContext) -> &crate::circuits::EffectiveEmbeddings {
+        self.effective
+            .get_or_init(|| crate::circuits::effective_embeddings(ctx.params, ctx.cfg))
+    }
 }
 
 /// The `dataset` column of a weight metric's tables (they depend on no dataset).

@@ -178,6 +178,7 @@ fn metric_tables_hold_the_golden_statistics() {
         tokenizer: None,
     };
     let gold = read_tensor_file(&golden_path("a_circuits.safetensors"));
+    let shared = metrics::WeightInputs::new();
     for (kind, cols, stats) in [
         (
             "ov_circuit",
@@ -200,7 +201,7 @@ fn metric_tables_hold_the_golden_statistics() {
         let mut metric = metrics::weight_builtin(kind, &toml::Table::new()).unwrap();
         let done = std::sync::atomic::AtomicU64::new(0);
         let tables = metric
-            .compute(&ctx, &[(1, 2)], &|k| {
+            .compute(&ctx, &shared, &[(1, 2)], &|k| {
                 done.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
             })
             .unwrap();
