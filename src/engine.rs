@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use dfdx::prelude::Device;
 use indicatif::ProgressBar;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -28,7 +28,7 @@ use crate::model::HookedGpt2;
 use crate::output::Table;
 
 /// A metric that failed, and why.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Failure {
     pub metric: String,
     /// The dataset it failed on (none when it failed before any dataset, e.g. to load).
@@ -41,6 +41,8 @@ struct Entry<'m> {
     name: String,
     /// `None` when it could not be built (a plugin that did not load).
     metric: Option<Box<dyn Metric + 'm>>,
+    /// How its tables are named in the results (`None`: the old prefix rule).
+    tables: Option<crate::output::TableNames>,
     /// Still called on the current dataset (reset for every dataset).
     active: bool,
 }
@@ -69,8 +71,30 @@ impl<'m> MetricSet<'m> {
         self.entries.push(Entry {
             name: name.into(),
             metric: Some(metric),
+            tables: None,
             active: true,
         });
+    }
+
+    /// Adds a metric under `name` whose tables are named by `tables` (declared up front, so
+    /// the runner can check every table name before the forward pass).
+    pub fn add_named(
+        &mut self,
+        name: impl Into<String>,
+        metric: Box<dyn Metric + 'm>,
+        tables: crate::output::TableNames,
+    ) {
+        self.add(name, metric);
+        self.entries.last_mut().expect("just added").tables = Some(tables);
+    }
+
+    /// The names of the tables the metric at `i` declared, as the results will have them.
+    pub fn planned_tables(&self, i: usize) -> Vec<String> {
+        self.entries[i]
+            .tables
+            .as_ref()
+            .map(|t| t.planned())
+            .unwrap_or_default()
     }
 
     /// Records a metric that could not be built: it is a failure, not a failed run.
@@ -84,6 +108,7 @@ impl<'m> MetricSet<'m> {
         self.entries.push(Entry {
             name,
             metric: None,
+            tables: None,
             active: false,
         });
     }
@@ -137,6 +162,29 @@ impl<'m> MetricSet<'m> {
     /// The first metric error, as raised, if any (taken: asking again gives `None`).
     pub fn take_first_error(&mut self) -> Option<Error> {
         self.first_error.take()
+    }
+
+    /// Failures recorded by an earlier process of this run (a resumed checkpoint, a
+    /// shard's manifest): added as they are, without an error to raise.
+    pub fn restore_failures(&mut self, failures: &[Failure]) {
+        for f in failures {
+            if !self.failures.contains(f) {
+                self.failures.push(f.clone());
+            }
+        }
+    }
+
+    /// Whether the metric at `i` has a failure recorded on `dataset`.
+    pub fn failed_on(&self, i: usize, dataset: &str) -> bool {
+        let name = &self.entries[i].name;
+        self.failures
+            .iter()
+            .any(|f| &f.metric == name && f.dataset.as_deref() == Some(dataset))
+    }
+
+    /// Stops calling the metric at `i` on the current dataset (it failed there earlier).
+    pub fn deactivate(&mut self, i: usize) {
+        self.entries[i].active = false;
     }
 
     /// Records a failure of something other than a metric's call (e.g. the report).
@@ -212,7 +260,9 @@ impl<'m> MetricSet<'m> {
             match m.finish_dataset(ctx, dataset) {
                 Ok(tables) => {
                     for mut t in tables {
-                        if e.name != m.name() {
+                        if let Some(names) = &e.tables {
+                            t.name = names.rename(&t.name);
+                        } else if e.name != m.name() {
                             t.name = t.name.replacen(m.name(), &e.name, 1);
                         }
                         out.push((i, t));
@@ -226,12 +276,15 @@ impl<'m> MetricSet<'m> {
 }
 
 /// Where one dataset's time went.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Timings {
     /// The forward passes (caching the hook points).
     pub forward_seconds: f64,
     /// Each metric's `batch` calls, by the metric's name in the spec.
     pub metric_seconds: BTreeMap<String, f64>,
+    /// Writing checkpoints after the batches (a resumable run's overhead).
+    #[serde(default)]
+    pub checkpoint_seconds: f64,
 }
 
 /// What happens around each batch besides the model and the metrics.
@@ -239,10 +292,11 @@ pub struct Timings {
 pub struct LoopOptions<'a> {
     /// Advanced by each batch's sequence count.
     pub progress: Option<&'a ProgressBar>,
-    /// Called after every batch with the index one past the batch's last sequence (a
-    /// resumable run writes its checkpoint here). An error stops the loop.
+    /// Called after every batch with the metrics, the dataset's timings so far and the index
+    /// one past the batch's last sequence (a resumable run writes its checkpoint here). An
+    /// error stops the loop.
     #[allow(clippy::type_complexity)]
-    pub after_batch: Option<&'a mut dyn FnMut(&MetricSet, usize) -> Result<()>>,
+    pub after_batch: Option<&'a mut dyn FnMut(&MetricSet, &Timings, usize) -> Result<()>>,
 }
 
 /// The model, what every metric may read, and the cache filter: the same for a whole run.
@@ -325,7 +379,7 @@ impl<'a, D: Device<f32>> Engine<'a, D> {
                 pb.inc((end - start) as u64);
             }
             if let Some(f) = opts.after_batch.as_mut() {
-                f(metrics, end)?;
+                f(metrics, timings, end)?;
             }
         }
         Ok(())

@@ -1,13 +1,18 @@
 //! The hook graph executor: runs a spec from model to files.
 //!
-//! Owns: the order of a run — the prepare phase (resolve and load the model, select heads,
-//! build datasets and metrics), the weight phase (metrics of the weights alone, such as
-//! `ov_circuit`, computed once before any dataset), the compute phase (handed to
-//! [`crate::engine`], the one batch loop), and the write phase ([`write_results`]: CSVs, pictures, the manifest,
-//! atomically; a merge of shards ends there too), and the summary. A metric that fails is
-//! reported and the others still finish and are written ("nothing lost"). Must not:
-//! implement metrics, the batch loop, model math or file formats; those live in `metrics`,
-//! `engine`, `model` and `output`.
+//! Owns: the order of a run — the prepare phase (check the output directory, resolve and
+//! load the model, select heads, build datasets and metrics, plan and check their table
+//! names: everything that can fail before the forward pass, where `validate` stops), the
+//! compute phase (handed to [`crate::engine`], the one batch loop), the weight phase
+//! ([`run_weight_metrics`]: metrics of the weights alone such as `ov_circuit`, once per run,
+//! not per shard; a merge runs it), and the write phase
+//! ([`write_results`]: fail the metrics whose tables hold NaN or infinity, write CSVs,
+//! pictures and the manifest into a staging directory and swap it into place whole; a merge
+//! of shards ends there too), and the summary. A metric that fails is reported and the
+//! others still finish and are written ("nothing lost"); an error or a signal leaves the
+//! output directory's results as they were ("nothing escapes"). Must not: implement
+//! metrics, the batch loop, model math or file formats; those live in `metrics`, `engine`,
+//! `model` and `output`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,13 +24,17 @@ use serde::Serialize;
 
 use crate::data::{self, DataContext, Dataset};
 use crate::device::{with_device, DeviceChoice, DeviceKind, OnDevice};
-use crate::engine::{Engine, LoopOptions, MetricSet, Timings};
+use crate::engine::{Engine, MetricSet, Timings};
 use crate::error::{Error, Result};
-use crate::metrics::{self, Metric, RunContext, WeightMetric, WEIGHTS_DATASET};
+use crate::interrupt;
+use crate::metrics::{self, RunContext, WeightMetric, WEIGHTS_DATASET};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
-use crate::output::{self, Table};
+use crate::output::{self, NonFinite, Staging, Table, TableNames, Target};
 use crate::report;
-use crate::spec::LoadedSpec;
+use crate::shard::checkpoint::Recorder;
+use crate::shard::compute::ComputeOptions;
+use crate::shard::{self, DatasetId, Identity, Shard, ShardDataset, ShardManifest};
+use crate::spec::{check_name, LoadedSpec};
 
 /// Command-line overrides of a spec.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +42,12 @@ pub struct RunOptions {
     pub device: Option<DeviceChoice>,
     pub output: Option<PathBuf>,
     pub quiet: bool,
+    /// `--shard I/N`: run one slice and save its partial state for `runner merge`.
+    pub shard: Option<Shard>,
+    /// `--resume`: continue from this run's checkpoint, if it left one.
+    pub resume: bool,
+    /// `--checkpoint-every SECONDS`: write checkpoints at most this often (0: every batch).
+    pub checkpoint_every: f64,
 }
 
 pub use crate::engine::Failure;
@@ -41,6 +56,8 @@ pub use crate::engine::Failure;
 #[derive(Debug)]
 pub struct RunReport {
     pub output_dir: PathBuf,
+    /// Where the results the run replaced were moved (`<output_dir>.prev`), if any.
+    pub previous: Option<PathBuf>,
     pub files: Vec<PathBuf>,
     pub failures: Vec<Failure>,
     pub summary: String,
@@ -101,25 +118,31 @@ impl OnDevice for Run<'_> {
 }
 
 /// Everything a run prepares before its first forward pass; `validate` stops here.
-struct Prepared<D: Device<f32>> {
-    loaded: LoadedModel<D>,
-    heads: Vec<(usize, usize)>,
-    datasets: Vec<Dataset>,
+pub(crate) struct Prepared<D: Device<f32>> {
+    pub loaded: LoadedModel<D>,
+    pub heads: Vec<(usize, usize)>,
+    pub datasets: Vec<Dataset>,
     /// The metrics (a plugin that did not load is already a failure in it).
-    metrics: MetricSet<'static>,
-    /// Metrics of the weights alone, computed once before any dataset.
-    weight_metrics: Vec<WeightEntry>,
+    pub metrics: MetricSet<'static>,
+    /// Metrics of the weights alone (`ov_circuit`, ...), computed once per run.
+    pub weight_metrics: Vec<WeightEntry>,
 }
 
 /// A weight metric of the run: its name, the metric, and the heads whose per-token table
 /// its `[[view]]`s ask for.
-struct WeightEntry {
+pub(crate) struct WeightEntry {
     name: String,
     metric: Box<dyn WeightMetric>,
     detail: Vec<(usize, usize)>,
+    /// Its tables' names (planned, as the spec names them).
+    tables: Vec<String>,
 }
 
-fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Prepared<D>> {
+pub(crate) fn prepare<D: Device<f32>>(
+    dev: D,
+    spec: &LoadedSpec,
+    quiet: bool,
+) -> Result<Prepared<D>> {
     let source = model_source(spec);
     let pb = spinner(quiet, format!("loading model {source:?}"));
     let files = source.resolve()?;
@@ -145,52 +168,141 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
 
     let mut metrics = MetricSet::new();
     let mut weight_metrics: Vec<WeightEntry> = Vec::new();
-    for m in &spec.spec.metrics {
-        let weight_kind = m
-            .kind
-            .as_ref()
-            .filter(|k| metrics::is_weight_metric(k.get_ref()));
-        if let Some(kind) = weight_kind {
-            let metric = metrics::weight_builtin(kind.get_ref(), &m.options)
-                .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-            let name = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
-            let detail =
-                report::views::weight_view_heads(spec, &name, &heads, cfg.n_layers, cfg.n_heads)?;
-            weight_metrics.push(WeightEntry {
-                name,
-                metric,
-                detail,
-            });
-        } else if let Some(kind) = &m.kind {
+    // Spec index of each entry of `metrics`, then of `weight_metrics` (for errors).
+    let (mut spec_index, mut weight_index) = (Vec::new(), Vec::new());
+    for (i, m) in spec.spec.metrics.iter().enumerate() {
+        if let Some(kind) = &m.kind {
+            // Unknown options are reported on their own line, not on `kind`'s.
+            let info = metrics::BUILTINS.iter().find(|b| b.name == kind.get_ref());
+            if let Some(info) = info {
+                if let Some(key) = m
+                    .options
+                    .keys()
+                    .find(|k| !info.options.iter().any(|(o, _)| o == k))
+                {
+                    let known: Vec<&str> = info.options.iter().map(|(o, _)| *o).collect();
+                    return Err(spec.metric_error(
+                        i,
+                        key,
+                        format!(
+                            "metric '{}': unknown option '{key}' (known: {})",
+                            info.name,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+            if let Some(info) = info.filter(|b| b.weights_only) {
+                let metric = metrics::weight_builtin(kind.get_ref(), &m.options)
+                    .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
+                let name = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+                let detail = report::views::weight_view_heads(
+                    spec,
+                    &name,
+                    &heads,
+                    cfg.n_layers,
+                    cfg.n_heads,
+                )?;
+                let tables = info
+                    .tables
+                    .iter()
+                    .map(|t| t.replacen(info.name, &name, 1))
+                    .collect();
+                weight_metrics.push(WeightEntry {
+                    name,
+                    metric,
+                    detail,
+                    tables,
+                });
+                weight_index.push(i);
+                continue;
+            }
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-            metrics.add(
-                m.name.clone().unwrap_or_else(|| kind.get_ref().clone()),
-                metric,
-            );
+            let given = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+            let names = TableNames {
+                own: metric.name().to_string(),
+                given: given.clone(),
+                declared: info.map_or_else(Vec::new, |b| {
+                    b.tables.iter().map(|t| t.to_string()).collect()
+                }),
+            };
+            metrics.add_named(given, metric, names);
+            spec_index.push(i);
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
-            match load_plugin(plugin.get_ref(), &dir, &m.options) {
+            match crate::metrics::plugin::PluginAdapter::load(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
-                Ok(metric) => metrics.add(
-                    m.name.clone().unwrap_or_else(|| metric.name().to_string()),
-                    metric,
-                ),
+                Ok(metric) => {
+                    let info = metric.info();
+                    let given = m.name.clone().unwrap_or_else(|| info.name.clone());
+                    if let Err(why) = check_name(&given) {
+                        return Err(spec.metric_error(
+                            i,
+                            "plugin",
+                            format!("the plugin's name {why}: give this [[metric]] a `name`"),
+                        ));
+                    }
+                    let names = TableNames {
+                        own: info.name.clone(),
+                        given: given.clone(),
+                        declared: info.tables.clone(),
+                    };
+                    metrics.add_named(given, Box::new(metric), names);
+                }
                 Err(e) => metrics.add_failed(fallback, e.to_string()),
             }
+            spec_index.push(i);
         }
     }
+    spec_index.extend(weight_index);
     let names: Vec<&str> = metrics
         .names()
         .chain(weight_metrics.iter().map(|w| w.name.as_str()))
         .collect();
     for (i, name) in names.iter().enumerate() {
         if names[..i].contains(name) {
-            return Err(spec.error(format!(
-                "two [[metric]] entries are both named '{name}': give one a different `name`"
-            )));
+            return Err(spec.metric_error(
+                spec_index[i],
+                "name",
+                format!(
+                    "two [[metric]] entries are both named '{name}': give one a different `name`"
+                ),
+            ));
+        }
+    }
+    // Every table name is known now: check them before the forward pass, not after.
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    let planned = |i: usize| match i.checked_sub(metrics.len()) {
+        None => metrics.planned_tables(i),
+        Some(w) => weight_metrics[w].tables.clone(),
+    };
+    for i in 0..names.len() {
+        for t in planned(i) {
+            if let Err(why) = check_name(&t) {
+                return Err(spec.metric_error(
+                    spec_index[i],
+                    "name",
+                    format!("metric '{}': its table name {why}", names[i]),
+                ));
+            }
+            if let Some(&j) = owners.get(&t) {
+                return Err(spec.metric_error(
+                    spec_index[i],
+                    "name",
+                    format!(
+                        "metric '{}' and metric '{}' both write the table '{t}': give one of them a different `name`",
+                        names[i], names[j]
+                    ),
+                ));
+            }
+            owners.insert(t, i);
         }
     }
     Ok(Prepared {
@@ -202,18 +314,17 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
     })
 }
 
-fn load_plugin(
-    spec: &str,
-    dir: &std::path::Path,
-    options: &toml::Table,
-) -> Result<Box<dyn Metric>> {
-    crate::metrics::plugin::load_metric(spec, dir, options)
-}
-
-/// Checks a spec end to end without running a forward pass: the model loads, heads are in
-/// range, datasets build, metrics and plugins load. Returns a short description.
-pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<String> {
+/// Checks a spec end to end without running a forward pass and without writing anything:
+/// the output directory can be replaced, the model loads, heads are in range, datasets build
+/// and fit in memory, metrics and plugins load and their tables have distinct names. Returns
+/// a short description.
+pub fn validate(
+    spec: &LoadedSpec,
+    device: Option<DeviceChoice>,
+    output: Option<&std::path::Path>,
+) -> Result<String> {
     let _ = device.unwrap_or(spec.spec.model.device).resolve()?;
+    let target = Target::check(output.unwrap_or(&spec.output_dir()))?;
     let p = prepare(Cpu::default(), spec, true)?;
     if let Some(f) = p.metrics.failures().first() {
         return Err(Error::Metric {
@@ -240,12 +351,31 @@ pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<Strin
             d.seq_len()
         );
     }
-    for name in p.metrics.names() {
-        out += &format!("  metric {name}\n");
+    for (i, name) in p.metrics.names().enumerate() {
+        out += &format!(
+            "  metric {name}: {}\n",
+            p.metrics.planned_tables(i).join(", ")
+        );
     }
     for w in &p.weight_metrics {
-        out += &format!("  metric {} (from the weights)\n", w.name);
+        out += &format!(
+            "  metric {} (from the weights): {}\n",
+            w.name,
+            w.tables.join(", ")
+        );
     }
+    out += &format!(
+        "  output: {}{}\n",
+        target.dir.display(),
+        if target.exists {
+            format!(
+                " (a run moves what is there now to {})",
+                target.prev.display()
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(out)
 }
 
@@ -257,6 +387,18 @@ pub struct DatasetRecord {
     tokens_sha256: String,
     forward_seconds: f64,
     metric_seconds: BTreeMap<String, f64>,
+    checkpoint_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct NonFiniteRecord {
+    metric: String,
+    table: String,
+    /// The dataset of the first non-finite cell, and its 1-based data row in `<table>.csv`.
+    dataset: String,
+    csv_row: usize,
+    #[serde(flatten)]
+    found: NonFinite,
 }
 
 /// A weight metric's time and matmul work, for the manifest.
@@ -285,8 +427,13 @@ struct Manifest<'a> {
     weight_metrics: Vec<WeightRecord>,
     files: Vec<String>,
     failures: &'a [Failure],
+    /// Metrics failed for NaN or infinity in their tables: where the first one is.
+    non_finite: &'a [NonFiniteRecord],
     load_seconds: f64,
     total_seconds: f64,
+    /// Set when `runner merge` wrote these results from this many shards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merged_shards: Option<usize>,
 }
 
 fn crate_versions() -> BTreeMap<&'static str, &'static str> {
@@ -296,17 +443,6 @@ fn crate_versions() -> BTreeMap<&'static str, &'static str> {
         .collect()
 }
 
-fn tokens_hash(d: &Dataset) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update((d.n_sequences() as u64).to_le_bytes());
-    h.update((d.seq_len() as u64).to_le_bytes());
-    for t in d.tokens.iter() {
-        h.update(t.to_le_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
 fn run_on<D: Device<f32>>(
     dev: D,
     kind: DeviceKind,
@@ -314,6 +450,10 @@ fn run_on<D: Device<f32>>(
     opts: &RunOptions,
 ) -> Result<RunReport> {
     let t0 = Instant::now();
+    // The output directory first: a run that cannot write its results should not compute
+    // them. (The write phase swaps a staging directory into place; see `write_results`.)
+    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    Target::check(&out_dir)?;
     let Prepared {
         loaded,
         heads,
@@ -321,6 +461,7 @@ fn run_on<D: Device<f32>>(
         mut metrics,
         mut weight_metrics,
     } = prepare(dev, spec, opts.quiet)?;
+    interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = loaded.cfg().clone();
     let ctx = RunContext {
@@ -331,10 +472,99 @@ fn run_on<D: Device<f32>>(
         tokenizer: loaded.tokenizer.as_ref(),
     };
 
-    // The compute phase: every dataset's batches through the model and the metrics.
-    let engine = Engine::new(&loaded.model, &ctx, &metrics, spec.spec.model.batch_size)?;
+    // The compute phase: every dataset's batches (a shard's slice of them) through the
+    // model and the metrics, with a checkpoint after each batch when every metric can save
+    // its state.
+    let batch_size = spec.spec.model.batch_size;
+    let engine = Engine::new(&loaded.model, &ctx, &metrics, batch_size)?;
+    let weights_sha256 = checkpoint::sha256_file(&loaded.files.weights)?;
+    let identity = Identity {
+        runner_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec_path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
+        spec_sha256: shard::text_hash(&spec.text),
+        weights_sha256: weights_sha256.clone(),
+        datasets: datasets.iter().map(DatasetId::of).collect(),
+        metrics: metrics.names().map(str::to_string).collect(),
+    };
+    let stateless = (0..metrics.len())
+        .filter_map(|i| metrics.get(i).map(|m| m.save_state()))
+        .find_map(|r| r.err());
+    let mut recorder = match stateless {
+        Some(e) if opts.shard.is_some() || opts.resume => return Err(e),
+        Some(_) => None,
+        None => Some(
+            Recorder::new(
+                shard::checkpoint::path(&out_dir, opts.shard),
+                identity.clone(),
+                opts.shard.unwrap_or(Shard::WHOLE),
+                batch_size,
+            )
+            .with_min_interval(opts.checkpoint_every),
+        ),
+    };
+    let (outcomes, last) = shard::compute::run(
+        &engine,
+        &mut metrics,
+        &datasets,
+        recorder.as_mut(),
+        &ComputeOptions {
+            shard: opts.shard,
+            resume: opts.resume,
+            quiet: opts.quiet,
+        },
+    )?;
+
+    if let (Some(s), Some(last)) = (opts.shard, last) {
+        let dir = shard::shard_dir(&out_dir, s);
+        let manifest = ShardManifest {
+            identity,
+            shard: s,
+            spec_toml: spec.text.clone(),
+            spec_path_given: spec.path.clone(),
+            device: kind.to_string(),
+            hook_points: engine.hook_points().to_vec(),
+            datasets: datasets
+                .iter()
+                .zip(&outcomes)
+                .map(|(d, o)| {
+                    let r = s.range(d.n_sequences(), batch_size);
+                    ShardDataset {
+                        name: d.name.clone(),
+                        sequences: [r.start, r.end],
+                        timings: o.timings.clone(),
+                    }
+                })
+                .collect(),
+            failures: last.progress.failures.clone(),
+            load_seconds,
+            total_seconds: t0.elapsed().as_secs_f64(),
+        };
+        let manifest_path = dir.join(shard::SHARD_MANIFEST);
+        output::write_json(&manifest_path, &manifest)?;
+        let seqs: usize = manifest
+            .datasets
+            .iter()
+            .map(|d| d.sequences[1] - d.sequences[0])
+            .sum();
+        return Ok(RunReport {
+            summary: format!(
+                "shard {s}: {seqs} sequences of {} datasets; merge with `runner merge {}` once all {} shards are done\n",
+                datasets.len(),
+                out_dir.display(),
+                s.count
+            ),
+            output_dir: dir.clone(),
+            previous: None,
+            files: vec![dir.join(shard::checkpoint::STATE_FILE), manifest_path],
+            failures: metrics.failures().to_vec(),
+        });
+    }
+
     let mut computed = Computed::new(engine.hook_points().to_vec());
-    // The weight phase: once per run, no forward pass.
+    for (dataset, o) in datasets.iter().zip(outcomes) {
+        computed.add_dataset(dataset, o.tables, o.timings)?;
+    }
+    // The weight phase: once per run (a shard leaves it to the merge).
     run_weight_metrics(
         &ctx,
         &mut weight_metrics,
@@ -342,29 +572,10 @@ fn run_on<D: Device<f32>>(
         &mut computed,
         opts.quiet,
     )?;
-    for dataset in &datasets {
-        let n = dataset.n_sequences();
-        let pb = bar(
-            opts.quiet,
-            n as u64,
-            format!("{} ({} seqs)", dataset.name, n),
-        );
-        let (tables, timings) = engine.run_dataset(
-            &mut metrics,
-            dataset,
-            &mut LoopOptions {
-                progress: Some(&pb),
-                ..LoopOptions::default()
-            },
-        )?;
-        pb.finish_and_clear();
-        computed.add_dataset(dataset, tables, timings)?;
-    }
-
-    write_results(
+    let report = write_results(
         &WriteInput {
             spec,
-            out_dir: opts.output.clone().unwrap_or_else(|| spec.output_dir()),
+            out_dir: out_dir.clone(),
             kind,
             loaded: &loaded,
             heads: &heads,
@@ -372,14 +583,21 @@ fn run_on<D: Device<f32>>(
             quiet: opts.quiet,
             t0,
             load_seconds,
+            weights_sha256,
+            merged_shards: None,
         },
         &mut metrics,
         computed,
-    )
+    )?;
+    // The results are written: the checkpoint has served its purpose.
+    if recorder.is_some() {
+        let _ = std::fs::remove_dir_all(out_dir.join(shard::checkpoint::PARTIAL_DIR));
+    }
+    Ok(report)
 }
 
-/// The owner index of a weight metric's tables in [`Computed`]: a weight metric that
-/// fails adds no tables, so they are never held back for a failure.
+/// The owner index of a weight metric's tables in [`Computed`] (they are not in the
+/// [`MetricSet`]; `weight_owners` names their metric).
 const WEIGHTS_OWNER: usize = usize::MAX;
 
 /// What the compute phase produced, as the write phase takes it.
@@ -387,6 +605,8 @@ pub struct Computed {
     /// tables[table name] = (index of the metric that made it, [(dataset, table)])
     tables: BTreeMap<String, (usize, Vec<(String, Table)>)>,
     records: Vec<DatasetRecord>,
+    /// Weight metrics: table name -> metric name, and their timings.
+    weight_owners: BTreeMap<String, String>,
     weight_records: Vec<WeightRecord>,
     hook_points: Vec<String>,
 }
@@ -396,13 +616,19 @@ impl Computed {
         Computed {
             tables: BTreeMap::new(),
             records: Vec::new(),
+            weight_owners: BTreeMap::new(),
             weight_records: Vec::new(),
             hook_points,
         }
     }
 
     /// Adds a weight metric's tables (dataset [`WEIGHTS_DATASET`]) and its timing.
-    fn add_weights(&mut self, tables: Vec<Table>, record: WeightRecord) -> Result<()> {
+    fn add_weights(
+        &mut self,
+        metric: &str,
+        tables: Vec<Table>,
+        record: WeightRecord,
+    ) -> Result<()> {
         for t in tables {
             if self.tables.contains_key(&t.name) {
                 return Err(Error::Other(format!(
@@ -410,6 +636,8 @@ impl Computed {
                     t.name
                 )));
             }
+            self.weight_owners
+                .insert(t.name.clone(), metric.to_string());
             self.tables.insert(
                 t.name.clone(),
                 (WEIGHTS_OWNER, vec![(WEIGHTS_DATASET.to_string(), t)]),
@@ -443,9 +671,10 @@ impl Computed {
             name: dataset.name.clone(),
             n_sequences: dataset.n_sequences(),
             seq_len: dataset.seq_len(),
-            tokens_sha256: tokens_hash(dataset),
+            tokens_sha256: shard::tokens_hash(dataset),
             forward_seconds: timings.forward_seconds,
             metric_seconds: timings.metric_seconds,
+            checkpoint_seconds: timings.checkpoint_seconds,
         });
         Ok(())
     }
@@ -463,6 +692,10 @@ pub struct WriteInput<'a, D: Device<f32>> {
     /// When the run started, and how long loading took (for the manifest).
     pub t0: Instant,
     pub load_seconds: f64,
+    /// Of the weights file (hashed once per run).
+    pub weights_sha256: String,
+    /// How many shards a merge combined (`None` for a run).
+    pub merged_shards: Option<usize>,
 }
 
 /// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
@@ -475,21 +708,79 @@ pub fn write_results<D: Device<f32>>(
     let Computed {
         tables,
         records,
+        weight_owners,
         weight_records,
         hook_points,
     } = computed;
     let (spec, loaded, heads, datasets, kind) = (w.spec, w.loaded, w.heads, w.datasets, w.kind);
     let cfg = loaded.cfg();
-    let out_dir = w.out_dir.clone();
     let t0 = w.t0;
+
+    // NaN or infinity in a table is a failed metric, never a silent result (NaN where the
+    // table marks an undefined, counted sequence excepted).
+    let mut non_finite = Vec::new();
+    for (table, (owner, parts)) in &tables {
+        let mut total = 0;
+        let mut first = None;
+        let mut rows_before = 0;
+        for (dataset, t) in parts {
+            if let Some(f) = t.non_finite() {
+                total += f.count;
+                if first.is_none() {
+                    first = Some((dataset.clone(), rows_before + f.first_row + 1, f));
+                }
+            }
+            rows_before += t.rows.len();
+        }
+        if let Some((dataset, csv_row, found)) = first {
+            let error = format!(
+                "{total} non-finite value(s) (NaN or infinity) in table '{table}'; the first is {}={} in row {csv_row} (dataset '{dataset}': {})",
+                found.column, found.value, found.row
+            );
+            let metric = if *owner == WEIGHTS_OWNER {
+                let metric = weight_owners.get(table).cloned().unwrap_or_default();
+                metrics.push_failure(Failure {
+                    metric: metric.clone(),
+                    dataset: Some(dataset.clone()),
+                    error,
+                });
+                metric
+            } else {
+                metrics.fail(*owner, Some(&dataset), Error::Other(error));
+                metrics.names().nth(*owner).unwrap_or("?").to_string()
+            };
+            non_finite.push(NonFiniteRecord {
+                metric,
+                table: table.clone(),
+                dataset,
+                csv_row,
+                found: NonFinite {
+                    count: total,
+                    ..found
+                },
+            });
+        }
+    }
+
+    // Every file goes into a fresh staging directory beside the output directory; dropping
+    // it (an error, a signal) removes it, and the output directory changes only at the end.
+    let staging = Staging::begin(&w.out_dir)?;
+    let out_dir = staging.path().to_path_buf();
     let mut files = Vec::new();
     let pb = bar(w.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
     let mut report_tables: Vec<(String, &Table)> = Vec::new();
-    for (owner, parts) in tables.values() {
+    for (name, (owner, parts)) in &tables {
         // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
         // read as complete.
-        if *owner != WEIGHTS_OWNER && metrics.has_failed(*owner) {
+        let failed = match *owner {
+            WEIGHTS_OWNER => metrics
+                .failures()
+                .iter()
+                .any(|f| Some(&f.metric) == weight_owners.get(name)),
+            i => metrics.has_failed(i),
+        };
+        if failed {
             continue;
         }
         let refs: Vec<(String, &Table)> = parts.iter().map(|(d, t)| (d.clone(), t)).collect();
@@ -532,7 +823,8 @@ pub fn write_results<D: Device<f32>>(
         spec_toml: &spec.text,
         spec: &spec.spec,
         model_dir: loaded.files.dir.display().to_string(),
-        weights_sha256: checkpoint::sha256_file(&loaded.files.weights)?,
+        weights_sha256: w.weights_sha256.clone(),
+        merged_shards: w.merged_shards,
         config: cfg,
         processing: loaded.processing,
         device: kind,
@@ -545,16 +837,34 @@ pub fn write_results<D: Device<f32>>(
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect(),
         failures: metrics.failures(),
+        non_finite: &non_finite,
         load_seconds: w.load_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
-    let manifest_path = out_dir.join("manifest.json");
+    let manifest_path = output::file_in(&out_dir, "manifest.json")?;
     output::write_json(&manifest_path, &manifest)?;
     files.push(manifest_path);
 
+    // Nothing escapes: every file written lies directly in the staging directory.
+    if let Some(f) = files.iter().find(|f| f.parent() != Some(out_dir.as_path())) {
+        return Err(Error::Other(format!(
+            "internal error: {} was written outside the run's directory",
+            f.display()
+        )));
+    }
+    interrupt::checkpoint("write")?;
+    // The shards' directories outlive any one set of results (a merge reads them again);
+    // the run's own resume checkpoint has served its purpose once the results are whole.
+    let committed = staging.commit(&["shards"], &[shard::checkpoint::PARTIAL_DIR])?;
+    let files = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| committed.dir.join(n)))
+        .collect();
+
     Ok(RunReport {
         summary: summary(&written_tables),
-        output_dir: out_dir,
+        output_dir: committed.dir,
+        previous: committed.previous,
         files,
         failures: metrics.failures().to_vec(),
     })
@@ -562,7 +872,7 @@ pub fn write_results<D: Device<f32>>(
 
 /// The weight phase: runs every weight metric once with a progress bar, adding its tables
 /// to `computed`; one that fails is recorded in `metrics`' failures and the others still run.
-fn run_weight_metrics(
+pub(crate) fn run_weight_metrics(
     ctx: &RunContext,
     weight_metrics: &mut [WeightEntry],
     metrics: &mut MetricSet,
@@ -602,7 +912,7 @@ fn run_weight_metrics(
                         t.name = t.name.replacen(w.metric.name(), &w.name, 1);
                     }
                 }
-                computed.add_weights(tables, record)?;
+                computed.add_weights(&w.name, tables, record)?;
             }
             Err(e) => metrics.push_failure(Failure {
                 metric: w.name.clone(),
@@ -610,6 +920,7 @@ fn run_weight_metrics(
                 error: e.to_string(),
             }),
         }
+        interrupt::checkpoint("weight metric")?;
     }
     Ok(())
 }

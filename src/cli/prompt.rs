@@ -1,7 +1,7 @@
 //! `runner prompt`: TransformerLens's `utils.test_prompt` in the terminal.
 //!
 //! Owns: the subcommand's arguments, loading the model on the chosen device, and printing
-//! [`report::prompt::PromptReport`] in TL's layout. Must not: compute anything itself; the
+//! [`crate::report::prompt::PromptReport`] in TL's layout. Must not: compute anything itself; the
 //! ranking lives in [`crate::report::prompt`].
 
 use std::path::PathBuf;

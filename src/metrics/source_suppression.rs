@@ -14,9 +14,10 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
 pub use super::ops::{source_coefficients, unembed_rows};
+use super::state::{Array, State};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hooks::block_hook;
 use crate::output::{Table, Value};
 
@@ -172,10 +173,13 @@ impl Metric for SourceSuppression {
             ],
         )
         .per_head("score");
+        // NaN there is a sequence with no non-BOS attention (0/0, metrics.md §1), counted in
+        // `n_undefined`: a value, not a failure.
         let mut per_seq = Table::new(
             "source_suppression_per_sequence",
             &["layer", "head", "seq", "value"],
-        );
+        )
+        .undefined_as_nan("value");
         let mut per_pos = Table::new(
             "source_suppression_per_position",
             &["layer", "head", "seq", "pos", "token", "value"],
@@ -215,5 +219,55 @@ impl Metric for SourceSuppression {
             }
         }
         Ok(vec![scores, per_seq, per_pos])
+    }
+
+    /// Per head (in order) the per-sequence values and per-position rows seen so far.
+    fn save_state(&self) -> Result<State> {
+        let mut st = State::new();
+        st.put(
+            "per_sequence",
+            Array::F32(
+                self.heads
+                    .iter()
+                    .flat_map(|h| h.per_sequence.iter().copied())
+                    .collect(),
+            ),
+        )
+        .put(
+            "per_position",
+            Array::F32(
+                self.heads
+                    .iter()
+                    .flat_map(|h| h.per_position.iter().copied())
+                    .collect(),
+            ),
+        );
+        Ok(st)
+    }
+
+    /// Appends each head's rows: states merged in sequence order rebuild the whole dataset.
+    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+        let name = self.name().to_string();
+        let per_seq = st.f32(&name, "per_sequence")?;
+        let per_pos = st.f32(&name, "per_position")?;
+        let n_heads = self.heads.len();
+        let m = per_seq.len().checked_div(n_heads).unwrap_or(0);
+        if m * n_heads != per_seq.len() || per_pos.len() != per_seq.len() * self.seq_len {
+            return Err(Error::Metric {
+                metric: name,
+                msg: format!(
+                    "saved state does not fit {n_heads} heads x {} positions (other heads or dataset?)",
+                    self.seq_len
+                ),
+            });
+        }
+        for (i, h) in self.heads.iter_mut().enumerate() {
+            h.per_sequence
+                .extend_from_slice(&per_seq[i * m..(i + 1) * m]);
+            let w = m * self.seq_len;
+            h.per_position
+                .extend_from_slice(&per_pos[i * w..(i + 1) * w]);
+        }
+        Ok(())
     }
 }

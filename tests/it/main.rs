@@ -12,13 +12,16 @@ mod compare_cli;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod data;
+mod fuzz;
 mod hooks;
 mod hub;
 mod hub_download;
 mod metrics;
 mod parity;
 mod plugins;
+mod reliability;
 mod report;
 mod runner_cli;
+mod shards;
 mod smoke_checkpoint;
 mod tokenizer;

@@ -63,7 +63,7 @@ fn plugin_dir() -> &'static Path {
 }
 
 /// The path of a built plugin library.
-fn library(package: &str) -> PathBuf {
+pub(crate) fn library(package: &str) -> PathBuf {
     plugin_dir().join(libloading::library_filename(package))
 }
 

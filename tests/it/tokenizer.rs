@@ -1,7 +1,6 @@
 //! The bundled GPT-2 tokenizer (shipped with the tiny checkpoint, `experiments/checkpoints/tiny-gpt2`) against the reference encodings in
 //! shared/data/gpt2/README.md.
 
-
 use hookgraph::tokenizer::GptTokenizer;
 
 fn gpt2() -> GptTokenizer {

@@ -4,7 +4,7 @@
 //! `{layer}` hook templates, one call into the plugin per metric phase (with a fresh host
 //! context and message buffer), turning its status into an error that names the call, never
 //! calling a plugin again after it panicked, and destroying its state. Must not: check the
-//! ABI (that happened in [`super::abi_check`]) or serve the callbacks ([`super::host`]).
+//! ABI (that happened in [`super::abi_check`]) or serve the callbacks (`host`).
 
 use std::ffi::{c_void, CString};
 use std::path::Path;
@@ -17,7 +17,7 @@ use super::host::{host_emit_row, host_get_activation, host_get_weight, HostCtx, 
 use super::{locate, plugin_error, PluginInfo};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::metrics::{BatchView, Metric, RunContext};
+use crate::metrics::{BatchView, Metric, RunContext, State};
 use crate::output::Table;
 
 /// Capacity of the buffer a plugin writes its error or panic message into.
@@ -129,6 +129,12 @@ impl PluginAdapter {
     /// The plugin's metadata.
     pub fn info(&self) -> &PluginInfo {
         &self.plugin.info
+    }
+
+    fn no_state(&self) -> Error {
+        self.err(format!(
+            "cannot be sharded or resumed: plugin ABI version {HG_PLUGIN_ABI_VERSION} has no partial state (save/merge); run it in an unsharded spec of its own, without --shard or --resume"
+        ))
     }
 
     fn err(&self, msg: String) -> Error {
@@ -303,6 +309,15 @@ impl Metric for PluginAdapter {
 
     fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>> {
         self.call(Phase::Finish, ctx, dataset, None)
+    }
+
+    /// Plugin ABI version 1 has no partial state: refused, naming the plugin.
+    fn save_state(&self) -> Result<State> {
+        Err(self.no_state())
+    }
+
+    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, _state: &State) -> Result<()> {
+        Err(self.no_state())
     }
 }
 

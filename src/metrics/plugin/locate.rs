@@ -3,7 +3,7 @@
 //!
 //! Owns: the search path (`HOOKGRAPH_PLUGIN_PATH`, then cargo's target directories) and the
 //! path-or-name rule. Must not: load or call a library except through
-//! [`super::abi_check::open`], which checks it first.
+//! `abi_check::open`, which checks it first.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -140,6 +140,9 @@ pub fn locate(spec: &str, spec_dir: &Path) -> Result<PathBuf> {
         } else {
             spec_dir.join(p)
         };
+        // Absolute: the dynamic loader looks a path without a `/` (`libfoo.so` next to a spec
+        // run as `runner spec.toml`) up on its search path, not in the working directory.
+        let p = std::path::absolute(&p).unwrap_or(p);
         return if p.is_file() {
             Ok(p)
         } else {

@@ -1,10 +1,10 @@
 //! Metric plugins: shared libraries loaded at run time (`[[metric]] plugin = ...`).
 //!
-//! Owns, one submodule each: finding a plugin library ([`locate`]: a path, or a name on the
+//! Owns, one submodule each: finding a plugin library ([`mod@locate`]: a path, or a name on the
 //! search path, and [`discover`] for `runner list`), loading it and the ABI checks
 //! ([`abi_check`]: symbol, magic, ABI version, struct size, in that order, before any other
 //! read or call, then the metadata), the [`PluginAdapter`] that makes a loaded plugin a
-//! [`Metric`] ([`adapter`]), and the host callbacks a plugin calls during a call ([`host`]).
+//! [`Metric`] ([`adapter`]), and the host callbacks a plugin calls during a call (`host`).
 //! Must not: know any particular plugin, or compute anything itself.
 //!
 //! The ABI lives in the `hookgraph-plugin` crate (`hookgraph_plugin::abi`), which plugin
