@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod build_info;
+pub mod circuits;
 pub mod cli;
 pub mod compare;
 pub mod data;

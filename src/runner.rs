@@ -3,7 +3,9 @@
 //! Owns: the order of a run — the prepare phase (check the output directory, resolve and
 //! load the model, select heads, build datasets and metrics, plan and check their table
 //! names: everything that can fail before the forward pass, where `validate` stops), the
-//! compute phase (handed to [`crate::engine`], the one batch loop), and the write phase
+//! compute phase (handed to [`crate::engine`], the one batch loop), the weight phase
+//! ([`run_weight_metrics`]: metrics of the weights alone such as `ov_circuit`, once per run,
+//! not per shard; a merge runs it), and the write phase
 //! ([`write_results`]: fail the metrics whose tables hold NaN or infinity, write CSVs,
 //! pictures and the manifest into a staging directory and swap it into place whole; a merge
 //! of shards ends there too), and the summary. A metric that fails is reported and the
@@ -25,7 +27,7 @@ use crate::device::{with_device, DeviceChoice, DeviceKind, OnDevice};
 use crate::engine::{Engine, MetricSet, Timings};
 use crate::error::{Error, Result};
 use crate::interrupt;
-use crate::metrics::{self, RunContext};
+use crate::metrics::{self, RunContext, WeightMetric, WEIGHTS_DATASET};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
 use crate::output::{self, NonFinite, Staging, Table, TableNames, Target};
 use crate::report;
@@ -122,6 +124,18 @@ pub(crate) struct Prepared<D: Device<f32>> {
     pub datasets: Vec<Dataset>,
     /// The metrics (a plugin that did not load is already a failure in it).
     pub metrics: MetricSet<'static>,
+    /// Metrics of the weights alone (`ov_circuit`, ...), computed once per run.
+    pub weight_metrics: Vec<WeightEntry>,
+}
+
+/// A weight metric of the run: its name, the metric, and the heads whose per-token table
+/// its `[[view]]`s ask for.
+pub(crate) struct WeightEntry {
+    name: String,
+    metric: Box<dyn WeightMetric>,
+    detail: Vec<(usize, usize)>,
+    /// Its tables' names (planned, as the spec names them).
+    tables: Vec<String>,
 }
 
 pub(crate) fn prepare<D: Device<f32>>(
@@ -153,6 +167,9 @@ pub(crate) fn prepare<D: Device<f32>>(
         .collect::<Result<Vec<_>>>()?;
 
     let mut metrics = MetricSet::new();
+    let mut weight_metrics: Vec<WeightEntry> = Vec::new();
+    // Spec index of each entry of `metrics`, then of `weight_metrics` (for errors).
+    let (mut spec_index, mut weight_index) = (Vec::new(), Vec::new());
     for (i, m) in spec.spec.metrics.iter().enumerate() {
         if let Some(kind) = &m.kind {
             // Unknown options are reported on their own line, not on `kind`'s.
@@ -179,6 +196,31 @@ pub(crate) fn prepare<D: Device<f32>>(
                     ));
                 }
             }
+            if let Some(info) = info.filter(|b| b.weights_only) {
+                let metric = metrics::weight_builtin(kind.get_ref(), &m.options)
+                    .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
+                let name = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+                let detail = report::views::weight_view_heads(
+                    spec,
+                    &name,
+                    &heads,
+                    cfg.n_layers,
+                    cfg.n_heads,
+                )?;
+                let tables = info
+                    .tables
+                    .iter()
+                    .map(|t| t.replacen(info.name, &name, 1))
+                    .collect();
+                weight_metrics.push(WeightEntry {
+                    name,
+                    metric,
+                    detail,
+                    tables,
+                });
+                weight_index.push(i);
+                continue;
+            }
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
             let given = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
@@ -190,6 +232,7 @@ pub(crate) fn prepare<D: Device<f32>>(
                 }),
             };
             metrics.add_named(given, metric, names);
+            spec_index.push(i);
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
@@ -215,13 +258,18 @@ pub(crate) fn prepare<D: Device<f32>>(
                 }
                 Err(e) => metrics.add_failed(fallback, e.to_string()),
             }
+            spec_index.push(i);
         }
     }
-    let names: Vec<&str> = metrics.names().collect();
+    spec_index.extend(weight_index);
+    let names: Vec<&str> = metrics
+        .names()
+        .chain(weight_metrics.iter().map(|w| w.name.as_str()))
+        .collect();
     for (i, name) in names.iter().enumerate() {
         if names[..i].contains(name) {
             return Err(spec.metric_error(
-                i,
+                spec_index[i],
                 "name",
                 format!(
                     "two [[metric]] entries are both named '{name}': give one a different `name`"
@@ -231,18 +279,22 @@ pub(crate) fn prepare<D: Device<f32>>(
     }
     // Every table name is known now: check them before the forward pass, not after.
     let mut owners: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..metrics.len() {
-        for t in metrics.planned_tables(i) {
+    let planned = |i: usize| match i.checked_sub(metrics.len()) {
+        None => metrics.planned_tables(i),
+        Some(w) => weight_metrics[w].tables.clone(),
+    };
+    for i in 0..names.len() {
+        for t in planned(i) {
             if let Err(why) = check_name(&t) {
                 return Err(spec.metric_error(
-                    i,
+                    spec_index[i],
                     "name",
                     format!("metric '{}': its table name {why}", names[i]),
                 ));
             }
             if let Some(&j) = owners.get(&t) {
                 return Err(spec.metric_error(
-                    i,
+                    spec_index[i],
                     "name",
                     format!(
                         "metric '{}' and metric '{}' both write the table '{t}': give one of them a different `name`",
@@ -258,6 +310,7 @@ pub(crate) fn prepare<D: Device<f32>>(
         heads,
         datasets,
         metrics,
+        weight_metrics,
     })
 }
 
@@ -304,6 +357,13 @@ pub fn validate(
             p.metrics.planned_tables(i).join(", ")
         );
     }
+    for w in &p.weight_metrics {
+        out += &format!(
+            "  metric {} (from the weights): {}\n",
+            w.name,
+            w.tables.join(", ")
+        );
+    }
     out += &format!(
         "  output: {}{}\n",
         target.dir.display(),
@@ -341,6 +401,14 @@ struct NonFiniteRecord {
     found: NonFinite,
 }
 
+/// A weight metric's time and matmul work, for the manifest.
+#[derive(Serialize)]
+pub struct WeightRecord {
+    name: String,
+    seconds: f64,
+    gflop: f64,
+}
+
 #[derive(Serialize)]
 struct Manifest<'a> {
     hookgraph_version: &'static str,
@@ -356,6 +424,7 @@ struct Manifest<'a> {
     heads: usize,
     hook_points: Vec<String>,
     datasets: Vec<DatasetRecord>,
+    weight_metrics: Vec<WeightRecord>,
     files: Vec<String>,
     failures: &'a [Failure],
     /// Metrics failed for NaN or infinity in their tables: where the first one is.
@@ -383,6 +452,7 @@ fn run_on<D: Device<f32>>(
         heads,
         datasets,
         mut metrics,
+        mut weight_metrics,
     } = prepare(dev, spec, opts.quiet)?;
     interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
@@ -487,6 +557,14 @@ fn run_on<D: Device<f32>>(
     for (dataset, o) in datasets.iter().zip(outcomes) {
         computed.add_dataset(dataset, o.tables, o.timings)?;
     }
+    // The weight phase: once per run (a shard leaves it to the merge).
+    run_weight_metrics(
+        &ctx,
+        &mut weight_metrics,
+        &mut metrics,
+        &mut computed,
+        opts.quiet,
+    )?;
     let report = write_results(
         &WriteInput {
             spec,
@@ -511,11 +589,18 @@ fn run_on<D: Device<f32>>(
     Ok(report)
 }
 
+/// The owner index of a weight metric's tables in [`Computed`] (they are not in the
+/// [`MetricSet`]; `weight_owners` names their metric).
+const WEIGHTS_OWNER: usize = usize::MAX;
+
 /// What the compute phase produced, as the write phase takes it.
 pub struct Computed {
     /// tables[table name] = (index of the metric that made it, [(dataset, table)])
     tables: BTreeMap<String, (usize, Vec<(String, Table)>)>,
     records: Vec<DatasetRecord>,
+    /// Weight metrics: table name -> metric name, and their timings.
+    weight_owners: BTreeMap<String, String>,
+    weight_records: Vec<WeightRecord>,
     hook_points: Vec<String>,
 }
 
@@ -524,8 +609,35 @@ impl Computed {
         Computed {
             tables: BTreeMap::new(),
             records: Vec::new(),
+            weight_owners: BTreeMap::new(),
+            weight_records: Vec::new(),
             hook_points,
         }
+    }
+
+    /// Adds a weight metric's tables (dataset [`WEIGHTS_DATASET`]) and its timing.
+    fn add_weights(
+        &mut self,
+        metric: &str,
+        tables: Vec<Table>,
+        record: WeightRecord,
+    ) -> Result<()> {
+        for t in tables {
+            if self.tables.contains_key(&t.name) {
+                return Err(Error::Other(format!(
+                    "two metrics write the table '{}': give one of them a `name`",
+                    t.name
+                )));
+            }
+            self.weight_owners
+                .insert(t.name.clone(), metric.to_string());
+            self.tables.insert(
+                t.name.clone(),
+                (WEIGHTS_OWNER, vec![(WEIGHTS_DATASET.to_string(), t)]),
+            );
+        }
+        self.weight_records.push(record);
+        Ok(())
     }
 
     /// Adds a dataset's tables (with the index of the metric that made each) and timings.
@@ -589,6 +701,8 @@ pub fn write_results<D: Device<f32>>(
     let Computed {
         tables,
         records,
+        weight_owners,
+        weight_records,
         hook_points,
     } = computed;
     let (spec, loaded, heads, datasets, kind) = (w.spec, w.loaded, w.heads, w.datasets, w.kind);
@@ -612,15 +726,22 @@ pub fn write_results<D: Device<f32>>(
             rows_before += t.rows.len();
         }
         if let Some((dataset, csv_row, found)) = first {
-            let metric = metrics.names().nth(*owner).unwrap_or("?").to_string();
-            metrics.fail(
-                *owner,
-                Some(&dataset),
-                Error::Other(format!(
-                    "{total} non-finite value(s) (NaN or infinity) in table '{table}'; the first is {}={} in row {csv_row} (dataset '{dataset}': {})",
-                    found.column, found.value, found.row
-                )),
+            let error = format!(
+                "{total} non-finite value(s) (NaN or infinity) in table '{table}'; the first is {}={} in row {csv_row} (dataset '{dataset}': {})",
+                found.column, found.value, found.row
             );
+            let metric = if *owner == WEIGHTS_OWNER {
+                let metric = weight_owners.get(table).cloned().unwrap_or_default();
+                metrics.push_failure(Failure {
+                    metric: metric.clone(),
+                    dataset: Some(dataset.clone()),
+                    error,
+                });
+                metric
+            } else {
+                metrics.fail(*owner, Some(&dataset), Error::Other(error));
+                metrics.names().nth(*owner).unwrap_or("?").to_string()
+            };
             non_finite.push(NonFiniteRecord {
                 metric,
                 table: table.clone(),
@@ -642,10 +763,17 @@ pub fn write_results<D: Device<f32>>(
     let pb = bar(w.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
     let mut report_tables: Vec<(String, &Table)> = Vec::new();
-    for (owner, parts) in tables.values() {
+    for (name, (owner, parts)) in &tables {
         // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
         // read as complete.
-        if metrics.has_failed(*owner) {
+        let failed = match *owner {
+            WEIGHTS_OWNER => metrics
+                .failures()
+                .iter()
+                .any(|f| Some(&f.metric) == weight_owners.get(name)),
+            i => metrics.has_failed(i),
+        };
+        if failed {
             continue;
         }
         let refs: Vec<(String, &Table)> = parts.iter().map(|(d, t)| (d.clone(), t)).collect();
@@ -696,6 +824,7 @@ pub fn write_results<D: Device<f32>>(
         heads: heads.len(),
         hook_points,
         datasets: records,
+        weight_metrics: weight_records,
         files: files
             .iter()
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -734,6 +863,61 @@ pub fn write_results<D: Device<f32>>(
     })
 }
 
+/// The weight phase: runs every weight metric once with a progress bar, adding its tables
+/// to `computed`; one that fails is recorded in `metrics`' failures and the others still run.
+pub(crate) fn run_weight_metrics(
+    ctx: &RunContext,
+    weight_metrics: &mut [WeightEntry],
+    metrics: &mut MetricSet,
+    computed: &mut Computed,
+    quiet: bool,
+) -> Result<()> {
+    let shared = metrics::WeightInputs::new();
+    for w in weight_metrics.iter_mut() {
+        let heads = ctx.heads.len();
+        let pb = bar(
+            quiet,
+            w.metric.work(ctx),
+            format!("{} ({heads} heads)", w.name),
+        );
+        let t = Instant::now();
+        let result = w.metric.compute(ctx, &shared, &w.detail, &|k| pb.inc(k));
+        pb.finish_and_clear();
+        let seconds = t.elapsed().as_secs_f64();
+        let gflop = w.metric.flop(ctx) / 1e9;
+        if !quiet {
+            eprintln!(
+                "{}: {heads} heads in {seconds:.1} s ({:.1} GFLOP/s of matmul)",
+                w.name,
+                gflop / seconds
+            );
+        }
+        let record = WeightRecord {
+            name: w.name.clone(),
+            seconds,
+            gflop,
+        };
+        match result {
+            Ok(mut tables) => {
+                for t in &mut tables {
+                    // A metric given its own `name` prefixes its tables with it.
+                    if w.name != w.metric.name() {
+                        t.name = t.name.replacen(w.metric.name(), &w.name, 1);
+                    }
+                }
+                computed.add_weights(&w.name, tables, record)?;
+            }
+            Err(e) => metrics.push_failure(Failure {
+                metric: w.name.clone(),
+                dataset: None,
+                error: e.to_string(),
+            }),
+        }
+        interrupt::checkpoint("weight metric")?;
+    }
+    Ok(())
+}
+
 /// The five most negative heads of every per-head table and dataset.
 pub fn summary(tables: &[(String, Table)]) -> String {
     let mut out = String::new();
@@ -751,12 +935,22 @@ pub fn summary(tables: &[(String, Table)]) -> String {
             .filter_map(|r| Some((r[score].as_f64()?, format!("{}.{}", r[l], r[h]))))
             .filter(|(v, _)| v.is_finite())
             .collect();
-        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // A `frac_*` headline is a share of tokens (the circuits): its highest heads are the
+        // notable ones; every other headline is a suppression score, notable when negative.
+        let score_name = t.head_score.as_deref().unwrap_or_default();
+        let highest = score_name.starts_with("frac_");
+        rows.sort_by(|a, b| {
+            if highest {
+                b.0.total_cmp(&a.0)
+            } else {
+                a.0.total_cmp(&b.0)
+            }
+        });
         out += &format!(
-            "{} / {} ({}), most negative heads:\n",
+            "{} / {} ({score_name}), {} heads:\n",
             t.name,
             dataset,
-            t.head_score.as_deref().unwrap_or_default()
+            if highest { "highest" } else { "most negative" }
         );
         for (v, head) in rows.iter().take(5) {
             out += &format!("  {head:>6}  {v:>10.4}\n");

@@ -30,7 +30,8 @@ pub struct Spec {
     #[serde(default = "all_heads")]
     pub heads: Spanned<Heads>,
     pub model: ModelSpec,
-    #[serde(rename = "dataset")]
+    /// Optional when every metric is computed from the weights alone (`ov_circuit`, ...).
+    #[serde(rename = "dataset", default)]
     pub datasets: Vec<DatasetSpec>,
     #[serde(rename = "metric")]
     pub metrics: Vec<MetricSpec>,
@@ -391,8 +392,16 @@ impl LoadedSpec {
         if s.model.batch_size == 0 {
             return Err(self.error("[model] batch_size must be at least 1"));
         }
-        if s.datasets.is_empty() {
-            return Err(self.error("at least one [[dataset]] is needed"));
+        // Weight metrics (ov_circuit, qk_circuit) read no activations; any other needs data.
+        let needs_data = s.metrics.iter().any(|m| {
+            m.kind
+                .as_ref()
+                .map_or(true, |k| !crate::metrics::is_weight_metric(k.get_ref()))
+        });
+        if s.datasets.is_empty() && needs_data {
+            return Err(self.error(
+                "at least one [[dataset]] is needed (only weight metrics such as ov_circuit and qk_circuit run without one)",
+            ));
         }
         let mut seen = BTreeSet::new();
         for d in &s.datasets {

@@ -1,9 +1,12 @@
-//! `runner cache`: run a model once and save chosen activations as safetensors.
+//! `runner cache`: run a model once and save chosen activations as safetensors; or, with
+//! `--effective-embeddings`, save the notebook's effective embeddings (`docs/metrics.md` §3:
+//! `W_E`, `W_EE`, `W_EE0`, `W_EE0A`) instead.
 //!
 //! Owns: the `cache` subcommand's arguments, reading token files, tokenizing `--prompt`s,
 //! and writing the activation file (chosen hook points + `logits` + `tokens`, with metadata
 //! saying which model and processing produced them). Must not: compute anything about the
-//! model itself; the forward pass and hook catalogue live in `model` and `hooks`.
+//! model itself; the forward pass and hook catalogue live in `model` and `hooks`, the
+//! effective embeddings in `circuits`.
 //!
 //! The file is what TransformerLens's `run_with_cache` would give for the same names: f32
 //! tensors in TL's shapes (exactly what [`ActivationCache`] holds), so Python can compare
@@ -34,14 +37,22 @@ pub struct CacheArgs {
     #[arg(long)]
     pub model: String,
     /// JSON file with a list of equal-length token-id lists.
-    #[arg(long, conflicts_with = "prompt", required_unless_present = "prompt")]
+    #[arg(
+        long,
+        conflicts_with = "prompt",
+        required_unless_present_any = ["prompt", "effective_embeddings"]
+    )]
     pub tokens: Option<PathBuf>,
     /// Text to run (BOS prepended); repeat for a batch, right-padded like TL's `to_tokens`.
     #[arg(long)]
     pub prompt: Vec<String>,
     /// Hook point names or globs (`blocks.*.attn.hook_pattern`); `logits` is always saved.
-    #[arg(long, num_args = 1.., required = true)]
+    #[arg(long, num_args = 1.., required_unless_present = "effective_embeddings")]
     pub hooks: Vec<String>,
+    /// Save the effective embeddings W_E, W_EE, W_EE0, W_EE0A ([d_vocab, d_model] each,
+    /// docs/metrics.md §3) of the processed weights instead of activations; no forward pass.
+    #[arg(long, conflicts_with_all = ["tokens", "prompt", "hooks"])]
+    pub effective_embeddings: bool,
     /// Output file (`.safetensors`), written atomically.
     #[arg(long)]
     pub out: PathBuf,
@@ -92,6 +103,9 @@ enum Input {
 }
 
 pub fn cache(args: &CacheArgs) -> Result<ExitCode> {
+    if args.effective_embeddings {
+        return effective_embeddings(args);
+    }
     let files = ModelSource::parse(&args.model).resolve()?;
     // Everything the user typed is checked against the config before the (slow) load.
     let cfg = ModelConfig::from_file(&files.config)?;
@@ -118,6 +132,50 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode> {
     let bytes = serialize(&tokens, &activations, metadata)?;
     write_atomic(&args.out, &bytes)?;
     print_summary(&args.out, &tokens, &activations);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--effective-embeddings`: the four matrices from the processed host weights (no device,
+/// no forward pass), written atomically with the same metadata as an activation file.
+fn effective_embeddings(args: &CacheArgs) -> Result<ExitCode> {
+    let files = ModelSource::parse(&args.model).resolve()?;
+    let cfg = ModelConfig::from_file(&files.config)?;
+    let processing = args.processing();
+    let mut params = model::checkpoint::load_params(&files.weights, &cfg)?;
+    model::process::process(&mut params, processing);
+    let emb = crate::circuits::effective_embeddings(&params, &cfg);
+    let named = emb.into_named();
+    let err = |e: safetensors::SafeTensorError| Error::Other(format!("safetensors: {e}"));
+    let bytes: Vec<(&str, Vec<usize>, Vec<u8>)> = named
+        .iter()
+        .map(|(n, a)| {
+            (
+                *n,
+                a.shape().to_vec(),
+                a.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, shape, b)| {
+            Ok((
+                n.to_string(),
+                TensorView::new(Dtype::F32, shape.clone(), b).map_err(err)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut meta = metadata(args, &files, processing);
+    meta.insert(
+        "contents".into(),
+        "effective embeddings (docs/metrics.md §3)".into(),
+    );
+    let out = safetensors::tensor::serialize(views, &Some(meta)).map_err(err)?;
+    write_atomic(&args.out, &out)?;
+    println!("wrote {} ({} tensors)", args.out.display(), named.len());
+    for (n, a) in &named {
+        println!("  {n:6}  f32 {:?}", a.shape());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

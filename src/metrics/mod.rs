@@ -7,7 +7,12 @@
 //!
 //! Aggregation is per sequence and averaged at the end, so results do not depend on the
 //! batch size.
+//!
+//! A second kind, [`WeightMetric`], reads only the processed weights (`ov_circuit`,
+//! `qk_circuit`, `docs/metrics.md` §4-5): the runner computes it once per run, before any
+//! dataset, and a spec with only such metrics needs no dataset.
 
+pub mod circuits;
 pub mod loss;
 pub mod ops;
 pub mod plugin;
@@ -161,33 +166,108 @@ impl<M: Metric + ?Sized> Metric for &mut M {
     }
 }
 
+/// A metric computed from the processed weights alone, once per run: no dataset, no
+/// forward pass, no activations.
+pub trait WeightMetric {
+    /// The metric's name (and its tables' name prefix).
+    fn name(&self) -> &str;
+    /// Units of work [`compute`](Self::compute) reports through `progress` in all.
+    fn work(&self, ctx: &RunContext) -> u64;
+    /// Matmul FLOPs of [`compute`](Self::compute), for the achieved-rate line and manifest.
+    fn flop(&self, ctx: &RunContext) -> f64;
+    /// Its tables, one set for the whole run (written under the dataset name
+    /// [`WEIGHTS_DATASET`]). `shared` holds what several weight metrics read (made once);
+    /// `detail` lists the heads whose per-token values a `[[view]]` asks for;
+    /// `progress(k)` reports `k` more units done.
+    fn compute(
+        &mut self,
+        ctx: &RunContext,
+        shared: &WeightInputs,
+        detail: &[(usize, usize)],
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Vec<Table>>;
+}
+
+/// What weight metrics share in one run, made on first use: the effective embeddings
+/// (`docs/metrics.md` §3; 0.6 TFLOP for GPT-2 small, so `ov_circuit` and `qk_circuit` in one
+/// spec make them once).
+#[derive(Default)]
+pub struct WeightInputs {
+    effective: std::sync::OnceLock<crate::circuits::EffectiveEmbeddings>,
+}
+
+impl WeightInputs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The effective embeddings of the run's processed weights.
+    pub fn effective(&self, ctx: &RunContext) -> &crate::circuits::EffectiveEmbeddings {
+        self.effective
+            .get_or_init(|| crate::circuits::effective_embeddings(ctx.params, ctx.cfg))
+    }
+}
+
+/// The `dataset` column of a weight metric's tables (they depend on no dataset).
+pub const WEIGHTS_DATASET: &str = "weights";
+
 /// A built-in metric's name, what it computes, and its options.
 pub struct BuiltinInfo {
     pub name: &'static str,
     pub about: &'static str,
     pub options: &'static [(&'static str, &'static str)],
     pub tables: &'static [&'static str],
+    /// Computed from the weights alone ([`WeightMetric`]): needs no dataset.
+    pub weights_only: bool,
+}
+
+/// Whether `kind` names a built-in [`WeightMetric`].
+pub fn is_weight_metric(kind: &str) -> bool {
+    BUILTINS.iter().any(|b| b.name == kind && b.weights_only)
 }
 
 /// The built-in metrics (`runner list` prints this).
 pub const BUILTINS: &[BuiltinInfo] = &[
     BuiltinInfo {
         name: "source_suppression",
-        about: "per head: how much the head's output at a destination suppresses the logit of the source tokens it attends to (metrics.md §1)",
+        about: "per head: how much the head's output at a destination suppresses the logit of the source tokens it attends to (docs/metrics.md §1)",
         options: &[("only_negative", "bool, default false: keep only negative source coefficients")],
         tables: &["source_suppression", "source_suppression_per_sequence", "source_suppression_per_position"],
+        weights_only: false,
     },
     BuiltinInfo {
         name: "projection_loss",
-        about: "per head: loss when the head's direct effect is kept only along / perpendicular to the source unembedding, or ablated (metrics.md §2)",
+        about: "per head: loss when the head's direct effect is kept only along / perpendicular to the source unembedding, or ablated (docs/metrics.md §2)",
         options: &[("only_negative", "bool, default false: project only negative coefficients")],
         tables: &["projection_loss"],
+        weights_only: false,
     },
     BuiltinInfo {
         name: "loss",
         about: "per-token cross-entropy loss of the unmodified model",
         options: &[],
         tables: &["loss"],
+        weights_only: false,
+    },
+    BuiltinInfo {
+        name: "ov_circuit",
+        about: "per head, from the weights alone: how often the full OV circuit LN(W_EE) W_V W_O W_U ranks each source token's own logit among the most suppressed (neg) / most boosted (pos) (docs/metrics.md §4); needs no dataset",
+        options: &[
+            ("embedding", "W_EE (default), W_E, W_EE0 or W_EE0A: the source tokens' effective embedding"),
+            ("block_rows", "integer, default 256: vocabulary rows per block (memory ~ block_rows x (heads x d_head + 1024) floats per core)"),
+        ],
+        tables: &["ov_circuit", "ov_circuit_per_token"],
+        weights_only: true,
+    },
+    BuiltinInfo {
+        name: "qk_circuit",
+        about: "per head, from the weights alone: how often the full QK circuit LN(W_U)^T W_Q W_K^T LN(W_EE) puts the diagonal (attend back to the predicted token) first (docs/metrics.md §5); needs no dataset",
+        options: &[
+            ("embedding", "W_EE (default), W_E, W_EE0 or W_EE0A: the key side's effective embedding"),
+            ("block_rows", "integer, default 256: vocabulary rows per block"),
+        ],
+        tables: &["qk_circuit", "qk_circuit_per_token"],
+        weights_only: true,
     },
 ];
 
@@ -255,6 +335,30 @@ pub fn builtin(kind: &str, options: &toml::Table) -> Result<Box<dyn Metric>> {
             false,
         )?)),
         "loss" => Box::new(loss::Loss::default()),
+        _ if info.weights_only => {
+            return Err(Error::Metric {
+                metric: kind.to_string(),
+                msg: "is computed from the weights (use `weight_builtin`)".into(),
+            })
+        }
         _ => unreachable!("BUILTINS and this match list the same names"),
     })
+}
+
+/// A built-in weight metric by name, with its options checked.
+pub fn weight_builtin(kind: &str, options: &toml::Table) -> Result<Box<dyn WeightMetric>> {
+    let info = BUILTINS
+        .iter()
+        .find(|b| b.name == kind && b.weights_only)
+        .ok_or_else(|| Error::Metric {
+            metric: kind.to_string(),
+            msg: "not a built-in weight metric".into(),
+        })?;
+    check_options(info, options)?;
+    let circuit = match kind {
+        "ov_circuit" => circuits::Circuit::Ov,
+        "qk_circuit" => circuits::Circuit::Qk,
+        _ => unreachable!("BUILTINS and this match list the same names"),
+    };
+    Ok(Box::new(circuits::CircuitMetric::new(circuit, options)?))
 }

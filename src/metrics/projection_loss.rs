@@ -1,6 +1,6 @@
 //! `projection_loss`: the loss when a head's direct effect is kept only along the source
 //! tokens' unembedding directions, only perpendicular to them, or ablated
-//! (`../shared/docs/metrics.md` §2, the notebook's `return_new_loss=True` path).
+//! (`docs/metrics.md` §2, the notebook's `return_new_loss=True` path).
 //!
 //! Owns: the per-head mean losses and their tables. Reads `blocks.L.attn.hook_v`,
 //! `hook_z`, `hook_pattern` (selected layers), `ln_final.hook_scale` and `logits` from the
@@ -89,7 +89,7 @@ pub fn layer_losses(
     let w_u = ctx.params.w_u.view();
 
     // coef[b, k] = (r . u) / (u . u), with r . u from the same factorisation as
-    // source_suppression; the sign is the intended one, sign(r . u) (metrics.md).
+    // source_suppression; the sign is the intended one, sign(r . u) (docs/metrics.md).
     let r_dot_u = source_coefficients(v, w_o, u_tok);
     let u_sq: Vec<f32> = u_tok.outer_iter().map(|u| u.dot(&u)).collect();
 

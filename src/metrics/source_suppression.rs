@@ -1,5 +1,5 @@
 //! `source_suppression`: how much a head's output suppresses the logits of the tokens it
-//! attends to (`../shared/docs/metrics.md` §1, the notebook's `return_new_loss=False` path).
+//! attends to (`docs/metrics.md` §1, the notebook's `return_new_loss=False` path).
 //!
 //! Owns: the per-head, per-sequence and per-position values and their tables. Reads
 //! `blocks.L.attn.hook_v`, `blocks.L.attn.hook_pattern` (every selected layer) and

@@ -239,7 +239,7 @@ pub fn softmax_keys<D: Device<f32>>(scores: T4<D>) -> T4<D> {
 /// `gelu_new` of one value: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with
 /// `tanh(u) = 1 - 2 / (exp(2u) + 1)` so it vectorises.
 #[inline(always)]
-fn gelu_new_one(x: f32) -> f32 {
+pub(crate) fn gelu_new_one(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
     let tanh = 1.0 - 2.0 / (crate::kernels::exp(2.0 * u) + 1.0);

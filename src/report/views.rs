@@ -97,6 +97,13 @@ pub fn check_views(
                 known.join(", ")
             )));
         };
+        // A weight metric's view asks for a per-token CSV, not a picture ([`weight_view_heads`]).
+        if kind
+            .as_deref()
+            .is_some_and(crate::metrics::is_weight_metric)
+        {
+            continue;
+        }
         // A built-in must write a per-position table; a plugin is only known once it runs.
         if let Some(kind) = kind {
             let per_position = format!("{kind}_per_position");
@@ -169,6 +176,51 @@ pub fn check_views(
             )));
         }
         out.push(view);
+    }
+    Ok(out)
+}
+
+/// The heads whose per-token table the weight metric named `metric` must write: those of
+/// every `[[view]]` that names it (in order, without repeats). Such a view takes no
+/// `dataset` or `sequences` (the metric reads no data), and its heads must be the run's.
+pub fn weight_view_heads(
+    spec: &LoadedSpec,
+    metric: &str,
+    run_heads: &[(usize, usize)],
+    n_layers: usize,
+    n_heads: usize,
+) -> Result<Vec<(usize, usize)>> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, v) in spec.spec.views.iter().enumerate() {
+        if v.metric.as_deref() != Some(metric) {
+            continue;
+        }
+        let at = |msg: String| spec.error(format!("[[view]] #{}: {msg}", i + 1));
+        if v.dataset.is_some() || v.sequences.is_some() {
+            return Err(at(format!(
+                "metric '{metric}' is computed from the weights: its view writes {metric}_per_token.csv and takes no `dataset` or `sequences`"
+            )));
+        }
+        if v.heads.is_empty() {
+            return Err(at(
+                "`heads` is empty: name the heads, e.g. [\"10.7\"]".into()
+            ));
+        }
+        for item in &v.heads {
+            let parsed =
+                parse_heads(&Heads::List(vec![item.clone()]), n_layers, n_heads).map_err(&at)?;
+            for lh in parsed {
+                if !run_heads.contains(&lh) {
+                    return Err(at(format!(
+                        "head {}.{} is not among the run's heads (add it to the spec's `heads`)",
+                        lh.0, lh.1
+                    )));
+                }
+                if !out.contains(&lh) {
+                    out.push(lh);
+                }
+            }
+        }
     }
     Ok(out)
 }

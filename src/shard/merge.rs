@@ -202,6 +202,7 @@ impl OnDevice for Merge<'_> {
             heads,
             datasets,
             mut metrics,
+            mut weight_metrics,
         } = runner::prepare(dev, spec, quiet)?;
         let load_seconds = t0.elapsed().as_secs_f64();
 
@@ -286,6 +287,14 @@ impl OnDevice for Merge<'_> {
             }
             computed.add_dataset(dataset, tables, timings)?;
         }
+        // Weight metrics are not sharded: the merge computes them, once.
+        runner::run_weight_metrics(
+            &ctx,
+            &mut weight_metrics,
+            &mut metrics,
+            &mut computed,
+            quiet,
+        )?;
         runner::write_results(
             &WriteInput {
                 spec,

@@ -6,6 +6,7 @@
 
 mod cache_cli;
 mod checkpoint_errors;
+mod circuits;
 mod common;
 mod compare_cli;
 #[cfg(feature = "cuda")]
