@@ -4,7 +4,7 @@
 //! load the model, select heads, build datasets and metrics, plan and check their table
 //! names: everything that can fail before the forward pass, where `validate` stops), the
 //! compute phase (handed to [`crate::engine`], the one batch loop), the weight phase
-//! ([`run_weight_metrics`]: metrics of the weights alone such as `ov_circuit`, once per run,
+//! (`run_weight_metrics`: metrics of the weights alone such as `ov_circuit`, once per run,
 //! not per shard; a merge runs it), and the write phase
 //! ([`write_results`]: fail the metrics whose tables hold NaN or infinity, write CSVs,
 //! pictures and the manifest into a staging directory and swap it into place whole; a merge
