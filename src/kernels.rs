@@ -8,49 +8,157 @@
 
 /// Row-major `[m, k] @ [k, n]` with gemm 0.19 on every core.
 pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert!(a.len() == m * k && b.len() == k * n, "sgemm: operand sizes");
     let mut c = vec![0f32; m * n];
-    // SAFETY: the three buffers have exactly the sizes the strides describe (checked above),
-    // `c` is not aliased, and gemm with read_dst = false only writes `c`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
+    sgemm_into(m, k, n, a, b, &mut c, false, Par::All);
     c
+}
+
+/// How many threads one matmul may use: all of rayon's, or one (the caller is already
+/// running on every core, e.g. one matmul per head inside a parallel loop; nesting gemm's
+/// own rayon split inside those tasks only adds hand-offs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Par {
+    All,
+    One,
+}
+
+impl Par {
+    fn gemm(self) -> gemm::Parallelism {
+        match self {
+            Par::All if rayon::current_num_threads() > 1 => {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            }
+            _ => gemm::Parallelism::None,
+        }
+    }
+}
+
+/// Row-major `c (+)= a @ b` (`[m, k] @ [k, n]`): `accumulate` adds to what `c` holds (a
+/// bias or a residual stream written there first), else `c` is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_into(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    accumulate: bool,
+    par: Par,
+) {
+    assert!(
+        a.len() == m * k && b.len() == k * n && c.len() == m * n,
+        "sgemm: operand sizes"
+    );
+    // SAFETY: the three buffers have exactly the sizes the strides describe (checked above)
+    // and `c` is a unique borrow.
+    unsafe {
+        sgemm_strided(
+            m,
+            k,
+            n,
+            MatPtr::row_major(a.as_ptr(), k),
+            MatPtr::row_major(b.as_ptr(), n),
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+            accumulate,
+            1.0,
+            par,
+        )
+    }
+}
+
+/// A read-only matrix operand by pointer and strides (elements), so a head's slice of a
+/// fused `[tokens, 3 * heads * d_head]` buffer, or its transpose, is read in place.
+#[derive(Clone, Copy)]
+pub struct MatPtr {
+    pub ptr: *const f32,
+    /// Stride between rows.
+    pub rs: isize,
+    /// Stride between columns.
+    pub cs: isize,
+}
+
+impl MatPtr {
+    pub fn row_major(ptr: *const f32, cols: usize) -> Self {
+        MatPtr {
+            ptr,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+}
+
+/// `c = (accumulate ? c : 0) + scale * (a @ b)`, `a`: `[m, k]`, `b`: `[k, n]`, `c`: `[m, n]`
+/// with row stride `c_rs` and column stride `c_cs`.
+///
+/// # Safety
+/// Every element the strides address must be in bounds; `c`'s elements must not be read or
+/// written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: MatPtr,
+    b: MatPtr,
+    c: *mut f32,
+    c_rs: isize,
+    c_cs: isize,
+    accumulate: bool,
+    scale: f32,
+    par: Par,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        c_cs,
+        c_rs,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par.gemm(),
+    );
 }
 
 /// `a @ b` for host matrices, through [`sgemm`] (copies only operands that are not already
 /// row-major and contiguous).
 pub fn matmul(a: ndarray::ArrayView2<f32>, b: ndarray::ArrayView2<f32>) -> ndarray::Array2<f32> {
+    matmul_par(a, b, Par::All)
+}
+
+/// [`matmul`] with a choice of [`Par`].
+pub fn matmul_par(
+    a: ndarray::ArrayView2<f32>,
+    b: ndarray::ArrayView2<f32>,
+    par: Par,
+) -> ndarray::Array2<f32> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     assert_eq!(k, k2, "matmul: inner dimensions");
     let a = a.as_standard_layout();
     let b = b.as_standard_layout();
-    let c = sgemm(
+    let mut c = vec![0f32; m * n];
+    sgemm_into(
         m,
         k,
         n,
         a.as_slice().expect("standard layout"),
         b.as_slice().expect("standard layout"),
+        &mut c,
+        false,
+        par,
     );
     ndarray::Array2::from_shape_vec((m, n), c).expect("m * n values")
 }

@@ -51,12 +51,17 @@ pub fn source_coefficients(
         .view_mut()
         .into_shape_with_order((b * s, h))
         .expect("fresh array");
-    for n in 0..b * s {
-        for head in 0..h {
-            let gv = g.slice(s![n, head * dh..(head + 1) * dh]);
-            c_flat[[n, head]] = gv.dot(&v.slice(s![n, head, ..]));
-        }
-    }
+    // One token's heads per task, on every core.
+    c_flat
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(n, mut row)| {
+            for head in 0..h {
+                let gv = g.slice(s![n, head * dh..(head + 1) * dh]);
+                row[head] = gv.dot(&v.slice(s![n, head, ..]));
+            }
+        });
     c
 }
 
