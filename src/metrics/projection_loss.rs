@@ -156,13 +156,8 @@ pub fn fused_token_losses(
         for q in 0..rows {
             let lq = &l[q * v + c0..q * v + c0 + w];
             let (n, o) = (&new[q * w..(q + 1) * w], &orig[q * w..(q + 1) * w]);
-            let iq = inv[q];
             let [proj, perp, abl] = &mut buf;
-            for j in 0..w {
-                proj[j] = lq[j] + (n[j] - o[j]) * iq; // keep only the projection: new - orig
-                perp[j] = lq[j] - n[j] * iq; // keep only the perpendicular part: -new
-                abl[j] = lq[j] - o[j] * iq; // remove the head's direct effect: -orig
-            }
+            kernels::three_variants(lq, n, o, inv[q], proj, perp, abl);
             let t = target[q];
             for (x, b) in buf.iter().enumerate() {
                 let b = &b[..w];
@@ -419,7 +414,7 @@ mod tests {
     #[test]
     fn fused_losses_match_plain_losses_across_chunks() {
         let (s, v, k, dh) = (7, 3 * CHUNK + 37, 5, 4);
-        let f = |i: usize, a: f32| ((i as f32 * a).sin() * 3.0);
+        let f = |i: usize, a: f32| (i as f32 * a).sin() * 3.0;
         let logits = Array2::from_shape_fn((s, v), |(q, j)| f(q * v + j, 0.37) + j as f32 * 1e-3);
         let lhs = Array2::from_shape_fn((s, k), |(q, j)| f(q * k + j, 1.3));
         let rhs = Array2::from_shape_fn((k, v), |(q, j)| f(q * v + j, 0.71));

@@ -28,6 +28,9 @@ use crate::kernels::{self, MatPtr, Par};
 struct Lin {
     w: ArcArray2<f32>,
     b: ArcArray1<f32>,
+    /// GPT-2's `b_U` is zero (and stays zero through center_unembed): the unembedding then
+    /// skips writing [tokens, d_vocab] zeros before its matmul.
+    zero_bias: bool,
 }
 
 impl Lin {
@@ -42,7 +45,8 @@ impl Lin {
         } else {
             b.to_owned().into_shared()
         };
-        Lin { w, b }
+        let zero_bias = b.iter().all(|&x| x == 0.0);
+        Lin { w, b, zero_bias }
     }
 
     fn n_out(&self) -> usize {
@@ -53,6 +57,11 @@ impl Lin {
     fn apply(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
         let (k, n) = self.w.dim();
         let rows = x.len() / k;
+        let w = self.w.as_slice().expect("standard layout");
+        if self.zero_bias {
+            kernels::sgemm_into(rows, k, n, x, w, y, accumulate, Par::All);
+            return;
+        }
         let b = self.b.as_slice().expect("standard layout");
         // The bias goes in first and the matmul accumulates onto it: one pass fewer.
         y.par_chunks_mut(n * 16).for_each(|block| {
@@ -64,7 +73,6 @@ impl Lin {
                 }
             }
         });
-        let w = self.w.as_slice().expect("standard layout");
         kernels::sgemm_into(rows, k, n, x, w, y, true, Par::All);
     }
 }
@@ -278,25 +286,14 @@ impl HostModel {
         x.par_chunks_mut(d)
             .zip(resid.par_chunks(d))
             .zip(scale.par_iter_mut())
-            .for_each(|((x, r), sc)| {
-                let mean = r.iter().sum::<f32>() / d as f32;
-                let mut var = 0f32;
-                for (x, r) in x.iter_mut().zip(r) {
-                    *x = r - mean;
-                    var += *x * *x;
-                }
-                *sc = (var / d as f32 + eps).sqrt();
-            });
+            .for_each(|((x, r), sc)| *sc = kernels::center_row(x, r, eps));
         let name_scale = format!("{prefix}.hook_scale");
         if hooks.touches(&name_scale) {
             hooks.visit_slice(&name_scale, &[b, s, 1], scale)?;
         }
         x.par_chunks_mut(d)
             .zip(scale.par_iter())
-            .for_each(|(x, &sc)| {
-                let inv = 1.0 / sc;
-                x.iter_mut().for_each(|v| *v *= inv);
-            });
+            .for_each(|(x, &sc)| kernels::scale_slice(x, 1.0 / sc));
         let name_norm = format!("{prefix}.hook_normalized");
         if hooks.touches(&name_norm) {
             hooks.visit_slice(&name_norm, &[b, s, d], x)?;
@@ -434,8 +431,7 @@ impl HostModel {
         if touch(hooks, "mlp.hook_pre") {
             hooks.visit_slice(&name("mlp.hook_pre"), &[b, s, m], mlp)?;
         }
-        mlp.par_chunks_mut(4096)
-            .for_each(|c| c.iter_mut().for_each(|x| *x = gelu_new(*x)));
+        mlp.par_chunks_mut(4096).for_each(kernels::gelu_slice);
         if touch(hooks, "mlp.hook_post") {
             hooks.visit_slice(&name("mlp.hook_post"), &[b, s, m], mlp)?;
         }
@@ -563,7 +559,7 @@ impl HostModel {
                 |buf, bh| {
                     scores_into(bh, buf);
                     for (q, row) in buf.chunks_exact_mut(s).enumerate() {
-                        softmax_causal(row, q);
+                        kernels::softmax_causal(row, q);
                     }
                     av_into(bh, buf);
                 },
@@ -580,53 +576,11 @@ impl HostModel {
                 }
             });
         hooks.visit_slice(&scores_name, &[b, h, s, s], &mut full)?;
-        full.par_chunks_mut(s).for_each(softmax_masked);
+        full.par_chunks_mut(s).for_each(kernels::softmax_masked);
         hooks.visit_slice(&pattern_name, &[b, h, s, s], &mut full)?;
         full.par_chunks(s * s)
             .enumerate()
             .for_each(|(bh, blk)| av_into(bh, blk));
         Ok(())
     }
-}
-
-/// Softmax of a score row whose keys after `q` are masked: those become exactly 0, as in TL.
-#[inline]
-fn softmax_causal(row: &mut [f32], q: usize) {
-    let (live, masked) = row.split_at_mut(q + 1);
-    masked.fill(0.0);
-    let m = kernels::max(live);
-    let mut sum = 0f32;
-    for x in live.iter_mut() {
-        *x = kernels::exp(*x - m);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    live.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// Softmax of a row where `-inf` marks masked keys (the scores a hook may have rewritten).
-fn softmax_masked(row: &mut [f32]) {
-    let m = kernels::max(row);
-    let mut sum = 0f32;
-    for x in row.iter_mut() {
-        let e = if *x == f32::NEG_INFINITY {
-            0.0
-        } else {
-            kernels::exp(*x - m)
-        };
-        *x = e;
-        sum += e;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
-}
-
-/// `gelu_new`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with
-/// `tanh(u) = 1 - 2 / (exp(2u) + 1)` so it vectorises.
-#[inline(always)]
-pub(crate) fn gelu_new(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-    let tanh = 1.0 - 2.0 / (kernels::exp(2.0 * u) + 1.0);
-    0.5 * x * (1.0 + tanh)
 }
