@@ -211,9 +211,13 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick (no libm call).
+    // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick (no libm call):
+    // y's low mantissa bits then hold n as an integer, read back with integer ops (an
+    // `as i32` cast would be a saturating scalar conversion per element, not a vector op).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let y = x * LOG2E + MAGIC;
+    let n = y - MAGIC;
+    let ni = (y.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = x - n * LN2_HI - n * LN2_LO;
     // Cephes expf polynomial for e^r on |r| <= ln2 / 2.
     let mut p = 1.987_569_2e-4;
@@ -223,7 +227,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     er * scale
 }
 
