@@ -114,11 +114,12 @@ pub fn fused_token_losses(
     let mut m = vec![[f32::NEG_INFINITY; 3]; rows];
     let mut sum = vec![[0f64; 3]; rows];
     let mut tgt = vec![[0f32; 3]; rows];
-    let mut new = vec![0f32; rows * CHUNK];
-    let mut orig = vec![0f32; rows * CHUNK];
-    let mut buf = [vec![0f32; CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK]];
-    for c0 in (0..v).step_by(CHUNK) {
-        let w = CHUNK.min(v - c0);
+    let chunk = CHUNK;
+    let mut new = vec![0f32; rows * chunk];
+    let mut orig = vec![0f32; rows * chunk];
+    let mut buf = [vec![0f32; chunk], vec![0f32; chunk], vec![0f32; chunk]];
+    for c0 in (0..v).step_by(chunk) {
+        let w = chunk.min(v - c0);
         // SAFETY: every operand is addressed inside its slice ([rows, k] of lhs, [k, w]
         // columns c0.. of rhs with row stride v, etc.); `new` and `orig` are unique here.
         unsafe {
@@ -212,16 +213,24 @@ pub fn layer_losses(
     let r_dot_u = source_coefficients(v, w_o, u_tok);
     let u_sq: Vec<f32> = u_tok.outer_iter().map(|u| u.dot(&u)).collect();
 
-    // W_O[h] @ W_U ([dh, V], 12 MiB for GPT-2) for as many heads as there are cores, each
-    // on all cores; then every (head, sequence) pair of that group is one single-threaded
-    // task. Groups bound the [dh, V] matrices alive at once.
-    let group = rayon::current_num_threads().max(1);
+    // W_O[h] @ W_U ([dh, V], 12 MiB for GPT-2) for a group of heads at once, as one
+    // [heads x dh, D] @ [D, V] matmul on all cores (a [dh, D] left side alone is too thin to
+    // keep the cores busy: W_U would stream through memory once per head); then every
+    // (head, sequence) pair of the group is one single-threaded task. Groups of 4 bound
+    // the [dh, V] matrices alive at once (48 MiB for GPT-2 small).
+    let group = 4.max(rayon::current_num_threads());
+    let (dh, d) = (w_o.dim().1, w_o.dim().2);
     let mut per_task: Vec<((usize, usize), Array2<f32>)> = Vec::with_capacity(heads.len() * b);
     for h0 in (0..heads.len()).step_by(group) {
         let hs = h0..(h0 + group).min(heads.len());
-        let wous: Vec<Array2<f32>> = heads[hs.clone()]
-            .iter()
-            .map(|&h| kernels::matmul(w_o.index_axis(Axis(0), h), w_u))
+        let mut lhs = Array2::<f32>::zeros((hs.len() * dh, d));
+        for (j, &h) in heads[hs.clone()].iter().enumerate() {
+            lhs.slice_mut(s![j * dh..(j + 1) * dh, ..])
+                .assign(&w_o.index_axis(Axis(0), h));
+        }
+        let wou_all = kernels::matmul(lhs.view(), w_u);
+        let wous: Vec<ArrayView2<f32>> = (0..hs.len())
+            .map(|j| wou_all.slice(s![j * dh..(j + 1) * dh, ..]))
             .collect();
         let tasks: Vec<(usize, usize)> = hs.flat_map(|hi| (0..b).map(move |i| (hi, i))).collect();
         let done: Vec<((usize, usize), Array2<f32>)> = tasks
@@ -250,7 +259,7 @@ pub fn layer_losses(
                     lhs.view(),
                     rhs,
                     z.slice(s![i, .., h, ..]),
-                    wous[hi - h0].view(),
+                    wous[hi - h0],
                     scale.row(i),
                     batch.tokens.row(i),
                 );
