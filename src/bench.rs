@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{unpadded_lengths, Dataset};
 use crate::error::{Error, Result};
-use crate::hooks::{HookFilter, Hooks};
-use crate::metrics::{self, BatchView, RunContext};
+use crate::hooks::Hooks;
+use crate::metrics::{self, RunContext};
 use crate::model::{self, CheckpointFiles, LoadedModel, ModelConfig, Processing};
 
 /// GPT-2 small's shape.
@@ -221,25 +221,7 @@ fn sweep(m: &LoadedModel<Cpu>, kind: &str, tokens: &Array2<u32>, batch_size: usi
         ioi: None,
     };
     let mut metric = metrics::builtin(kind, &toml::Table::new())?;
-    let filter = HookFilter::names(metric.hooks(&ctx));
-    metric.start_dataset(&ctx, &ds)?;
-    for start in (0..ds.n_sequences()).step_by(batch_size) {
-        let end = (start + batch_size).min(ds.n_sequences());
-        let toks = tokens.slice(s![start..end, ..]).to_owned();
-        let mut hooks = Hooks::caching(filter.clone());
-        m.model.run_hooks(&toks, &mut hooks)?;
-        let cache = hooks.take_cache();
-        metric.batch(
-            &ctx,
-            &BatchView {
-                dataset: &ds,
-                start,
-                tokens: toks.view(),
-                cache: &cache,
-            },
-        )?;
-    }
-    metric.finish_dataset(&ctx, &ds)?;
+    crate::engine::run_metric(&m.model, &ctx, metric.as_mut(), &ds, batch_size)?;
     Ok(())
 }
 

@@ -1,8 +1,11 @@
 //! Choosing where the model runs: CPU, or CUDA when built with the `cuda` feature.
 //!
-//! Owns: the `cpu | cuda | auto` choice and the message saying what was picked. Must not:
-//! run anything; callers dispatch on [`DeviceKind`] to a generic function.
+//! Owns: the `cpu | cuda | auto` choice, the message saying what was picked, and the one
+//! place that starts a device ([`with_device`]): the runner, `runner prompt` and `runner
+//! cache` write their work once, generic over the device ([`OnDevice`]). Must not: know what
+//! the work is.
 
+use dfdx::prelude::{Cpu, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -69,6 +72,35 @@ impl DeviceChoice {
             } else {
                 DeviceKind::Cpu
             }),
+        }
+    }
+}
+
+/// Work written once for every device: `with_device` picks the device, `run` is generic over
+/// it (a closure cannot be generic, hence a trait).
+pub trait OnDevice {
+    type Output;
+    fn run<D: Device<f32>>(self, dev: D) -> Result<Self::Output>;
+}
+
+/// Starts the device `kind` names and runs `work` on it.
+pub fn with_device<W: OnDevice>(kind: DeviceKind, work: W) -> Result<W::Output> {
+    match kind {
+        DeviceKind::Cpu => work.run(Cpu::default()),
+        DeviceKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                // GPU 0; the seed (second argument) is unused: nothing on the device is random.
+                let dev = dfdx::tensor::Cuda::try_build(0, 0)
+                    .map_err(|e| Error::Device(format!("could not start CUDA: {e:?}")))?;
+                work.run(dev)
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                // `DeviceChoice::resolve` never picks CUDA in a build without it.
+                let _ = work;
+                Err(Error::Device("this runner was built without CUDA".into()))
+            }
         }
     }
 }

@@ -55,6 +55,9 @@ pub enum Error {
     /// The requested device is unavailable (e.g. CUDA without the `cuda` feature).
     #[error("device: {0}")]
     Device(String),
+    /// The run was asked to stop (Ctrl-C, SIGTERM) and stopped before writing anything.
+    #[error("{0}")]
+    Interrupted(String),
     /// Anything else worth a sentence (invalid arguments, shape errors).
     #[error("{0}")]
     Other(String),

@@ -1,12 +1,16 @@
-//! Results on disk: CSV tables, the manifest, written atomically.
+//! Results on disk: CSV tables, the manifest, and the whole-run swap.
 //!
-//! Owns: the [`Table`] type metrics return, writing tables as CSV (`dataset` first), and the
-//! run's `manifest.json`; every file is written to a temporary file in the output directory
-//! and renamed into place, so a failed run never leaves a half-written file. Must not:
-//! compute results or decide what a table contains.
+//! Owns: the [`Table`] type metrics return, finding non-finite cells in one
+//! ([`Table::non_finite`]), writing tables as CSV (`dataset` first), the run's
+//! `manifest.json`, the file names a run may use ([`file_in`]), and [`Staging`]: a run
+//! writes every file into a fresh directory beside its output directory and swaps it into
+//! place only when all of them are written, so the output directory always holds one whole
+//! run (the previous one is kept as `<dir>.prev`). Must not: compute results or decide
+//! what a table contains.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -27,6 +31,9 @@ impl std::fmt::Display for Value {
             Value::Int(i) => write!(f, "{i}"),
             // Shortest representation that round-trips an f32: CSV readers get the exact value.
             Value::Float(x) if x.is_nan() => f.write_str("NaN"),
+            Value::Float(x) if x.is_infinite() => {
+                f.write_str(if *x > 0.0 { "inf" } else { "-inf" })
+            }
             Value::Float(x) => write!(f, "{}", *x as f32),
             Value::Str(s) => f.write_str(s),
         }
@@ -85,6 +92,24 @@ pub struct Table {
     /// For per-head tables (with `layer` and `head` columns): the column the summary and
     /// heatmaps show.
     pub head_score: Option<String>,
+    /// Columns where NaN means "undefined for this sequence" (metrics.md's 0/0), counted by
+    /// the metric in another column; NaN there is a value, not a failure.
+    #[serde(skip)]
+    pub undefined_as_nan: Vec<String>,
+}
+
+/// Where a table holds values that are not finite numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NonFinite {
+    /// Non-finite cells, not counting allowed undefined NaNs.
+    pub count: usize,
+    /// 0-based row of the first one (in this table), its column and value.
+    #[serde(skip)]
+    pub first_row: usize,
+    pub column: String,
+    pub value: String,
+    /// The first row, rendered `column=value, ...`.
+    pub row: String,
 }
 
 impl Table {
@@ -94,7 +119,52 @@ impl Table {
             columns: columns.iter().map(|c| c.to_string()).collect(),
             rows: Vec::new(),
             head_score: None,
+            undefined_as_nan: Vec::new(),
         }
+    }
+
+    /// Marks `column` as one where NaN stands for an undefined (and counted) sequence.
+    pub fn undefined_as_nan(mut self, column: &str) -> Self {
+        self.undefined_as_nan.push(column.to_string());
+        self
+    }
+
+    /// The NaN and infinite cells of the table, except NaN in `undefined_as_nan` columns;
+    /// `None` when every number is finite.
+    pub fn non_finite(&self) -> Option<NonFinite> {
+        let allowed: Vec<bool> = self
+            .columns
+            .iter()
+            .map(|c| self.undefined_as_nan.contains(c))
+            .collect();
+        let mut found: Option<NonFinite> = None;
+        for (r, row) in self.rows.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                let Value::Float(x) = v else { continue };
+                if x.is_finite() || (x.is_nan() && allowed.get(c).copied().unwrap_or(false)) {
+                    continue;
+                }
+                match &mut found {
+                    Some(f) => f.count += 1,
+                    None => {
+                        found = Some(NonFinite {
+                            count: 1,
+                            first_row: r,
+                            column: self.columns.get(c).cloned().unwrap_or_default(),
+                            value: v.to_string(),
+                            row: self
+                                .columns
+                                .iter()
+                                .zip(row)
+                                .map(|(c, v)| format!("{c}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        })
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// Marks this as a per-head table whose headline value is `column`.
@@ -166,6 +236,60 @@ pub fn tables_to_csv(parts: &[(String, &Table)]) -> Result<Vec<u8>> {
         .map_err(|e| Error::Other(format!("csv: {e}")))
 }
 
+/// The names a metric's tables get in the results. A metric given its own `name` renames
+/// its tables, so one metric (built-in or plugin) can run twice with different options: the
+/// table named like its first declared table becomes `name`, tables that start with that
+/// name keep their suffix (`source_suppression_per_position` -> `ss_neg_per_position`), and
+/// any other table becomes `<name>_<table>`.
+#[derive(Debug, Clone)]
+pub struct TableNames {
+    /// The metric's own name (built-in kind or plugin name).
+    pub own: String,
+    /// The name the spec gives it (its own unless `name` is set).
+    pub given: String,
+    /// The tables it declares, before renaming.
+    pub declared: Vec<String>,
+}
+
+impl TableNames {
+    pub fn rename(&self, table: &str) -> String {
+        if self.given == self.own {
+            return table.to_string();
+        }
+        let primary = self
+            .declared
+            .first()
+            .map_or(self.own.as_str(), String::as_str);
+        match table.strip_prefix(primary) {
+            Some(rest) => format!("{}{rest}", self.given),
+            None => format!("{}_{table}", self.given),
+        }
+    }
+
+    /// Every declared table's name in the results.
+    pub fn planned(&self) -> Vec<String> {
+        self.declared.iter().map(|t| self.rename(t)).collect()
+    }
+}
+
+/// `dir/name`, checked to stay inside `dir`: `name` must be one plain path component (no
+/// separator, not empty, not `.` or `..`, not absolute). Every file a run writes gets its
+/// path from here or from a name checked the same way ([`crate::spec::check_name`]).
+pub fn file_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(Component::Normal(n)), None)
+            if n == std::ffi::OsStr::new(name) && !name.contains(['/', '\\']) =>
+        {
+            Ok(dir.join(name))
+        }
+        _ => Err(Error::Other(format!(
+            "refusing to write {name:?}: not a plain file name inside {}",
+            dir.display()
+        ))),
+    }
+}
+
 /// Writes `<dir>/<name>.csv` atomically; returns its path.
 pub fn write_csv(dir: &Path, parts: &[(String, &Table)]) -> Result<PathBuf> {
     let name = &parts
@@ -173,7 +297,7 @@ pub fn write_csv(dir: &Path, parts: &[(String, &Table)]) -> Result<PathBuf> {
         .ok_or_else(|| Error::Other("no table".into()))?
         .1
         .name;
-    let path = dir.join(format!("{name}.csv"));
+    let path = file_in(dir, &format!("{name}.csv"))?;
     write_atomic(&path, &tables_to_csv(parts)?)?;
     Ok(path)
 }
@@ -182,6 +306,273 @@ pub fn write_csv(dir: &Path, parts: &[(String, &Table)]) -> Result<PathBuf> {
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Other(e.to_string()))?;
     write_atomic(path, &bytes)
+}
+
+/// Staging directories of runs in progress, for [`abandon_staging`].
+static IN_PROGRESS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every staging directory of a run in progress (best effort). For the signal
+/// handler's second signal, which ends the process without unwinding (so no `Drop` runs).
+pub fn abandon_staging() {
+    if let Ok(dirs) = IN_PROGRESS.lock() {
+        for d in dirs.iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// An output directory a run may replace, made absolute.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Where the results go.
+    pub dir: PathBuf,
+    /// Where the previous results go when they are replaced: `<dir>.prev`.
+    pub prev: PathBuf,
+    /// Whether `dir` holds earlier results now.
+    pub exists: bool,
+}
+
+impl Target {
+    /// Checks that `dir` can take a run's results, without writing anything: it is absent,
+    /// an empty directory, or hookgraph's (earlier results with a `manifest.json`, or a
+    /// resume checkpoint `.partial/`, or `shards/`), and so is `<dir>.prev`; its nearest existing ancestor is a directory this process can write in.
+    pub fn check(dir: &Path) -> Result<Target> {
+        let bad = |msg: String| Error::Other(format!("output directory {}: {msg}", dir.display()));
+        let abs = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
+        // `..`, `.` or `/` as the last part: only an existing directory can be meant, and it
+        // must pass the same checks under its real name.
+        let abs = if abs.file_name().is_none() || abs.ends_with("..") {
+            abs.canonicalize().map_err(|e| Error::io(dir, e))?
+        } else {
+            abs
+        };
+        let Some(name) = abs.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            return Err(bad("it has no name (the file system root?)".into()));
+        };
+        let prev = abs.with_file_name(format!("{name}.prev"));
+        for (what, p) in [("", &abs), (" (where the previous results go)", &prev)] {
+            match std::fs::symlink_metadata(p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(p, e)),
+                Ok(m) if !m.is_dir() => {
+                    return Err(bad(format!(
+                        "{}{what} exists and is not a directory",
+                        p.display()
+                    )))
+                }
+                Ok(_) => {
+                    if !is_results_dir(p)? {
+                        return Err(bad(format!(
+                            "{}{what} holds files but no manifest.json, so it is not a hookgraph results directory; a run replaces its whole output directory, so choose another output or empty it",
+                            p.display()
+                        )));
+                    }
+                }
+            }
+        }
+        // The nearest ancestor that exists must be a directory we can write in.
+        let mut ancestor = abs.parent();
+        while let Some(a) = ancestor {
+            if a.exists() {
+                break;
+            }
+            ancestor = a.parent();
+        }
+        let ancestor = ancestor.ok_or_else(|| bad("no parent directory exists".into()))?;
+        if !ancestor.is_dir() {
+            return Err(bad(format!("{} is not a directory", ancestor.display())));
+        }
+        tempfile::Builder::new()
+            .prefix(".hookgraph-write-test-")
+            .tempdir_in(ancestor)
+            .map_err(|e| bad(format!("cannot write in {}: {e}", ancestor.display())))?;
+        Ok(Target {
+            exists: abs.exists(),
+            dir: abs,
+            prev,
+        })
+    }
+}
+
+/// Whether `dir` is empty or hookgraph's: a run's results, its resume checkpoint, shards.
+fn is_results_dir(dir: &Path) -> Result<bool> {
+    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    Ok(entries.next().is_none()
+        || dir.join("manifest.json").is_file()
+        || dir.join(".partial").is_dir()
+        || dir.join("shards").is_dir())
+}
+
+/// A run's results being written: a fresh directory `.<name>.staging-XXXX` beside the
+/// output directory. Dropping it without [`Staging::commit`] removes it and everything in
+/// it; the output directory is never touched until the commit.
+#[derive(Debug)]
+pub struct Staging {
+    target: Target,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// What a commit did.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub dir: PathBuf,
+    /// Where the previous results were moved, if there were any.
+    pub previous: Option<PathBuf>,
+}
+
+impl Staging {
+    /// Checks the target ([`Target::check`]), creates its parent directories and the staging
+    /// directory beside it.
+    pub fn begin(dir: &Path) -> Result<Staging> {
+        let target = Target::check(dir)?;
+        let parent = target.dir.parent().expect("checked: has a name");
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let name = target.dir.file_name().expect("checked").to_string_lossy();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.staging-"))
+            .tempdir_in(parent)
+            .map_err(|e| Error::io(parent, e))?;
+        // Results are for sharing: rwxr-xr-x, not a temporary directory's 0700.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| Error::io(tmp.path(), e))?;
+        }
+        if let Ok(mut v) = IN_PROGRESS.lock() {
+            v.push(tmp.path().to_path_buf());
+        }
+        Ok(Staging {
+            target,
+            dir: Some(tmp),
+        })
+    }
+
+    /// Where to write the run's files.
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("until commit").path()
+    }
+
+    /// The output directory the results will land in.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Swaps the staging directory into place: the entries of `<dir>` named in `discard`
+    /// are removed and those in `carry` moved into the staging directory, then earlier
+    /// results (if any are left) become `<dir>.prev` (replacing an older `.prev`), then the
+    /// staging directory becomes `<dir>`. If the last rename fails the earlier results are
+    /// moved back.
+    pub fn commit(mut self, carry: &[&str], discard: &[&str]) -> Result<Committed> {
+        let tmp = self.dir.take().expect("commit once");
+        let staged = tmp.keep();
+        unregister(&staged);
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_dir_all(&staged);
+            e
+        };
+        sync_dir(&staged);
+        // Checked again: the directory may have changed during the run.
+        let target = Target::check(&self.target.dir).map_err(cleanup)?;
+        let mut previous = None;
+        let mut carried = Vec::new();
+        if target.exists {
+            for name in discard {
+                let p = target.dir.join(name);
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p).map_err(|e| cleanup(Error::io(&p, e)))?;
+                } else if p.exists() {
+                    std::fs::remove_file(&p).map_err(|e| cleanup(Error::io(&p, e)))?;
+                }
+            }
+            for name in carry {
+                let (from, to) = (target.dir.join(name), staged.join(name));
+                if from.exists() && !to.exists() {
+                    std::fs::rename(&from, &to).map_err(|e| cleanup(Error::io(&from, e)))?;
+                    carried.push((from, to));
+                }
+            }
+        }
+        // Puts the carried entries back if the swap does not happen; false if one could not
+        // be (then the staging directory, which still holds it, must not be removed).
+        let uncarry = |carried: &[(PathBuf, PathBuf)]| {
+            carried.iter().all(|(from, to)| {
+                from.parent()
+                    .is_some_and(|p| std::fs::create_dir_all(p).is_ok())
+                    && std::fs::rename(to, from).is_ok()
+            })
+        };
+        let fail = |carried: &[(PathBuf, PathBuf)], e: Error| {
+            if uncarry(carried) {
+                cleanup(e)
+            } else {
+                Error::Other(format!(
+                    "{e}; and {} could not be moved back from {}",
+                    carried
+                        .iter()
+                        .map(|(f, _)| f.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    staged.display()
+                ))
+            }
+        };
+        if target.exists {
+            if is_empty(&target.dir) {
+                std::fs::remove_dir(&target.dir)
+                    .map_err(|e| fail(&carried, Error::io(&target.dir, e)))?;
+            } else {
+                if target.prev.exists() {
+                    std::fs::remove_dir_all(&target.prev)
+                        .map_err(|e| fail(&carried, Error::io(&target.prev, e)))?;
+                }
+                std::fs::rename(&target.dir, &target.prev)
+                    .map_err(|e| fail(&carried, Error::io(&target.dir, e)))?;
+                previous = Some(target.prev.clone());
+            }
+        }
+        if let Err(e) = std::fs::rename(&staged, &target.dir) {
+            if let Some(p) = &previous {
+                let _ = std::fs::rename(p, &target.dir);
+            }
+            return Err(fail(&carried, Error::io(&target.dir, e)));
+        }
+        if let Some(parent) = target.dir.parent() {
+            sync_dir(parent);
+        }
+        Ok(Committed {
+            dir: target.dir,
+            previous,
+        })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.dir {
+            unregister(tmp.path());
+        }
+    }
+}
+
+fn unregister(p: &Path) {
+    if let Ok(mut v) = IN_PROGRESS.lock() {
+        v.retain(|d| d != p);
+    }
+}
+
+fn is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_none())
+}
+
+/// Makes a directory's entries durable (best effort: not every file system can).
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
 }
 
 #[cfg(test)]
@@ -209,5 +600,68 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.csv")]);
+    }
+
+    #[test]
+    fn file_names_stay_inside_the_directory() {
+        let d = Path::new("/r");
+        assert_eq!(file_in(d, "a.csv").unwrap(), PathBuf::from("/r/a.csv"));
+        for bad in ["", ".", "..", "../a", "a/b", "/etc/passwd", "a\\b", "./a"] {
+            assert!(file_in(d, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_cells_are_found_except_undefined_nans() {
+        let mut t = Table::new("x", &["seq", "value"]);
+        t.push(vec![0usize.into(), 1.0f32.into()]);
+        assert_eq!(t.non_finite(), None);
+        t.push(vec![1usize.into(), f32::NAN.into()]);
+        t.push(vec![2usize.into(), f32::INFINITY.into()]);
+        let f = t.non_finite().unwrap();
+        assert_eq!((f.count, f.first_row, f.column.as_str()), (2, 1, "value"));
+        assert_eq!(f.row, "seq=1, value=NaN");
+        // NaN marked as undefined is a value; infinity never is.
+        let t = t.undefined_as_nan("value");
+        let f = t.non_finite().unwrap();
+        assert_eq!((f.count, f.first_row, f.value.as_str()), (1, 2, "inf"));
+    }
+
+    #[test]
+    fn staging_swaps_whole_directories_and_drops_cleanly() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("deep").join("out");
+        let names = |p: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // Dropped without commit: nothing left, not even the parent's new entries.
+        let s = Staging::begin(&out).unwrap();
+        write_atomic(&s.path().join("a.csv"), b"1").unwrap();
+        drop(s);
+        assert!(names(&root.path().join("deep")).is_empty());
+        // First commit creates the directory; the second moves it to .prev.
+        for (i, file) in ["a.csv", "b.csv"].iter().enumerate() {
+            let s = Staging::begin(&out).unwrap();
+            write_atomic(&s.path().join(file), b"1").unwrap();
+            write_atomic(&s.path().join("manifest.json"), b"{}").unwrap();
+            let c = s.commit(&[], &[]).unwrap();
+            assert_eq!(c.previous.is_some(), i == 1);
+        }
+        assert_eq!(names(&out), ["b.csv", "manifest.json"]);
+        assert_eq!(
+            names(&root.path().join("deep/out.prev")),
+            ["a.csv", "manifest.json"]
+        );
+        assert_eq!(names(&root.path().join("deep")), ["out", "out.prev"]);
+        // A directory that is not a run's is refused.
+        std::fs::remove_file(out.join("manifest.json")).unwrap();
+        let e = Staging::begin(&out).unwrap_err().to_string();
+        assert!(e.contains("not a hookgraph results directory"), "{e}");
+        assert!(Target::check(&out.join("b.csv")).is_err());
     }
 }

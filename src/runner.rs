@@ -1,11 +1,16 @@
 //! The hook graph executor: runs a spec from model to files.
 //!
-//! Owns: the order of a run — resolve and load the model, select heads, build datasets,
-//! build metrics, take the union of the hook points they read, run **one** forward pass per
-//! batch caching only that union, hand every metric the same cache, collect tables, write
-//! CSVs and the manifest atomically, and summarise. A metric that fails is reported and the
-//! others still finish and are written ("nothing lost"). Must not: implement metrics, model
-//! math or file formats; those live in `metrics`, `model` and `output`.
+//! Owns: the order of a run — the prepare phase (check the output directory, resolve and
+//! load the model, select heads, build datasets and metrics, plan and check their table
+//! names: everything that can fail before the forward pass, where `validate` stops), the
+//! compute phase (handed to [`crate::engine`], the one batch loop), and the write phase
+//! ([`write_results`]: fail the metrics whose tables hold NaN or infinity, write CSVs,
+//! pictures and the manifest into a staging directory and swap it into place whole; a merge
+//! of shards ends there too), and the summary. A metric that fails is reported and the
+//! others still finish and are written ("nothing lost"); an error or a signal leaves the
+//! output directory's results as they were ("nothing escapes"). Must not: implement
+//! metrics, the batch loop, model math or file formats; those live in `metrics`, `engine`,
+//! `model` and `output`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,14 +21,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::data::{self, DataContext, Dataset};
-use crate::device::{DeviceChoice, DeviceKind};
+use crate::device::{with_device, DeviceChoice, DeviceKind, OnDevice};
+use crate::engine::{Engine, MetricSet, Timings};
 use crate::error::{Error, Result};
-use crate::hooks::{HookFilter, Hooks};
-use crate::metrics::{self, BatchView, Metric, RunContext};
+use crate::interrupt;
+use crate::metrics::{self, RunContext};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
-use crate::output::{self, Table};
+use crate::output::{self, NonFinite, Staging, Table, TableNames, Target};
 use crate::report;
-use crate::spec::LoadedSpec;
+use crate::shard::checkpoint::Recorder;
+use crate::shard::compute::ComputeOptions;
+use crate::shard::{self, DatasetId, Identity, Shard, ShardDataset, ShardManifest};
+use crate::spec::{check_name, LoadedSpec};
 
 /// Command-line overrides of a spec.
 #[derive(Debug, Clone, Default)]
@@ -31,20 +40,22 @@ pub struct RunOptions {
     pub device: Option<DeviceChoice>,
     pub output: Option<PathBuf>,
     pub quiet: bool,
+    /// `--shard I/N`: run one slice and save its partial state for `runner merge`.
+    pub shard: Option<Shard>,
+    /// `--resume`: continue from this run's checkpoint, if it left one.
+    pub resume: bool,
+    /// `--checkpoint-every SECONDS`: write checkpoints at most this often (0: every batch).
+    pub checkpoint_every: f64,
 }
 
-/// A metric that failed, and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub metric: String,
-    pub dataset: Option<String>,
-    pub error: String,
-}
+pub use crate::engine::Failure;
 
 /// What a run did.
 #[derive(Debug)]
 pub struct RunReport {
     pub output_dir: PathBuf,
+    /// Where the results the run replaced were moved (`<output_dir>.prev`), if any.
+    pub previous: Option<PathBuf>,
     pub files: Vec<PathBuf>,
     pub failures: Vec<Failure>,
     pub summary: String,
@@ -87,31 +98,37 @@ pub fn run(spec: &LoadedSpec, opts: &RunOptions) -> Result<RunReport> {
     if !opts.quiet {
         eprintln!("device: {kind}");
     }
-    match kind {
-        DeviceKind::Cpu => run_on(Cpu::default(), kind, spec, opts),
-        DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                let dev = dfdx::tensor::Cuda::try_build(0, 0)
-                    .map_err(|e| Error::Device(format!("{e:?}")))?;
-                run_on(dev, kind, spec, opts)
-            }
-            #[cfg(not(feature = "cuda"))]
-            unreachable!("DeviceChoice::resolve refuses CUDA without the feature")
-        }
+    with_device(kind, Run { kind, spec, opts })
+}
+
+/// A run's work, on whichever device was picked.
+struct Run<'a> {
+    kind: DeviceKind,
+    spec: &'a LoadedSpec,
+    opts: &'a RunOptions,
+}
+
+impl OnDevice for Run<'_> {
+    type Output = RunReport;
+    fn run<D: Device<f32>>(self, dev: D) -> Result<RunReport> {
+        run_on(dev, self.kind, self.spec, self.opts)
     }
 }
 
 /// Everything a run prepares before its first forward pass; `validate` stops here.
-struct Prepared<D: Device<f32>> {
-    loaded: LoadedModel<D>,
-    heads: Vec<(usize, usize)>,
-    datasets: Vec<Dataset>,
-    metrics: Vec<(String, Option<Box<dyn Metric>>)>,
-    failures: Vec<Failure>,
+pub(crate) struct Prepared<D: Device<f32>> {
+    pub loaded: LoadedModel<D>,
+    pub heads: Vec<(usize, usize)>,
+    pub datasets: Vec<Dataset>,
+    /// The metrics (a plugin that did not load is already a failure in it).
+    pub metrics: MetricSet<'static>,
 }
 
-fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Prepared<D>> {
+pub(crate) fn prepare<D: Device<f32>>(
+    dev: D,
+    spec: &LoadedSpec,
+    quiet: bool,
+) -> Result<Prepared<D>> {
     let source = model_source(spec);
     let pb = spinner(quiet, format!("loading model {source:?}"));
     let files = source.resolve()?;
@@ -135,42 +152,105 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         .map(|d| data::build(d, &ctx))
         .collect::<Result<Vec<_>>>()?;
 
-    let mut metrics: Vec<(String, Option<Box<dyn Metric>>)> = Vec::new();
-    let mut failures = Vec::new();
-    for m in &spec.spec.metrics {
+    let mut metrics = MetricSet::new();
+    for (i, m) in spec.spec.metrics.iter().enumerate() {
         if let Some(kind) = &m.kind {
+            // Unknown options are reported on their own line, not on `kind`'s.
+            let info = metrics::BUILTINS.iter().find(|b| b.name == kind.get_ref());
+            if let Some(info) = info {
+                if let Some(key) = m
+                    .options
+                    .keys()
+                    .find(|k| !info.options.iter().any(|(o, _)| o == k))
+                {
+                    let known: Vec<&str> = info.options.iter().map(|(o, _)| *o).collect();
+                    return Err(spec.metric_error(
+                        i,
+                        key,
+                        format!(
+                            "metric '{}': unknown option '{key}' (known: {})",
+                            info.name,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
             let metric = metrics::builtin(kind.get_ref(), &m.options)
                 .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-            metrics.push((
-                m.name.clone().unwrap_or_else(|| kind.get_ref().clone()),
-                Some(metric),
-            ));
+            let given = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+            let names = TableNames {
+                own: metric.name().to_string(),
+                given: given.clone(),
+                declared: info.map_or_else(Vec::new, |b| {
+                    b.tables.iter().map(|t| t.to_string()).collect()
+                }),
+            };
+            metrics.add_named(given, metric, names);
         } else if let Some(plugin) = &m.plugin {
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
-            match load_plugin(plugin.get_ref(), &dir, &m.options) {
+            match crate::metrics::plugin::PluginAdapter::load(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
-                Ok(metric) => metrics.push((
-                    m.name.clone().unwrap_or_else(|| metric.name().to_string()),
-                    Some(metric),
-                )),
-                Err(e) => {
-                    failures.push(Failure {
-                        metric: fallback.clone(),
-                        dataset: None,
-                        error: e.to_string(),
-                    });
-                    metrics.push((fallback, None));
+                Ok(metric) => {
+                    let info = metric.info();
+                    let given = m.name.clone().unwrap_or_else(|| info.name.clone());
+                    if let Err(why) = check_name(&given) {
+                        return Err(spec.metric_error(
+                            i,
+                            "plugin",
+                            format!("the plugin's name {why}: give this [[metric]] a `name`"),
+                        ));
+                    }
+                    let names = TableNames {
+                        own: info.name.clone(),
+                        given: given.clone(),
+                        declared: info.tables.clone(),
+                    };
+                    metrics.add_named(given, Box::new(metric), names);
                 }
+                Err(e) => metrics.add_failed(fallback, e.to_string()),
             }
         }
     }
-    for (i, (name, _)) in metrics.iter().enumerate() {
-        if metrics[..i].iter().any(|(n, _)| n == name) {
-            return Err(spec.error(format!(
-                "two [[metric]] entries are both named '{name}': give one a different `name`"
-            )));
+    let names: Vec<&str> = metrics.names().collect();
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            return Err(spec.metric_error(
+                i,
+                "name",
+                format!(
+                    "two [[metric]] entries are both named '{name}': give one a different `name`"
+                ),
+            ));
+        }
+    }
+    // Every table name is known now: check them before the forward pass, not after.
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..metrics.len() {
+        for t in metrics.planned_tables(i) {
+            if let Err(why) = check_name(&t) {
+                return Err(spec.metric_error(
+                    i,
+                    "name",
+                    format!("metric '{}': its table name {why}", names[i]),
+                ));
+            }
+            if let Some(&j) = owners.get(&t) {
+                return Err(spec.metric_error(
+                    i,
+                    "name",
+                    format!(
+                        "metric '{}' and metric '{}' both write the table '{t}': give one of them a different `name`",
+                        names[i], names[j]
+                    ),
+                ));
+            }
+            owners.insert(t, i);
         }
     }
     Ok(Prepared {
@@ -178,24 +258,22 @@ fn prepare<D: Device<f32>>(dev: D, spec: &LoadedSpec, quiet: bool) -> Result<Pre
         heads,
         datasets,
         metrics,
-        failures,
     })
 }
 
-fn load_plugin(
-    spec: &str,
-    dir: &std::path::Path,
-    options: &toml::Table,
-) -> Result<Box<dyn Metric>> {
-    crate::plugin::load_metric(spec, dir, options)
-}
-
-/// Checks a spec end to end without running a forward pass: the model loads, heads are in
-/// range, datasets build, metrics and plugins load. Returns a short description.
-pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<String> {
+/// Checks a spec end to end without running a forward pass and without writing anything:
+/// the output directory can be replaced, the model loads, heads are in range, datasets build
+/// and fit in memory, metrics and plugins load and their tables have distinct names. Returns
+/// a short description.
+pub fn validate(
+    spec: &LoadedSpec,
+    device: Option<DeviceChoice>,
+    output: Option<&std::path::Path>,
+) -> Result<String> {
     let _ = device.unwrap_or(spec.spec.model.device).resolve()?;
+    let target = Target::check(output.unwrap_or(&spec.output_dir()))?;
     let p = prepare(Cpu::default(), spec, true)?;
-    if let Some(f) = p.failures.first() {
+    if let Some(f) = p.metrics.failures().first() {
         return Err(Error::Metric {
             metric: f.metric.clone(),
             msg: f.error.clone(),
@@ -220,20 +298,47 @@ pub fn validate(spec: &LoadedSpec, device: Option<DeviceChoice>) -> Result<Strin
             d.seq_len()
         );
     }
-    for (name, _) in &p.metrics {
-        out += &format!("  metric {name}\n");
+    for (i, name) in p.metrics.names().enumerate() {
+        out += &format!(
+            "  metric {name}: {}\n",
+            p.metrics.planned_tables(i).join(", ")
+        );
     }
+    out += &format!(
+        "  output: {}{}\n",
+        target.dir.display(),
+        if target.exists {
+            format!(
+                " (a run moves what is there now to {})",
+                target.prev.display()
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(out)
 }
 
 #[derive(Serialize)]
-struct DatasetRecord {
+pub struct DatasetRecord {
     name: String,
     n_sequences: usize,
     seq_len: usize,
     tokens_sha256: String,
     forward_seconds: f64,
     metric_seconds: BTreeMap<String, f64>,
+    checkpoint_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct NonFiniteRecord {
+    metric: String,
+    table: String,
+    /// The dataset of the first non-finite cell, and its 1-based data row in `<table>.csv`.
+    dataset: String,
+    csv_row: usize,
+    #[serde(flatten)]
+    found: NonFinite,
 }
 
 #[derive(Serialize)]
@@ -253,8 +358,13 @@ struct Manifest<'a> {
     datasets: Vec<DatasetRecord>,
     files: Vec<String>,
     failures: &'a [Failure],
+    /// Metrics failed for NaN or infinity in their tables: where the first one is.
+    non_finite: &'a [NonFiniteRecord],
     load_seconds: f64,
     total_seconds: f64,
+    /// Set when `runner merge` wrote these results from this many shards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merged_shards: Option<usize>,
 }
 
 fn crate_versions() -> BTreeMap<&'static str, &'static str> {
@@ -264,17 +374,6 @@ fn crate_versions() -> BTreeMap<&'static str, &'static str> {
         .collect()
 }
 
-fn tokens_hash(d: &Dataset) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update((d.n_sequences() as u64).to_le_bytes());
-    h.update((d.seq_len() as u64).to_le_bytes());
-    for t in d.tokens.iter() {
-        h.update(t.to_le_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
 fn run_on<D: Device<f32>>(
     dev: D,
     kind: DeviceKind,
@@ -282,13 +381,17 @@ fn run_on<D: Device<f32>>(
     opts: &RunOptions,
 ) -> Result<RunReport> {
     let t0 = Instant::now();
+    // The output directory first: a run that cannot write its results should not compute
+    // them. (The write phase swaps a staging directory into place; see `write_results`.)
+    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    Target::check(&out_dir)?;
     let Prepared {
         loaded,
         heads,
         datasets,
         mut metrics,
-        mut failures,
     } = prepare(dev, spec, opts.quiet)?;
+    interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let cfg = loaded.cfg().clone();
     let ctx = RunContext {
@@ -299,120 +402,257 @@ fn run_on<D: Device<f32>>(
         tokenizer: loaded.tokenizer.as_ref(),
     };
 
-    // The hook graph: one cache filter, the union of what every metric reads.
-    let mut hook_points: Vec<String> = metrics
-        .iter()
-        .filter_map(|(_, m)| m.as_ref())
-        .flat_map(|m| m.hooks(&ctx))
-        .collect();
-    hook_points.sort();
-    hook_points.dedup();
-    let filter = HookFilter::checked(&hook_points, cfg.n_layers)?;
-
+    // The compute phase: every dataset's batches (a shard's slice of them) through the
+    // model and the metrics, with a checkpoint after each batch when every metric can save
+    // its state.
     let batch_size = spec.spec.model.batch_size;
-    // tables[table name] = (index of the metric that made it, [(dataset, table)])
-    let mut tables: BTreeMap<String, (usize, Vec<(String, Table)>)> = BTreeMap::new();
-    let mut records = Vec::new();
-    for dataset in &datasets {
-        let mut metric_seconds: BTreeMap<String, f64> = BTreeMap::new();
-        let mut forward_seconds = 0.0;
-        let fail = |failures: &mut Vec<Failure>, name: &str, e: Error| {
-            failures.push(Failure {
-                metric: name.to_string(),
-                dataset: Some(dataset.name.clone()),
-                error: e.to_string(),
-            })
+    let engine = Engine::new(&loaded.model, &ctx, &metrics, batch_size)?;
+    let weights_sha256 = checkpoint::sha256_file(&loaded.files.weights)?;
+    let identity = Identity {
+        runner_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec_path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
+        spec_sha256: shard::text_hash(&spec.text),
+        weights_sha256: weights_sha256.clone(),
+        datasets: datasets.iter().map(DatasetId::of).collect(),
+        metrics: metrics.names().map(str::to_string).collect(),
+    };
+    let stateless = (0..metrics.len())
+        .filter_map(|i| metrics.get(i).map(|m| m.save_state()))
+        .find_map(|r| r.err());
+    let mut recorder = match stateless {
+        Some(e) if opts.shard.is_some() || opts.resume => return Err(e),
+        Some(_) => None,
+        None => Some(
+            Recorder::new(
+                shard::checkpoint::path(&out_dir, opts.shard),
+                identity.clone(),
+                opts.shard.unwrap_or(Shard::WHOLE),
+                batch_size,
+            )
+            .with_min_interval(opts.checkpoint_every),
+        ),
+    };
+    let (outcomes, last) = shard::compute::run(
+        &engine,
+        &mut metrics,
+        &datasets,
+        recorder.as_mut(),
+        &ComputeOptions {
+            shard: opts.shard,
+            resume: opts.resume,
+            quiet: opts.quiet,
+        },
+    )?;
+
+    if let (Some(s), Some(last)) = (opts.shard, last) {
+        let dir = shard::shard_dir(&out_dir, s);
+        let manifest = ShardManifest {
+            identity,
+            shard: s,
+            spec_toml: spec.text.clone(),
+            spec_path_given: spec.path.clone(),
+            device: kind.to_string(),
+            hook_points: engine.hook_points().to_vec(),
+            datasets: datasets
+                .iter()
+                .zip(&outcomes)
+                .map(|(d, o)| {
+                    let r = s.range(d.n_sequences(), batch_size);
+                    ShardDataset {
+                        name: d.name.clone(),
+                        sequences: [r.start, r.end],
+                        timings: o.timings.clone(),
+                    }
+                })
+                .collect(),
+            failures: last.progress.failures.clone(),
+            load_seconds,
+            total_seconds: t0.elapsed().as_secs_f64(),
         };
-        let mut active: Vec<bool> = metrics.iter().map(|(_, m)| m.is_some()).collect();
-        for ((name, m), on) in metrics.iter_mut().zip(active.iter_mut()) {
-            if let Some(m) = m.as_mut() {
-                if let Err(e) = m.start_dataset(&ctx, dataset) {
-                    fail(&mut failures, name, e);
-                    *on = false;
-                }
-            }
-        }
-        let n = dataset.n_sequences();
-        let pb = bar(
-            opts.quiet,
-            n as u64,
-            format!("{} ({} seqs)", dataset.name, n),
-        );
-        for start in (0..n).step_by(batch_size) {
-            let end = (start + batch_size).min(n);
-            let tokens = dataset.tokens.slice(ndarray::s![start..end, ..]).to_owned();
-            let t = Instant::now();
-            let mut hooks = Hooks::caching(filter.clone());
-            loaded.model.run_hooks(&tokens, &mut hooks)?;
-            let cache = hooks.take_cache();
-            forward_seconds += t.elapsed().as_secs_f64();
-            let view = BatchView {
-                dataset,
-                start,
-                tokens: tokens.view(),
-                cache: &cache,
-            };
-            for ((name, m), on) in metrics.iter_mut().zip(active.iter_mut()) {
-                if let (Some(m), true) = (m.as_mut(), *on) {
-                    let t = Instant::now();
-                    if let Err(e) = m.batch(&ctx, &view) {
-                        fail(&mut failures, name, e);
-                        *on = false;
-                    }
-                    *metric_seconds.entry(name.clone()).or_default() += t.elapsed().as_secs_f64();
-                }
-            }
-            pb.inc((end - start) as u64);
-        }
-        pb.finish_and_clear();
-        for (idx, ((name, m), on)) in metrics.iter_mut().zip(active.iter()).enumerate() {
-            if let (Some(m), true) = (m.as_mut(), *on) {
-                match m.finish_dataset(&ctx, dataset) {
-                    Ok(ts) => {
-                        for mut t in ts {
-                            // A metric given its own `name` prefixes its tables with it, so
-                            // one metric can run twice with different options.
-                            if name != m.name() {
-                                t.name = t.name.replacen(m.name(), name, 1);
-                            }
-                            let entry = tables.entry(t.name.clone()).or_insert((idx, Vec::new()));
-                            if entry.0 != idx {
-                                return Err(Error::Other(format!(
-                                    "two metrics write the table '{}': give one of them a `name`",
-                                    t.name
-                                )));
-                            }
-                            entry.1.push((dataset.name.clone(), t));
-                        }
-                    }
-                    Err(e) => fail(&mut failures, name, e),
-                }
-            }
-        }
-        records.push(DatasetRecord {
-            name: dataset.name.clone(),
-            n_sequences: n,
-            seq_len: dataset.seq_len(),
-            tokens_sha256: tokens_hash(dataset),
-            forward_seconds,
-            metric_seconds,
+        let manifest_path = dir.join(shard::SHARD_MANIFEST);
+        output::write_json(&manifest_path, &manifest)?;
+        let seqs: usize = manifest
+            .datasets
+            .iter()
+            .map(|d| d.sequences[1] - d.sequences[0])
+            .sum();
+        return Ok(RunReport {
+            summary: format!(
+                "shard {s}: {seqs} sequences of {} datasets; merge with `runner merge {}` once all {} shards are done\n",
+                datasets.len(),
+                out_dir.display(),
+                s.count
+            ),
+            output_dir: dir.clone(),
+            previous: None,
+            files: vec![dir.join(shard::checkpoint::STATE_FILE), manifest_path],
+            failures: metrics.failures().to_vec(),
         });
     }
 
-    // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
-    // read as complete.
-    let failed: Vec<&str> = failures.iter().map(|f| f.metric.as_str()).collect();
-    let failed_idx: Vec<bool> = metrics
-        .iter()
-        .map(|(n, _)| failed.contains(&n.as_str()))
-        .collect();
-    let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
+    let mut computed = Computed::new(engine.hook_points().to_vec());
+    for (dataset, o) in datasets.iter().zip(outcomes) {
+        computed.add_dataset(dataset, o.tables, o.timings)?;
+    }
+    let report = write_results(
+        &WriteInput {
+            spec,
+            out_dir: out_dir.clone(),
+            kind,
+            loaded: &loaded,
+            heads: &heads,
+            datasets: &datasets,
+            quiet: opts.quiet,
+            t0,
+            load_seconds,
+            weights_sha256,
+            merged_shards: None,
+        },
+        &mut metrics,
+        computed,
+    )?;
+    // The results are written: the checkpoint has served its purpose.
+    if recorder.is_some() {
+        let _ = std::fs::remove_dir_all(out_dir.join(shard::checkpoint::PARTIAL_DIR));
+    }
+    Ok(report)
+}
+
+/// What the compute phase produced, as the write phase takes it.
+pub struct Computed {
+    /// tables[table name] = (index of the metric that made it, [(dataset, table)])
+    tables: BTreeMap<String, (usize, Vec<(String, Table)>)>,
+    records: Vec<DatasetRecord>,
+    hook_points: Vec<String>,
+}
+
+impl Computed {
+    pub fn new(hook_points: Vec<String>) -> Self {
+        Computed {
+            tables: BTreeMap::new(),
+            records: Vec::new(),
+            hook_points,
+        }
+    }
+
+    /// Adds a dataset's tables (with the index of the metric that made each) and timings.
+    pub fn add_dataset(
+        &mut self,
+        dataset: &Dataset,
+        tables: Vec<(usize, Table)>,
+        timings: Timings,
+    ) -> Result<()> {
+        for (idx, t) in tables {
+            let entry = self
+                .tables
+                .entry(t.name.clone())
+                .or_insert((idx, Vec::new()));
+            if entry.0 != idx {
+                return Err(Error::Other(format!(
+                    "two metrics write the table '{}': give one of them a `name`",
+                    t.name
+                )));
+            }
+            entry.1.push((dataset.name.clone(), t));
+        }
+        self.records.push(DatasetRecord {
+            name: dataset.name.clone(),
+            n_sequences: dataset.n_sequences(),
+            seq_len: dataset.seq_len(),
+            tokens_sha256: shard::tokens_hash(dataset),
+            forward_seconds: timings.forward_seconds,
+            metric_seconds: timings.metric_seconds,
+            checkpoint_seconds: timings.checkpoint_seconds,
+        });
+        Ok(())
+    }
+}
+
+/// What the write phase needs besides the computed tables.
+pub struct WriteInput<'a, D: Device<f32>> {
+    pub spec: &'a LoadedSpec,
+    pub out_dir: PathBuf,
+    pub kind: DeviceKind,
+    pub loaded: &'a LoadedModel<D>,
+    pub heads: &'a [(usize, usize)],
+    pub datasets: &'a [Dataset],
+    pub quiet: bool,
+    /// When the run started, and how long loading took (for the manifest).
+    pub t0: Instant,
+    pub load_seconds: f64,
+    /// Of the weights file (hashed once per run).
+    pub weights_sha256: String,
+    /// How many shards a merge combined (`None` for a run).
+    pub merged_shards: Option<usize>,
+}
+
+/// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
+/// both end here, so they write the same files.
+pub fn write_results<D: Device<f32>>(
+    w: &WriteInput<D>,
+    metrics: &mut MetricSet,
+    computed: Computed,
+) -> Result<RunReport> {
+    let Computed {
+        tables,
+        records,
+        hook_points,
+    } = computed;
+    let (spec, loaded, heads, datasets, kind) = (w.spec, w.loaded, w.heads, w.datasets, w.kind);
+    let cfg = loaded.cfg();
+    let t0 = w.t0;
+
+    // NaN or infinity in a table is a failed metric, never a silent result (NaN where the
+    // table marks an undefined, counted sequence excepted).
+    let mut non_finite = Vec::new();
+    for (table, (owner, parts)) in &tables {
+        let mut total = 0;
+        let mut first = None;
+        let mut rows_before = 0;
+        for (dataset, t) in parts {
+            if let Some(f) = t.non_finite() {
+                total += f.count;
+                if first.is_none() {
+                    first = Some((dataset.clone(), rows_before + f.first_row + 1, f));
+                }
+            }
+            rows_before += t.rows.len();
+        }
+        if let Some((dataset, csv_row, found)) = first {
+            let metric = metrics.names().nth(*owner).unwrap_or("?").to_string();
+            metrics.fail(
+                *owner,
+                Some(&dataset),
+                Error::Other(format!(
+                    "{total} non-finite value(s) (NaN or infinity) in table '{table}'; the first is {}={} in row {csv_row} (dataset '{dataset}': {})",
+                    found.column, found.value, found.row
+                )),
+            );
+            non_finite.push(NonFiniteRecord {
+                metric,
+                table: table.clone(),
+                dataset,
+                csv_row,
+                found: NonFinite {
+                    count: total,
+                    ..found
+                },
+            });
+        }
+    }
+
+    // Every file goes into a fresh staging directory beside the output directory; dropping
+    // it (an error, a signal) removes it, and the output directory changes only at the end.
+    let staging = Staging::begin(&w.out_dir)?;
+    let out_dir = staging.path().to_path_buf();
     let mut files = Vec::new();
-    let pb = bar(opts.quiet, tables.len() as u64, "writing results".into());
+    let pb = bar(w.quiet, tables.len() as u64, "writing results".into());
     let mut written_tables: Vec<(String, Table)> = Vec::new();
     let mut report_tables: Vec<(String, &Table)> = Vec::new();
     for (owner, parts) in tables.values() {
-        if failed_idx[*owner] {
+        // A metric that failed on any dataset writes nothing: a CSV missing a dataset would
+        // read as complete.
+        if metrics.has_failed(*owner) {
             continue;
         }
         let refs: Vec<(String, &Table)> = parts.iter().map(|(d, t)| (d.clone(), t)).collect();
@@ -431,20 +671,22 @@ fn run_on<D: Device<f32>>(
     let pictures = report::write_all(&report::ReportInput {
         out_dir: &out_dir,
         spec,
-        loaded: &loaded,
-        heads: &heads,
-        datasets: &datasets,
+        loaded,
+        heads,
+        datasets,
         tables: &report_tables,
         csv_files: &files,
         device: kind.to_string(),
         seconds: t0.elapsed().as_secs_f64(),
     });
     files.extend(pictures.files);
-    failures.extend(pictures.problems.into_iter().map(|error| Failure {
-        metric: "report".into(),
-        dataset: None,
-        error,
-    }));
+    for error in pictures.problems {
+        metrics.push_failure(Failure {
+            metric: "report".into(),
+            dataset: None,
+            error,
+        });
+    }
 
     let manifest = Manifest {
         hookgraph_version: env!("CARGO_PKG_VERSION"),
@@ -453,8 +695,9 @@ fn run_on<D: Device<f32>>(
         spec_toml: &spec.text,
         spec: &spec.spec,
         model_dir: loaded.files.dir.display().to_string(),
-        weights_sha256: checkpoint::sha256_file(&loaded.files.weights)?,
-        config: &cfg,
+        weights_sha256: w.weights_sha256.clone(),
+        merged_shards: w.merged_shards,
+        config: cfg,
         processing: loaded.processing,
         device: kind,
         heads: heads.len(),
@@ -464,19 +707,37 @@ fn run_on<D: Device<f32>>(
             .iter()
             .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect(),
-        failures: &failures,
-        load_seconds,
+        failures: metrics.failures(),
+        non_finite: &non_finite,
+        load_seconds: w.load_seconds,
         total_seconds: t0.elapsed().as_secs_f64(),
     };
-    let manifest_path = out_dir.join("manifest.json");
+    let manifest_path = output::file_in(&out_dir, "manifest.json")?;
     output::write_json(&manifest_path, &manifest)?;
     files.push(manifest_path);
 
+    // Nothing escapes: every file written lies directly in the staging directory.
+    if let Some(f) = files.iter().find(|f| f.parent() != Some(out_dir.as_path())) {
+        return Err(Error::Other(format!(
+            "internal error: {} was written outside the run's directory",
+            f.display()
+        )));
+    }
+    interrupt::checkpoint("write")?;
+    // The shards' directories outlive any one set of results (a merge reads them again);
+    // the run's own resume checkpoint has served its purpose once the results are whole.
+    let committed = staging.commit(&["shards"], &[shard::checkpoint::PARTIAL_DIR])?;
+    let files = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| committed.dir.join(n)))
+        .collect();
+
     Ok(RunReport {
         summary: summary(&written_tables),
-        output_dir: out_dir,
+        output_dir: committed.dir,
+        previous: committed.previous,
         files,
-        failures,
+        failures: metrics.failures().to_vec(),
     })
 }
 

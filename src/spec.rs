@@ -8,7 +8,7 @@
 //! the spec file's directory; `output` is relative to the working directory, like
 //! `results/<name>`, its default.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -51,12 +51,52 @@ pub enum AllHeads {
 }
 
 /// Which heads a run studies.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Heads {
     All(AllHeads),
     /// `"L.H"` for one head, `"L"` or `"L.*"` for a whole layer.
     List(Vec<String>),
+}
+
+/// By hand rather than `#[serde(untagged)]`: an untagged enum's only error is "data did not
+/// match any variant of untagged enum Heads", which tells a user nothing about `heads = 3`.
+impl<'de> Deserialize<'de> for Heads {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::{self, SeqAccess, Unexpected, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Heads;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#""all" or a list of heads such as ["9.9", "10", "11.*"]"#)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<Heads, E> {
+                if s == "all" {
+                    Ok(Heads::All(AllHeads::All))
+                } else {
+                    Err(E::invalid_value(Unexpected::Str(s), &self))
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Heads, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<toml::Value>()? {
+                    match item {
+                        toml::Value::String(s) => out.push(s),
+                        other => {
+                            return Err(de::Error::custom(format!(
+                                "heads: {other} is not a head; write heads as strings such as \"9.9\", \"10\" or \"11.*\""
+                            )))
+                        }
+                    }
+                }
+                Ok(Heads::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[model]`.
@@ -249,10 +289,13 @@ impl LoadedSpec {
         self.error_at(0..0, msg)
     }
 
-    /// The spec file's directory, against which its relative paths resolve.
+    /// The spec file's directory, against which its relative paths resolve. `.` (never an
+    /// empty path) for `runner spec.toml`: a library path without a directory part would be
+    /// looked up by the dynamic loader's search path instead of next to the spec.
     pub fn dir(&self) -> PathBuf {
         self.path
             .parent()
+            .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."))
     }
@@ -274,12 +317,67 @@ impl LoadedSpec {
             .unwrap_or_else(|| PathBuf::from("results").join(&self.spec.name))
     }
 
+    /// The spans of the keys of the `index`-th `[[metric]]` table (`kind`, `plugin`, `name`
+    /// and every option), for errors that belong on one key's line. Re-parses the text: only
+    /// error paths call this.
+    pub fn metric_key_spans(&self, index: usize) -> BTreeMap<String, std::ops::Range<usize>> {
+        toml::from_str::<KeySpans>(&self.text)
+            .ok()
+            .and_then(|k| k.metrics.into_iter().nth(index))
+            .map(|t| {
+                t.into_keys()
+                    .map(|k| {
+                        let span = k.span();
+                        (k.into_inner(), span)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// An error on the line of key `key` of the `index`-th `[[metric]]` table (falling back to
+    /// its `kind` or `plugin` key, then to no location).
+    pub fn metric_error(&self, index: usize, key: &str, msg: impl Into<String>) -> Error {
+        let spans = self.metric_key_spans(index);
+        let span = [key, "kind", "plugin"]
+            .iter()
+            .find_map(|k| spans.get(*k).cloned())
+            .unwrap_or(0..0);
+        self.error_at(span, msg)
+    }
+
+    /// Every name the spec gives (the run's, each dataset's, each metric's) must be a name,
+    /// not a path: they become file and directory names of the results.
+    fn check_names(&self) -> Result<()> {
+        let spans: NameSpans = toml::from_str(&self.text).map_err(|e| self.error(e.to_string()))?;
+        let mut named: Vec<(&str, Option<Spanned<String>>)> =
+            vec![("the run's `name`", spans.name)];
+        named.extend(
+            spans
+                .datasets
+                .into_iter()
+                .map(|d| ("a [[dataset]] `name`", d.name)),
+        );
+        named.extend(
+            spans
+                .metrics
+                .into_iter()
+                .map(|m| ("a [[metric]] `name`", m.name)),
+        );
+        for (what, name) in named {
+            if let Some(name) = name {
+                if let Err(why) = check_name(name.get_ref()) {
+                    return Err(self.error_at(name.span(), format!("{what} {why}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Structural checks that need no model.
     fn check_shape(&self) -> Result<()> {
         let s = &self.spec;
-        if s.name.trim().is_empty() || s.name.contains(['/', '\\']) {
-            return Err(self.error("`name` must be a non-empty file name (no slashes)"));
-        }
+        self.check_names()?;
         match (&s.model.name, &s.model.path) {
             (None, None) => {
                 return Err(self
@@ -332,12 +430,65 @@ impl LoadedSpec {
     }
 }
 
+/// Where each name of a spec is written (a second, lenient parse of the same text: the typed
+/// [`Spec`] keeps plain `String` names for everything downstream).
+#[derive(Deserialize)]
+struct NameSpans {
+    name: Option<Spanned<String>>,
+    #[serde(default, rename = "dataset")]
+    datasets: Vec<NameSpan>,
+    #[serde(default, rename = "metric")]
+    metrics: Vec<NameSpan>,
+}
+
+#[derive(Deserialize)]
+struct NameSpan {
+    name: Option<Spanned<String>>,
+}
+
+/// The keys of each `[[metric]]` table with their spans.
+#[derive(Deserialize)]
+struct KeySpans {
+    #[serde(default, rename = "metric")]
+    metrics: Vec<BTreeMap<Spanned<String>, serde::de::IgnoredAny>>,
+}
+
+/// Checks that `name` can be a file name on every platform and stays one path component:
+/// ASCII letters, digits, `_`, `-` and `.`; not empty, not `.` or `..`, at most 100 bytes.
+/// Returns why not, as the end of a sentence.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("'{name}' is not a name (it names a directory)"));
+    }
+    if name.len() > 100 {
+        return Err(format!("is {} bytes long (at most 100)", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(format!(
+            "{name:?} has {c:?}: names may hold only letters, digits, '_', '-' and '.' (they become file names)"
+        ));
+    }
+    Ok(())
+}
+
 /// Expands a head selection for an `n_layers` x `n_heads` model.
 pub fn parse_heads(
     heads: &Heads,
     n_layers: usize,
     n_heads: usize,
 ) -> std::result::Result<Vec<(usize, usize)>, String> {
+    // Found by fuzzing: the range messages below subtract 1 from each count.
+    if n_layers == 0 || n_heads == 0 {
+        return Err(format!(
+            "the model has {n_layers} layers x {n_heads} heads: there is no head to study"
+        ));
+    }
     let all = || (0..n_layers).flat_map(|l| (0..n_heads).map(move |h| (l, h)));
     let list = match heads {
         Heads::All(_) => return Ok(all().collect()),
@@ -353,14 +504,22 @@ pub fn parse_heads(
             Some((l, h)) => (l, Some(h)),
             None => (item.as_str(), None),
         };
-        let layer: usize = l.trim().parse().map_err(|_| bad())?;
+        // Digits only: `usize::from_str` would also take "+1".
+        let number = |s: &str| -> std::result::Result<usize, String> {
+            let s = s.trim();
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            s.parse().map_err(|_| bad())
+        };
+        let layer = number(l)?;
         if layer >= n_layers {
             return Err(format!("head '{item}': layer {layer} is out of range (the model has {n_layers} layers, 0..{})", n_layers - 1));
         }
         match h.map(str::trim) {
             None | Some("*") => out.extend((0..n_heads).map(|h| (layer, h))),
             Some(h) => {
-                let head: usize = h.parse().map_err(|_| bad())?;
+                let head = number(h)?;
                 if head >= n_heads {
                     return Err(format!("head '{item}': head {head} is out of range (the model has {n_heads} heads per layer, 0..{})", n_heads - 1));
                 }
@@ -407,5 +566,65 @@ kind = "loss"
             .to_string();
         assert!(err.starts_with("x.toml:6:1:"), "{err}");
         assert!(err.contains("batchsize"), "{err}");
+    }
+
+    #[test]
+    fn names_must_be_names_and_are_located() {
+        for bad in ["", ".", "..", "a/b", "/tmp/x", "../x", "a b", "é"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["ioi", "ss_neg", "web-2", "v1.2", ".hidden-but-fine"] {
+            check_name(good).unwrap();
+        }
+        let text = OK.replace("name = \"d\"", "name = \"../d\"");
+        let err = LoadedSpec::from_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("x.toml:7:8:"), "{err}");
+    }
+
+    #[test]
+    fn heads_errors_are_readable_and_numbers_are_digits() {
+        let text = OK.replace("heads = [\"1.2\", \"0\"]", "heads = 3");
+        let err = LoadedSpec::from_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("x.toml:3:9:") && err.contains("\"all\""),
+            "{err}"
+        );
+        assert!(!err.contains("untagged"), "{err}");
+        let text = OK.replace("heads = [\"1.2\", \"0\"]", "heads = [1]");
+        let err = LoadedSpec::from_str(&text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("strings"), "{err}");
+        for bad in ["+1.0", "1.+0", "-0", "1.2.3", "", "1.", " "] {
+            assert!(
+                parse_heads(&Heads::List(vec![bad.into()]), 4, 4).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse_heads(&Heads::List(vec![" 1 . 2 ".into()]), 4, 4).unwrap(),
+            vec![(1, 2)]
+        );
+    }
+
+    #[test]
+    fn metric_option_keys_have_spans() {
+        let text = format!("{OK}only_negtive = true\n");
+        let s = LoadedSpec::from_str(&text, Path::new("x.toml")).unwrap();
+        let err = s.metric_error(0, "only_negtive", "bad").to_string();
+        assert!(err.starts_with("x.toml:12:1:"), "{err}");
+        // Unknown key: falls back to `kind`.
+        let err = s.metric_error(0, "nope", "bad").to_string();
+        assert!(err.starts_with("x.toml:11:1:"), "{err}");
+    }
+
+    #[test]
+    fn a_spec_without_a_directory_resolves_against_dot() {
+        let s = LoadedSpec::from_str(OK, Path::new("x.toml")).unwrap();
+        assert_eq!(s.dir(), PathBuf::from("."));
     }
 }

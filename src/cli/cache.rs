@@ -18,7 +18,7 @@ use ndarray::{Array2, ArrayD};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use crate::device::{DeviceChoice, DeviceKind};
+use crate::device::{with_device, DeviceChoice, OnDevice};
 use crate::error::{Error, Result};
 use crate::hooks::{ActivationCache, HookFilter, Hooks, LOGITS};
 use crate::model::{self, CheckpointFiles, ModelConfig, ModelSource, Processing};
@@ -103,35 +103,45 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode> {
     };
     let processing = args.processing();
 
-    let (tokens, activations) = match args.device.resolve()? {
-        DeviceKind::Cpu => run_on(
-            dfdx::tensor::Cpu::default(),
-            files.clone(),
+    let (tokens, activations) = with_device(
+        args.device.resolve()?,
+        CacheRun {
+            files: files.clone(),
             processing,
             args,
             input,
             filter,
-        )?,
-        DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                let dev = dfdx::tensor::Cuda::try_build(0, 0)
-                    .map_err(|e| Error::Device(format!("could not start CUDA: {e:?}")))?;
-                run_on(dev, files.clone(), processing, args, input, filter)?
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                // `resolve` never picks CUDA in a build without it.
-                return Err(Error::Device("this runner was built without CUDA".into()));
-            }
-        }
-    };
+        },
+    )?;
 
     let metadata = metadata(args, &files, processing);
     let bytes = serialize(&tokens, &activations, metadata)?;
     write_atomic(&args.out, &bytes)?;
     print_summary(&args.out, &tokens, &activations);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The command's work, on whichever device was picked.
+struct CacheRun<'a> {
+    files: CheckpointFiles,
+    processing: Processing,
+    args: &'a CacheArgs,
+    input: Input,
+    filter: HookFilter,
+}
+
+impl OnDevice for CacheRun<'_> {
+    type Output = (Array2<u32>, ActivationCache);
+    fn run<D: Device<f32>>(self, dev: D) -> Result<Self::Output> {
+        run_on(
+            dev,
+            self.files,
+            self.processing,
+            self.args,
+            self.input,
+            self.filter,
+        )
+    }
 }
 
 /// Loads the model on `dev`, tokenizes prompts if needed, and runs one forward pass.

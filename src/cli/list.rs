@@ -52,7 +52,7 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
 }
 
 fn print_plugins() {
-    let found = crate::plugin::discover_in(&crate::plugin::search_path());
+    let found = crate::metrics::plugin::discover_in(&crate::metrics::plugin::search_path());
     println!("\nPlugins ([[metric]] plugin = \"NAME\"; search path: HOOKGRAPH_PLUGIN_PATH, then target/{{release,debug}}):");
     if found.is_empty() {
         println!("  (none found; build one with `cargo build --release -p hg_attention_entropy`)");

@@ -1,15 +1,15 @@
 //! `runner prompt`: TransformerLens's `utils.test_prompt` in the terminal.
 //!
 //! Owns: the subcommand's arguments, loading the model on the chosen device, and printing
-//! [`report::prompt::PromptReport`] in TL's layout. Must not: compute anything itself; the
+//! [`crate::report::prompt::PromptReport`] in TL's layout. Must not: compute anything itself; the
 //! ranking lives in [`crate::report::prompt`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use dfdx::prelude::{Cpu, Device};
+use dfdx::prelude::Device;
 
-use crate::device::{DeviceChoice, DeviceKind};
+use crate::device::{with_device, DeviceChoice, OnDevice};
 use crate::error::{Error, Result};
 use crate::model::{self, ModelSource, Processing};
 use crate::report::prompt::{test_prompt, PromptOptions};
@@ -43,19 +43,16 @@ pub struct PromptArgs {
 }
 
 pub fn prompt(args: &PromptArgs) -> Result<ExitCode> {
-    match args.device.resolve()? {
-        DeviceKind::Cpu => prompt_on(Cpu::default(), args),
-        DeviceKind::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                // GPU 0; the seed (second argument) is unused: nothing here is random.
-                let dev = dfdx::tensor::Cuda::try_build(0, 0)
-                    .map_err(|e| Error::Device(format!("{e:?}")))?;
-                prompt_on(dev, args)
-            }
-            #[cfg(not(feature = "cuda"))]
-            unreachable!("DeviceChoice::resolve refuses CUDA without the feature")
-        }
+    with_device(args.device.resolve()?, Prompt(args))
+}
+
+/// The command's work, on whichever device was picked.
+struct Prompt<'a>(&'a PromptArgs);
+
+impl OnDevice for Prompt<'_> {
+    type Output = ExitCode;
+    fn run<D: Device<f32>>(self, dev: D) -> Result<ExitCode> {
+        prompt_on(dev, self.0)
     }
 }
 

@@ -536,8 +536,15 @@ pub fn generate(
     let bos = ctx.cfg.bos_token_id;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let draws = if opts.symmetric { opts.n / 2 } else { opts.n };
-    let mut prompts = Vec::with_capacity(opts.n);
-    let mut encoded = Vec::with_capacity(opts.n);
+    // A prompt costs its record, its text and names, its ids and its row of the token
+    // matrix: about 512 bytes. Checked before allocating: `Vec::with_capacity` aborts the
+    // process on a size that cannot fit.
+    super::check_fits(dataset, "prompts", opts.n, 512)?;
+    let oom = |_| e(format!("n = {}: not enough memory for the prompts", opts.n));
+    let mut prompts = Vec::new();
+    prompts.try_reserve_exact(opts.n).map_err(oom)?;
+    let mut encoded = Vec::new();
+    encoded.try_reserve_exact(opts.n).map_err(oom)?;
     for _ in 0..draws {
         // One draw: template, two distinct names, place, object (the order is part of what
         // makes a seed reproducible: do not reorder).

@@ -79,6 +79,34 @@ pub fn unpadded_lengths(tokens: &Array2<u32>, pad: u32) -> Vec<usize> {
         .collect()
 }
 
+/// Bytes this process can still allocate, as the kernel estimates (`MemAvailable`); `None`
+/// where that is unknown.
+pub(crate) fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb.saturating_mul(1024))
+}
+
+/// Refuses a dataset of `n` items of about `bytes_each` bytes that cannot fit in memory,
+/// with a sentence instead of an allocation abort.
+pub(crate) fn check_fits(dataset: &str, what: &str, n: usize, bytes_each: usize) -> Result<()> {
+    let need = (n as u128) * (bytes_each as u128);
+    let avail = available_memory().map_or(isize::MAX as u128, u128::from);
+    if need > avail {
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        return Err(err(
+            dataset,
+            format!(
+                "n = {n} {what} need about {:.1} GiB, more than the {:.1} GiB of memory available; lower n",
+                gib(need),
+                gib(avail)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A data error for `dataset`.
 pub(crate) fn err(dataset: &str, msg: impl Into<String>) -> Error {
     Error::Data {
@@ -242,21 +270,34 @@ pub fn check_dataset(ds: &Dataset, cfg: &ModelConfig) -> Result<()> {
 /// (no BOS added), optionally only the first `n`.
 fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     let name = spec.name.as_str();
-    let e = |msg: String| err(name, msg);
     let Some(path) = &spec.path else {
-        return Err(e("kind = \"tokens\" needs `path`".into()));
+        return Err(err(name, "kind = \"tokens\" needs `path`"));
     };
     let path = resolve(ctx, path.get_ref());
     let text = std::fs::read_to_string(&path)
-        .map_err(|x| e(format!("cannot read {}: {x}", path.display())))?;
+        .map_err(|x| err(name, format!("cannot read {}: {x}", path.display())))?;
+    tokens_from_json(name, &path, &text, spec.n, ctx.cfg)
+}
+
+/// The token-file reader behind `kind = "tokens"`: `text` is the file's content, `path`
+/// only names it in errors. Every malformed input is an [`Error::Data`] (the fuzz tests
+/// hold it to that).
+pub fn tokens_from_json(
+    name: &str,
+    path: &Path,
+    text: &str,
+    n: Option<usize>,
+    cfg: &ModelConfig,
+) -> Result<Dataset> {
+    let e = |msg: String| err(name, msg);
     // u64, so that a too-large id is reported as out of vocabulary rather than as bad JSON.
-    let rows: Vec<Vec<u64>> = serde_json::from_str(&text).map_err(|x| {
+    let rows: Vec<Vec<u64>> = serde_json::from_str(text).map_err(|x| {
         e(format!(
             "{}: expected a JSON list of lists of token ids: {x}",
             path.display()
         ))
     })?;
-    let rows = match spec.n {
+    let rows = match n {
         Some(0) => return Err(e("n must be at least 1".into())),
         Some(n) if n > rows.len() => {
             return Err(e(format!(
@@ -275,11 +316,11 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     if width == 0 {
         return Err(e(format!("{}: sequence 0 is empty", path.display())));
     }
-    if width > ctx.cfg.n_ctx {
+    if width > cfg.n_ctx {
         return Err(e(format!(
             "{}: sequences are {width} tokens, longer than the model's context ({})",
             path.display(),
-            ctx.cfg.n_ctx
+            cfg.n_ctx
         )));
     }
     let mut flat = Vec::with_capacity(rows.len() * width);
@@ -292,11 +333,11 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
             )));
         }
         for (j, &id) in row.iter().enumerate() {
-            if id >= ctx.cfg.d_vocab as u64 {
+            if id >= cfg.d_vocab as u64 {
                 return Err(e(format!(
                     "{}: sequence {i}, position {j}: token id {id} is outside the model's vocabulary (d_vocab = {})",
                     path.display(),
-                    ctx.cfg.d_vocab
+                    cfg.d_vocab
                 )));
             }
             flat.push(id as u32);
@@ -304,7 +345,7 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     }
     let tokens = Array2::from_shape_vec((rows.len(), width), flat)
         .map_err(|x| e(format!("{}: {x}", path.display())))?;
-    let lengths = unpadded_lengths(&tokens, ctx.cfg.bos_token_id);
+    let lengths = unpadded_lengths(&tokens, cfg.bos_token_id);
     Ok(Dataset {
         name: name.to_string(),
         tokens,
@@ -313,8 +354,9 @@ fn build_tokens(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     })
 }
 
-/// `kind = "prompts"`: inline texts, BOS first (unless `prepend_bos = false`), truncated to
-/// the context, right-padded with BOS.
+/// `kind = "prompts"`: inline texts, BOS first (unless `prepend_bos = false`), right-padded
+/// with BOS. A prompt longer than the model's context is refused, as a tokens dataset's
+/// sequence or `runner prompt`'s text is: cutting it would run a different prompt.
 fn build_prompts(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     let name = spec.name.as_str();
     let e = |msg: String| err(name, msg);
@@ -331,8 +373,18 @@ fn build_prompts(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
         .collect::<Result<Vec<_>>>()?;
     let lengths: Vec<usize> = encoded
         .iter()
-        .map(|ids| (ids.len() + usize::from(prepend)).min(ctx.cfg.n_ctx))
+        .map(|ids| ids.len() + usize::from(prepend))
         .collect();
+    if let Some(i) = lengths.iter().position(|&l| l > ctx.cfg.n_ctx) {
+        let shown: String = prompts[i].chars().take(40).collect();
+        return Err(e(format!(
+            "prompt {} ({shown:?}...) is {} tokens{}, longer than the model's context ({})",
+            i + 1,
+            lengths[i],
+            if prepend { " with BOS" } else { "" },
+            ctx.cfg.n_ctx
+        )));
+    }
     if let Some(i) = lengths.iter().position(|&l| l == 0) {
         return Err(e(format!(
             "prompt {} ({:?}) has no tokens",

@@ -4,16 +4,20 @@
 //! Owns: the `loss` table (one row per predicted token). Reads `logits`. Must not: run the
 //! model or write files.
 
+use super::state::{Array, State};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hooks::LOGITS;
 use crate::output::Table;
+
+/// One predicted token: (seq, pos, token, target, loss, is_pad).
+type Row = (usize, usize, u32, u32, f32, bool);
 
 /// The `loss` metric.
 #[derive(Default)]
 pub struct Loss {
-    rows: Vec<(usize, usize, u32, u32, f32, bool)>,
+    rows: Vec<Row>,
 }
 
 impl Metric for Loss {
@@ -33,7 +37,7 @@ impl Metric for Loss {
     fn batch(&mut self, _ctx: &RunContext, batch: &BatchView) -> Result<()> {
         let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
         let tokens = batch.tokens;
-        let loss = crate::model::per_token_loss(logits, tokens);
+        let loss = super::ops::per_token_loss(logits, tokens);
         for ((i, q), &l) in loss.indexed_iter() {
             let seq = batch.start + i;
             let pad = batch.dataset.is_pad(seq, q + 1);
@@ -70,5 +74,50 @@ impl Metric for Loss {
             ]);
         }
         Ok(vec![t])
+    }
+
+    /// Every row so far, column by column.
+    fn save_state(&self) -> Result<State> {
+        let col = |f: fn(&Row) -> u64| Array::U64(self.rows.iter().map(f).collect());
+        let mut st = State::new();
+        st.put("seq", col(|r| r.0 as u64))
+            .put("pos", col(|r| r.1 as u64))
+            .put("token", Array::U32(self.rows.iter().map(|r| r.2).collect()))
+            .put(
+                "target",
+                Array::U32(self.rows.iter().map(|r| r.3).collect()),
+            )
+            .put("loss", Array::F32(self.rows.iter().map(|r| r.4).collect()))
+            .put("is_pad", col(|r| r.5 as u64));
+        Ok(st)
+    }
+
+    /// Appends the state's rows.
+    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+        let name = self.name().to_string();
+        let seq = st.u64(&name, "seq")?;
+        let pos = st.u64(&name, "pos")?;
+        let token = st.u32(&name, "token")?;
+        let target = st.u32(&name, "target")?;
+        let loss = st.f32(&name, "loss")?;
+        let pad = st.u64(&name, "is_pad")?;
+        let n = seq.len();
+        if [pos.len(), token.len(), target.len(), loss.len(), pad.len()] != [n; 5] {
+            return Err(Error::Metric {
+                metric: name,
+                msg: "saved state columns differ in length".into(),
+            });
+        }
+        for i in 0..n {
+            self.rows.push((
+                seq[i] as usize,
+                pos[i] as usize,
+                token[i],
+                target[i],
+                loss[i],
+                pad[i] != 0,
+            ));
+        }
+        Ok(())
     }
 }

@@ -9,8 +9,11 @@
 //! batch size.
 
 pub mod loss;
+pub mod ops;
+pub mod plugin;
 pub mod projection_loss;
 pub mod source_suppression;
+pub mod state;
 
 use ndarray::ArrayView2;
 
@@ -20,6 +23,7 @@ use crate::hooks::ActivationCache;
 use crate::model::{ModelConfig, Params};
 use crate::output::Table;
 use crate::tokenizer::GptTokenizer;
+pub use state::State;
 
 /// What every metric may read besides activations; the same for the whole run.
 pub struct RunContext<'a> {
@@ -106,6 +110,55 @@ pub trait Metric {
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()>;
     /// Called after a dataset's last batch; returns its tables.
     fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>>;
+
+    /// The exact partial state accumulated since `start_dataset`: sums, counts and
+    /// per-sequence rows, never means ([`State`]). Shards save it for `runner merge`, and a
+    /// run saves it after every batch so `--resume` can continue. The default refuses: such
+    /// a metric cannot be sharded or resumed (the error says so, naming it).
+    fn save_state(&self) -> Result<State> {
+        Err(no_state(self.name()))
+    }
+
+    /// Adds a state `save_state` made (same metric, options and dataset) covering the
+    /// sequences right after those already seen; into a fresh `start_dataset` it restores it.
+    /// Merging the shards' states in order then `finish_dataset` gives the unsharded tables.
+    fn merge_state(&mut self, ctx: &RunContext, dataset: &Dataset, state: &State) -> Result<()> {
+        let _ = (ctx, dataset, state);
+        Err(no_state(self.name()))
+    }
+}
+
+/// The error of a metric without partial state.
+pub fn no_state(metric: &str) -> Error {
+    Error::Metric {
+        metric: metric.to_string(),
+        msg: "it cannot save or merge partial state, so it cannot be sharded or resumed; run it in an unsharded spec of its own".into(),
+    }
+}
+
+/// A lent metric is a metric (the engine holds boxes; tests and the bench lend theirs).
+impl<M: Metric + ?Sized> Metric for &mut M {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn hooks(&self, ctx: &RunContext) -> Vec<String> {
+        (**self).hooks(ctx)
+    }
+    fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()> {
+        (**self).start_dataset(ctx, dataset)
+    }
+    fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
+        (**self).batch(ctx, batch)
+    }
+    fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>> {
+        (**self).finish_dataset(ctx, dataset)
+    }
+    fn save_state(&self) -> Result<State> {
+        (**self).save_state()
+    }
+    fn merge_state(&mut self, ctx: &RunContext, dataset: &Dataset, state: &State) -> Result<()> {
+        (**self).merge_state(ctx, dataset, state)
+    }
 }
 
 /// A built-in metric's name, what it computes, and its options.

@@ -20,12 +20,12 @@
 use ndarray::{s, Array2, Array3, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use super::source_suppression::{source_coefficients, unembed_rows};
+use super::ops::{kernels, per_token_loss, source_coefficients, unembed_rows};
+use super::state::{Array, State};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::hooks::{block_hook, LOGITS};
-use crate::kernels;
 use crate::output::{Table, Value};
 
 /// The three interventions, in this order everywhere.
@@ -329,7 +329,7 @@ impl Metric for ProjectionLoss {
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
         let (b, s) = batch.tokens.dim();
         let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
-        let orig = crate::model::per_token_loss(logits, batch.tokens);
+        let orig = per_token_loss(logits, batch.tokens);
         // A position counts as "no padding" when the token it predicts is real.
         let real = |i: usize, q: usize| !batch.dataset.is_pad(batch.start + i, q + 1);
         self.n_all += b * s.saturating_sub(1);
@@ -410,6 +410,43 @@ impl Metric for ProjectionLoss {
             table.push(row);
         }
         Ok(vec![table])
+    }
+
+    /// Per head the eight sums ([orig, proj, perp, ablation] x [all, no padding]), and the
+    /// two token counts: merged, they give exactly the unsharded means.
+    fn save_state(&self) -> Result<State> {
+        let sums: Vec<f64> = self
+            .heads
+            .iter()
+            .flat_map(|h| h.all.iter().chain(&h.nopad).copied())
+            .collect();
+        let mut st = State::new();
+        st.put("sums", Array::F64(sums)).put(
+            "counts",
+            Array::U64(vec![self.n_all as u64, self.n_nopad as u64]),
+        );
+        Ok(st)
+    }
+
+    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+        let name = self.name().to_string();
+        let sums = st.f64_n(&name, "sums", self.heads.len() * 8)?;
+        let counts = st.u64(&name, "counts")?;
+        let [n_all, n_nopad] = counts else {
+            return Err(crate::error::Error::Metric {
+                metric: name,
+                msg: "saved state 'counts' must have 2 values".into(),
+            });
+        };
+        for (h, s) in self.heads.iter_mut().zip(sums.chunks_exact(8)) {
+            for k in 0..4 {
+                h.all[k] += s[k];
+                h.nopad[k] += s[4 + k];
+            }
+        }
+        self.n_all += *n_all as usize;
+        self.n_nopad += *n_nopad as usize;
+        Ok(())
     }
 }
 

@@ -10,60 +10,16 @@
 //! `c[k] = v[k] . (W_O[h] @ u_k)`, and `W_O @ u_k` for all heads of a layer is one matmul
 //! `U_tok [N, d_model] @ W_O_flatᵀ [d_model, H * d_head]`, shared by every head.
 
-use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
+pub use super::ops::{source_coefficients, unembed_rows};
+use super::state::{Array, State};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hooks::block_hook;
 use crate::output::{Table, Value};
-
-/// Rows of `W_U` columns for each token: `[N, d_model]` with `N = tokens.len()`.
-pub fn unembed_rows(w_u: ArrayView2<f32>, tokens: ArrayView2<u32>) -> Array2<f32> {
-    let d = w_u.nrows();
-    let mut out = Array2::<f32>::zeros((tokens.len(), d));
-    for (mut row, &t) in out.outer_iter_mut().zip(tokens.iter()) {
-        row.assign(&w_u.column(t as usize));
-    }
-    out
-}
-
-/// `c[b, k, h] = (v[b, k, h] @ W_O[h]) . W_U[:, tok[b, k]]` for every head of a layer.
-/// `v`: `[B, S, H, d_head]`, `w_o`: `[H, d_head, d_model]`, `u_tok`: `[B * S, d_model]`.
-pub fn source_coefficients(
-    v: ArrayView4<f32>,
-    w_o: ArrayView3<f32>,
-    u_tok: ArrayView2<f32>,
-) -> Array3<f32> {
-    let (b, s, h, dh) = v.dim();
-    let d = w_o.dim().2;
-    let w_o_flat = w_o
-        .into_shape_with_order((h * dh, d))
-        .expect("W_O is contiguous");
-    // g[n, h * dh + e] = (W_O[h] @ u_n)[e]
-    let g = crate::kernels::matmul(u_tok, w_o_flat.t());
-    let v = v
-        .into_shape_with_order((b * s, h, dh))
-        .expect("hook_v is contiguous");
-    let mut c = Array3::<f32>::zeros((b, s, h));
-    let mut c_flat = c
-        .view_mut()
-        .into_shape_with_order((b * s, h))
-        .expect("fresh array");
-    // One token's heads per task, on every core.
-    c_flat
-        .axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(n, mut row)| {
-            for head in 0..h {
-                let gv = g.slice(s![n, head * dh..(head + 1) * dh]);
-                row[head] = gv.dot(&v.slice(s![n, head, ..]));
-            }
-        });
-    c
-}
 
 /// One head's values (metrics.md §1): `per_position [B, S]` and `per_sequence [B]`.
 /// `c`: `[B, S]` source coefficients, `pattern`: `[B, Q, K]`, `scale`: `[B, S]`.
@@ -217,10 +173,13 @@ impl Metric for SourceSuppression {
             ],
         )
         .per_head("score");
+        // NaN there is a sequence with no non-BOS attention (0/0, metrics.md §1), counted in
+        // `n_undefined`: a value, not a failure.
         let mut per_seq = Table::new(
             "source_suppression_per_sequence",
             &["layer", "head", "seq", "value"],
-        );
+        )
+        .undefined_as_nan("value");
         let mut per_pos = Table::new(
             "source_suppression_per_position",
             &["layer", "head", "seq", "pos", "token", "value"],
@@ -260,5 +219,55 @@ impl Metric for SourceSuppression {
             }
         }
         Ok(vec![scores, per_seq, per_pos])
+    }
+
+    /// Per head (in order) the per-sequence values and per-position rows seen so far.
+    fn save_state(&self) -> Result<State> {
+        let mut st = State::new();
+        st.put(
+            "per_sequence",
+            Array::F32(
+                self.heads
+                    .iter()
+                    .flat_map(|h| h.per_sequence.iter().copied())
+                    .collect(),
+            ),
+        )
+        .put(
+            "per_position",
+            Array::F32(
+                self.heads
+                    .iter()
+                    .flat_map(|h| h.per_position.iter().copied())
+                    .collect(),
+            ),
+        );
+        Ok(st)
+    }
+
+    /// Appends each head's rows: states merged in sequence order rebuild the whole dataset.
+    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+        let name = self.name().to_string();
+        let per_seq = st.f32(&name, "per_sequence")?;
+        let per_pos = st.f32(&name, "per_position")?;
+        let n_heads = self.heads.len();
+        let m = per_seq.len().checked_div(n_heads).unwrap_or(0);
+        if m * n_heads != per_seq.len() || per_pos.len() != per_seq.len() * self.seq_len {
+            return Err(Error::Metric {
+                metric: name,
+                msg: format!(
+                    "saved state does not fit {n_heads} heads x {} positions (other heads or dataset?)",
+                    self.seq_len
+                ),
+            });
+        }
+        for (i, h) in self.heads.iter_mut().enumerate() {
+            h.per_sequence
+                .extend_from_slice(&per_seq[i * m..(i + 1) * m]);
+            let w = m * self.seq_len;
+            h.per_position
+                .extend_from_slice(&per_pos[i * w..(i + 1) * w]);
+        }
+        Ok(())
     }
 }

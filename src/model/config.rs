@@ -110,6 +110,23 @@ impl ModelConfig {
         if n_layers == 0 || n_heads == 0 || d_model == 0 || d_vocab == 0 || n_ctx == 0 {
             return Err("n_layer, n_head, n_embd, vocab_size and n_positions must be > 0".into());
         }
+        // Found by fuzzing: n_layer = 2^64-1 overflowed a capacity in the loader. Far above
+        // any GPT-2 (XL: 48 layers, 25 heads, 1600 wide, 1024 positions, 50257 tokens), far
+        // below sizes whose products overflow.
+        for (name, v, max) in [
+            ("n_layer", n_layers, 1 << 10),
+            ("n_head", n_heads, 1 << 10),
+            ("n_embd", d_model, 1 << 16),
+            ("n_positions", n_ctx, 1 << 20),
+            ("vocab_size", d_vocab, 1 << 22),
+            ("n_inner", hf.n_inner.unwrap_or(0), 1 << 18),
+        ] {
+            if v > max {
+                return Err(format!(
+                    "{name} = {v} is larger than hookgraph accepts ({max})"
+                ));
+            }
+        }
         if d_model % n_heads != 0 {
             return Err(format!(
                 "n_embd ({d_model}) is not a multiple of n_head ({n_heads})"

@@ -415,33 +415,3 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         Ok(host.into_dimensionality().expect("logits are 3-d"))
     }
 }
-
-/// TL's `lm_cross_entropy_loss(logits, tokens, per_token=True)`: `[batch, seq - 1]`,
-/// `-log_softmax(logits[:, s])[tokens[:, s + 1]]`.
-pub fn per_token_loss(
-    logits: ndarray::ArrayView3<f32>,
-    tokens: ndarray::ArrayView2<u32>,
-) -> Array2<f32> {
-    use rayon::prelude::*;
-    let (b, s, _) = logits.dim();
-    let rows: Vec<(usize, usize)> = (0..b)
-        .flat_map(|i| (0..s.saturating_sub(1)).map(move |j| (i, j)))
-        .collect();
-    let losses: Vec<f32> = rows
-        .par_iter()
-        .map(|&(i, j)| {
-            let row = logits.slice(ndarray::s![i, j, ..]);
-            // Rows of a standard-layout array are slices; any other layout is copied once.
-            let owned: Vec<f32>;
-            let row = match row.as_slice() {
-                Some(r) => r,
-                None => {
-                    owned = row.to_vec();
-                    &owned
-                }
-            };
-            crate::kernels::log_sum_exp(row) - row[tokens[[i, j + 1]] as usize]
-        })
-        .collect();
-    Array2::from_shape_vec((b, s.saturating_sub(1)), losses).expect("b * (s - 1) losses")
-}

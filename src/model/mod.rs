@@ -20,7 +20,9 @@ use dfdx::prelude::Device;
 
 pub use checkpoint::{CheckpointFiles, Params};
 pub use config::ModelConfig;
-pub use gpt2::{per_token_loss, HookedGpt2};
+pub use gpt2::HookedGpt2;
+// The loss is a metric helper (it lives with the others); re-exported for existing callers.
+pub use crate::metrics::ops::per_token_loss;
 pub use process::Processing;
 
 use crate::error::Result;

@@ -10,8 +10,12 @@ use ndarray::{Array2, ArrayD, IxDyn};
 pub const RTOL: f32 = 1e-4;
 pub const ATOL: f32 = 1e-5;
 
+/// The repository root: where the test binary was built, or `HOOKGRAPH_ROOT` when the binary
+/// was carried to another machine (the GPU check, `scripts/gpu/check.sh`).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("HOOKGRAPH_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -7,9 +7,7 @@ use hookgraph::model::ModelConfig;
 use hookgraph::spec::DatasetSpec;
 use hookgraph::tokenizer::GptTokenizer;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::common::root;
 
 fn gpt2_tok() -> GptTokenizer {
     let dir = root().join("experiments/checkpoints/tiny-gpt2");
@@ -409,7 +407,7 @@ fn tokens_file_validation_errors() {
 // ---------------------------------------------------------------- prompts
 
 #[test]
-fn prompts_are_bos_prefixed_padded_and_truncated() {
+fn prompts_are_bos_prefixed_padded_and_refused_beyond_the_context() {
     let tok = gpt2_tok();
     let texts = ["Hello there, general Kenobi.", "Hi"];
     let ds = ok(r#"kind = "prompts"
@@ -425,14 +423,20 @@ prompts = ["Hello there, general Kenobi.", "Hi"]"#);
     let ds = ok("kind = \"prompts\"\nprompts = [\"Hello there\"]\nprepend_bos = false");
     assert_eq!(row(&ds, 0), tok.encode("Hello there").unwrap());
 
-    let ds = build_gpt2(
+    // Longer than the context: refused, as a tokens dataset's sequence is (cutting it would
+    // run another prompt than the one written).
+    let e = build_gpt2(
         "kind = \"prompts\"\nprompts = [\"one two three four five six seven\"]",
         &corpus_dir(),
         4,
     )
-    .unwrap();
-    assert_eq!(ds.seq_len(), 4);
-    assert_eq!(ds.lengths, vec![4]);
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("prompt 1")
+            && e.contains("8 tokens with BOS, longer than the model's context (4)"),
+        "{e}"
+    );
 
     let e = fails("kind = \"prompts\"\nprompts = []");
     assert!(e.contains("empty"), "{e}");

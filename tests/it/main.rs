@@ -7,13 +7,20 @@
 mod cache_cli;
 mod checkpoint_errors;
 mod common;
+mod compare_cli;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod data;
+mod fuzz;
 mod hooks;
 mod hub;
+mod hub_download;
 mod metrics;
 mod parity;
 mod plugins;
+mod reliability;
 mod report;
 mod runner_cli;
+mod shards;
 mod smoke_checkpoint;
 mod tokenizer;

@@ -178,21 +178,7 @@ fn run_metric(
     let mut opts = toml::Table::new();
     opts.insert("only_negative".into(), toml::Value::Boolean(neg));
     let mut metric = metrics::builtin(kind, &opts).unwrap();
-    metric.start_dataset(&c, ds).unwrap();
-    let n = ds.n_sequences();
-    for start in (0..n).step_by(batch_size) {
-        let end = (start + batch_size).min(n);
-        let tokens = ds.tokens.slice(s![start..end, ..]).to_owned();
-        let cache = cache_for(m, metric.hooks(&c), &tokens);
-        let view = BatchView {
-            dataset: ds,
-            start,
-            tokens: tokens.view(),
-            cache: &cache,
-        };
-        metric.batch(&c, &view).unwrap();
-    }
-    metric.finish_dataset(&c, ds).unwrap()
+    hookgraph::engine::run_metric(&m.model, &c, metric.as_mut(), ds, batch_size).unwrap()
 }
 
 fn column(t: &Table, name: &str) -> Vec<f64> {

@@ -4,13 +4,24 @@
 //! batch.
 
 use crate::common::*;
-use dfdx::prelude::Cpu;
+use dfdx::prelude::{Cpu, Device};
 use hookgraph::hooks::{HookFilter, Hooks};
 use hookgraph::model::{self, CheckpointFiles, HookedGpt2, Processing};
 
 fn check(ckpt: &str, golden: &str, tokens: &str, processing: Processing) {
+    check_on(Cpu::default(), ckpt, golden, tokens, processing)
+}
+
+/// The parity check on any device (the `cuda` module runs it on the GPU).
+pub fn check_on<D: Device<f32>>(
+    dev: D,
+    ckpt: &str,
+    golden: &str,
+    tokens: &str,
+    processing: Processing,
+) {
     let files = CheckpointFiles::in_dir(&fixture(ckpt)).unwrap();
-    let loaded = model::load(Cpu::default(), files, processing, None).unwrap();
+    let loaded = model::load(dev, files, processing, None).unwrap();
     let gold = load_golden(golden);
     let toks = load_tokens(&golden_path(tokens));
 
@@ -26,10 +37,15 @@ fn check(ckpt: &str, golden: &str, tokens: &str, processing: Processing) {
     let n_weights = gold.keys().filter(|k| k.starts_with("weights.")).count();
     assert_eq!(named.len(), n_weights, "weights we have vs TL has");
 
-    // Every hook point TL cached, from one pass: on the CPU's host kernels (what a run
-    // uses) and on the device-generic dfdx tensor path (what CUDA runs), both on the CPU.
-    let generic =
-        HookedGpt2::new_generic(Cpu::default(), loaded.cfg().clone(), &loaded.params).unwrap();
+    // Every hook point TL cached, from one pass: with the device's own kernels (on the CPU
+    // the host kernels a run uses) and on the device-generic dfdx tensor path (what CUDA
+    // runs; on the CPU only these tests take it).
+    let generic = HookedGpt2::new_generic(
+        loaded.model.device().clone(),
+        loaded.cfg().clone(),
+        &loaded.params,
+    )
+    .unwrap();
     for (path, model) in [("host", &loaded.model), ("dfdx", &generic)] {
         let mut hooks =
             Hooks::caching(HookFilter::checked(&["*".to_string()], loaded.cfg().n_layers).unwrap());

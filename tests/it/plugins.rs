@@ -12,13 +12,11 @@ use std::sync::OnceLock;
 use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::data::{unpadded_lengths, Dataset};
-use hookgraph::hooks::{HookFilter, Hooks};
-use hookgraph::metrics::{BatchView, Metric, RunContext};
+use hookgraph::metrics::{Metric, RunContext};
 use hookgraph::model::{self, CheckpointFiles, Processing};
 use hookgraph::output::Table;
 use hookgraph::plugin::{discover_in, load_metric};
 use hookgraph::Error;
-use ndarray::{s, Array2};
 
 /// Every plugin package the tests load.
 const PACKAGES: &[&str] = &[
@@ -65,7 +63,7 @@ fn plugin_dir() -> &'static Path {
 }
 
 /// The path of a built plugin library.
-fn library(package: &str) -> PathBuf {
+pub(crate) fn library(package: &str) -> PathBuf {
     plugin_dir().join(libloading::library_filename(package))
 }
 
@@ -98,24 +96,7 @@ fn run(metric: &mut dyn Metric, batch_size: usize) -> hookgraph::Result<Vec<Tabl
         tokens,
         ioi: None,
     };
-    let filter = HookFilter::checked(&metric.hooks(&ctx), cfg.n_layers)?;
-    metric.start_dataset(&ctx, &dataset)?;
-    let n = dataset.n_sequences();
-    for start in (0..n).step_by(batch_size) {
-        let end = (start + batch_size).min(n);
-        let toks: Array2<u32> = dataset.tokens.slice(s![start..end, ..]).to_owned();
-        let mut hooks = Hooks::caching(filter.clone());
-        loaded.model.logits_host(&toks, &mut hooks)?;
-        let cache = hooks.take_cache();
-        let view = BatchView {
-            dataset: &dataset,
-            start,
-            tokens: toks.view(),
-            cache: &cache,
-        };
-        metric.batch(&ctx, &view)?;
-    }
-    metric.finish_dataset(&ctx, &dataset)
+    hookgraph::engine::run_metric(&loaded.model, &ctx, metric, &dataset, batch_size)
 }
 
 /// A per-head table's `column` as an `[n_layers, n_heads]` array.

@@ -1,12 +1,10 @@
 //! The bundled GPT-2 tokenizer (shipped with the tiny checkpoint, `experiments/checkpoints/tiny-gpt2`) against the reference encodings in
 //! shared/data/gpt2/README.md.
 
-use std::path::PathBuf;
-
 use hookgraph::tokenizer::GptTokenizer;
 
 fn gpt2() -> GptTokenizer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments/checkpoints/tiny-gpt2");
+    let dir = crate::common::root().join("experiments/checkpoints/tiny-gpt2");
     GptTokenizer::from_vocab_merges(&dir.join("vocab.json"), &dir.join("merges.txt")).unwrap()
 }
 

@@ -1,0 +1,378 @@
+//! [`PluginAdapter`]: a loaded plugin as a [`Metric`].
+//!
+//! Owns: creating the plugin's state from the spec's options (as JSON), expanding its
+//! `{layer}` hook templates, one call into the plugin per metric phase (with a fresh host
+//! context and message buffer), turning its status into an error that names the call, never
+//! calling a plugin again after it panicked, and destroying its state. Must not: check the
+//! ABI (that happened in [`super::abi_check`]) or serve the callbacks (`host`).
+
+use std::ffi::{c_void, CString};
+use std::path::Path;
+use std::sync::Mutex;
+
+use hookgraph_plugin::abi::*;
+
+use super::abi_check::{open, Plugin, TableDesc};
+use super::host::{host_emit_row, host_get_activation, host_get_weight, HostCtx, HostState, Phase};
+use super::{locate, plugin_error, PluginInfo};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::metrics::{BatchView, Metric, RunContext, State};
+use crate::output::Table;
+
+/// Capacity of the buffer a plugin writes its error or panic message into.
+const MESSAGE_CAP: usize = 16 * 1024;
+
+/// A spec's options as the JSON object handed to the plugin's `create`.
+fn options_json(options: &toml::Table) -> std::result::Result<serde_json::Value, String> {
+    fn conv(key: &str, v: &toml::Value) -> std::result::Result<serde_json::Value, String> {
+        use serde_json::Value as J;
+        Ok(match v {
+            toml::Value::String(s) => J::String(s.clone()),
+            toml::Value::Integer(i) => J::from(*i),
+            toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(J::Number)
+                .ok_or_else(|| format!("option '{key}': {f} cannot be passed to a plugin"))?,
+            toml::Value::Boolean(b) => J::Bool(*b),
+            toml::Value::Datetime(d) => J::String(d.to_string()),
+            toml::Value::Array(a) => J::Array(
+                a.iter()
+                    .map(|x| conv(key, x))
+                    .collect::<std::result::Result<_, _>>()?,
+            ),
+            toml::Value::Table(t) => J::Object(
+                t.iter()
+                    .map(|(k, x)| Ok((k.clone(), conv(key, x)?)))
+                    .collect::<std::result::Result<_, String>>()?,
+            ),
+        })
+    }
+    conv("", &toml::Value::Table(options.clone()))
+}
+
+/// Calls a plugin function with a fresh message buffer; returns its status and message.
+fn with_message(f: impl FnOnce(*mut HgMessage) -> HgStatus) -> (HgStatus, String) {
+    let mut buf = vec![0u8; MESSAGE_CAP];
+    let mut msg = HgMessage {
+        buf: buf.as_mut_ptr(),
+        cap: buf.len(),
+        len: 0,
+    };
+    let status = f(&mut msg);
+    let len = msg.len.min(buf.len());
+    let text = String::from_utf8_lossy(&buf[..len]).trim().to_string();
+    (
+        status,
+        if text.is_empty() {
+            "(no message)".into()
+        } else {
+            text
+        },
+    )
+}
+
+/// A plugin loaded as a [`Metric`] (the host's side; the plugin author's trait is
+/// `hookgraph_plugin::PluginMetric`). Keeps its library loaded for as long as it lives.
+pub struct PluginAdapter {
+    /// The plugin's state from `create`; destroyed in `Drop`.
+    state: *mut c_void,
+    /// Set when the plugin panicked: it is not called again.
+    poisoned: Option<String>,
+    plugin: Plugin,
+}
+
+// SAFETY: the ABI requires a plugin's state to tolerate being called from another thread
+// than the one that created it, as long as calls are serialised (which `&mut self`
+// guarantees); the Rust layer enforces this with `PluginAdapter: Send`.
+unsafe impl Send for PluginAdapter {}
+
+impl PluginAdapter {
+    /// See [`super::load_metric`].
+    pub fn load(spec: &str, spec_dir: &Path, options: &toml::Table) -> Result<Self> {
+        let path = locate(spec, spec_dir)?;
+        let plugin = open(&path).map_err(|e| plugin_error(spec, e.msg()))?;
+        let label = plugin.info.name.clone();
+        let err = |msg: String| plugin_error(&label, msg);
+        let declared = &plugin.info.options;
+        for key in options.keys() {
+            if !declared.iter().any(|(n, _)| n == key) {
+                let known: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(err(format!(
+                    "unknown option '{key}' (known: {})",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
+        }
+        let json = options_json(options).map_err(err)?;
+        let json = CString::new(json.to_string())
+            .map_err(|_| err("options contain a NUL character".into()))?;
+        let mut state: *mut c_void = std::ptr::null_mut();
+        let (status, msg) = with_message(|m| {
+            // SAFETY: a checked plugin's create, with a valid string, slot and buffer.
+            unsafe { (plugin.create)(json.as_ptr(), &mut state, m) }
+        });
+        describe_status(status, &msg, "create (reading its options)").map_err(err)?;
+        if state.is_null() {
+            return Err(err("create succeeded but returned no state".into()));
+        }
+        Ok(PluginAdapter {
+            state,
+            poisoned: None,
+            plugin,
+        })
+    }
+
+    /// The plugin's metadata.
+    pub fn info(&self) -> &PluginInfo {
+        &self.plugin.info
+    }
+
+    fn no_state(&self) -> Error {
+        self.err(format!(
+            "cannot be sharded or resumed: plugin ABI version {HG_PLUGIN_ABI_VERSION} has no partial state (save/merge); run it in an unsharded spec of its own, without --shard or --resume"
+        ))
+    }
+
+    fn err(&self, msg: String) -> Error {
+        plugin_error(&self.plugin.info.name, msg)
+    }
+
+    /// One call into the plugin with a fresh host context; returns the tables emitted (only
+    /// `finish_dataset` may emit).
+    fn call(
+        &mut self,
+        phase: Phase,
+        ctx: &RunContext,
+        dataset: &Dataset,
+        batch: Option<&BatchView>,
+    ) -> Result<Vec<Table>> {
+        if let Some(p) = &self.poisoned {
+            return Err(self.err(format!("not called again after it panicked ({p})")));
+        }
+        let cfg = ctx.cfg;
+        let heads: Vec<HgHead> = ctx
+            .heads
+            .iter()
+            .map(|&(l, h)| HgHead {
+                layer: l as u32,
+                head: h as u32,
+            })
+            .collect();
+        let dataset_name = CString::new(dataset.name.replace('\0', "")).unwrap_or_default();
+        let n_sequences = dataset.n_sequences();
+        // The ABI promises one length per sequence; never hand out a shorter array.
+        let fallback;
+        let lengths: &[usize] = if dataset.lengths.len() == n_sequences {
+            &dataset.lengths
+        } else {
+            fallback = vec![dataset.seq_len(); n_sequences];
+            &fallback
+        };
+        let tokens_owned;
+        let (tokens, first_sequence, allowed) = match batch {
+            Some(b) => {
+                let data = match b.tokens.as_slice() {
+                    Some(s) => s,
+                    None => {
+                        tokens_owned = b.tokens.as_standard_layout().into_owned();
+                        tokens_owned.as_slice().expect("standard layout")
+                    }
+                };
+                let shape = [b.tokens.nrows(), b.tokens.ncols()];
+                (Some((data, shape)), b.start, self.hooks(ctx))
+            }
+            None => (None, 0, Vec::new()),
+        };
+        let host = HostCtx {
+            phase,
+            cache: batch.map(|b| b.cache),
+            allowed,
+            params: ctx.params,
+            tables: &self.plugin.tables,
+            state: Mutex::new(HostState {
+                // Every declared table, so a dataset with no rows still yields its header.
+                tables: if phase == Phase::Finish {
+                    self.plugin.tables.iter().map(TableDesc::empty).collect()
+                } else {
+                    Vec::new()
+                },
+                ..HostState::default()
+            }),
+        };
+        let raw = HgCallCtx {
+            n_layers: cfg.n_layers,
+            n_heads: cfg.n_heads,
+            d_model: cfg.d_model,
+            d_head: cfg.d_head,
+            d_vocab: cfg.d_vocab,
+            bos: ctx.bos,
+            heads: heads.as_ptr(),
+            n_selected_heads: heads.len(),
+            dataset: dataset_name.as_ptr(),
+            n_sequences,
+            seq_len: dataset.seq_len(),
+            lengths: lengths.as_ptr(),
+            tokens: match &tokens {
+                Some((data, shape)) => HgTensorView {
+                    data: data.as_ptr().cast(),
+                    shape: shape.as_ptr(),
+                    ndim: 2,
+                    dtype: HG_DTYPE_U32,
+                },
+                None => HgTensorView::EMPTY,
+            },
+            first_sequence,
+            host_ctx: &host as *const HostCtx as *mut c_void,
+            get_activation: Some(host_get_activation),
+            get_weight: Some(host_get_weight),
+            emit_row: Some(host_emit_row),
+        };
+        let f = match phase {
+            Phase::Begin => self.plugin.begin_dataset,
+            Phase::Batch => self.plugin.batch,
+            Phase::Finish => self.plugin.finish_dataset,
+        };
+        let state = self.state;
+        let (status, msg) = with_message(|m| {
+            // SAFETY: a checked plugin function with its own state, a context whose pointers
+            // (heads, name, lengths, tokens, host) outlive the call, and a message buffer.
+            unsafe { f(state, &raw, m) }
+        });
+        let what = match (phase, batch) {
+            (Phase::Begin, _) => format!("begin_dataset (dataset '{}')", dataset.name),
+            (Phase::Batch, Some(b)) => format!(
+                "batch (dataset '{}', sequences {}..{})",
+                dataset.name,
+                b.start,
+                b.start + b.tokens.nrows()
+            ),
+            (Phase::Batch, None) => unreachable!("a batch call always has a batch"),
+            (Phase::Finish, _) => format!("finish_dataset (dataset '{}')", dataset.name),
+        };
+        let host_state = host
+            .state
+            .into_inner()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if status == HG_PANIC {
+            self.poisoned = Some(format!("{what}: {msg}"));
+        }
+        let plugin_result = describe_status(status, &msg, &what);
+        match (plugin_result, host_state.emit_error) {
+            (Ok(()), None) => Ok(host_state.tables),
+            (Ok(()), Some(e)) => Err(self.err(format!("{what}: emit_row: {e}"))),
+            (Err(m), None) => Err(self.err(m)),
+            (Err(m), Some(e)) => Err(self.err(format!("{m} (emit_row: {e})"))),
+        }
+    }
+}
+
+/// The plugin's status as a result; the message names the call.
+fn describe_status(status: HgStatus, msg: &str, what: &str) -> std::result::Result<(), String> {
+    match status {
+        HG_OK => Ok(()),
+        HG_ERROR => Err(format!("{what} failed: {msg}")),
+        HG_PANIC => Err(format!("{what} panicked: {msg}")),
+        s => Err(format!("{what} returned unknown status {s}: {msg}")),
+    }
+}
+
+impl Drop for PluginAdapter {
+    fn drop(&mut self) {
+        // SAFETY: the state came from this plugin's create and is destroyed exactly once,
+        // before the library (a later field) is unloaded.
+        unsafe { (self.plugin.destroy)(self.state) };
+    }
+}
+
+impl Metric for PluginAdapter {
+    fn name(&self) -> &str {
+        &self.plugin.info.name
+    }
+
+    /// The declared hooks, `{layer}` templates expanded for every layer with selected heads.
+    fn hooks(&self, ctx: &RunContext) -> Vec<String> {
+        expand_hooks(&self.plugin.info.hooks, ctx.heads)
+    }
+
+    fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()> {
+        self.call(Phase::Begin, ctx, dataset, None).map(drop)
+    }
+
+    fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
+        self.call(Phase::Batch, ctx, batch.dataset, Some(batch))
+            .map(drop)
+    }
+
+    fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>> {
+        self.call(Phase::Finish, ctx, dataset, None)
+    }
+
+    /// Plugin ABI version 1 has no partial state: refused, naming the plugin.
+    fn save_state(&self) -> Result<State> {
+        Err(self.no_state())
+    }
+
+    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, _state: &State) -> Result<()> {
+        Err(self.no_state())
+    }
+}
+
+/// Expands `{layer}` templates for each layer that has a selected head; keeps order, drops
+/// duplicates.
+pub fn expand_hooks(templates: &[String], heads: &[(usize, usize)]) -> Vec<String> {
+    let mut layers: Vec<usize> = heads.iter().map(|&(l, _)| l).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    let mut out: Vec<String> = Vec::new();
+    for t in templates {
+        let names: Vec<String> = if t.contains("{layer}") {
+            layers
+                .iter()
+                .map(|l| t.replace("{layer}", &l.to_string()))
+                .collect()
+        } else {
+            vec![t.clone()]
+        };
+        for n in names {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_templates_expand_per_selected_layer() {
+        let t = vec![
+            "blocks.{layer}.attn.hook_v".to_string(),
+            "ln_final.hook_scale".to_string(),
+            "blocks.{layer}.attn.hook_v".to_string(),
+        ];
+        assert_eq!(
+            expand_hooks(&t, &[(0, 1), (0, 2), (3, 0)]),
+            vec![
+                "blocks.0.attn.hook_v",
+                "blocks.3.attn.hook_v",
+                "ln_final.hook_scale"
+            ]
+        );
+    }
+
+    #[test]
+    fn options_become_json() {
+        let t: toml::Table = toml::from_str("a = true\nb = [1, 2.5]\nc = { d = \"x\" }").unwrap();
+        assert_eq!(
+            options_json(&t).unwrap(),
+            serde_json::json!({"a": true, "b": [1, 2.5], "c": {"d": "x"}})
+        );
+    }
+}

@@ -1,0 +1,307 @@
+//! `runner merge results/<name>`: the shards' saved states, merged into exactly the tables,
+//! pictures and manifest the unsharded run would have written.
+//!
+//! Owns: finding the shards (`shards/I-of-N/`), refusing an incomplete set or pieces of
+//! different runs (spec, model weights, datasets' tokens, runner version: each difference
+//! named, with the shards it was found in), re-checking the weights and datasets the merge
+//! itself loads against what the shards ran, and merging every metric's states in shard
+//! order. Must not: compute anything from activations (no forward pass besides what the
+//! report's pages need) or write files other than through [`runner::write_results`].
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dfdx::prelude::Device;
+
+use super::checkpoint::{Checkpoint, STATE_FILE};
+use super::{shards_dir, DatasetId, Shard, ShardManifest, SHARD_MANIFEST};
+use crate::device::{with_device, DeviceChoice, OnDevice};
+use crate::engine::Timings;
+use crate::error::{Error, Result};
+use crate::metrics::RunContext;
+use crate::model::checkpoint::sha256_file;
+use crate::runner::{self, Computed, RunReport, WriteInput};
+use crate::spec::LoadedSpec;
+
+/// `runner merge` options.
+#[derive(Debug, Clone, Default)]
+pub struct MergeOptions {
+    /// Where the report's pages run the model (the spec's device unless overridden).
+    pub device: Option<DeviceChoice>,
+    pub quiet: bool,
+}
+
+/// One complete shard.
+pub struct ShardResult {
+    pub shard: Shard,
+    pub dir: PathBuf,
+    pub manifest: ShardManifest,
+    pub checkpoint: Checkpoint,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+}
+
+/// Every shard of the run whose results go to `results_dir`, checked complete and alike.
+pub fn find_shards(results_dir: &Path) -> Result<Vec<ShardResult>> {
+    let dir = shards_dir(results_dir);
+    let entries = std::fs::read_dir(&dir).map_err(|e| {
+        Error::Other(format!(
+            "{}: no shards to merge ({e}); run `runner run SPEC --shard I/N` for every I first",
+            dir.display()
+        ))
+    })?;
+    let mut found: Vec<Shard> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Shard::from_dir_name(&e.file_name().to_string_lossy()))
+        .collect();
+    found.sort_by_key(|s| (s.count, s.index));
+    let counts: BTreeSet<usize> = found.iter().map(|s| s.count).collect();
+    let count = match counts.len() {
+        0 => {
+            return Err(Error::Other(format!(
+                "{}: no shard directories (I-of-N) to merge",
+                dir.display()
+            )))
+        }
+        1 => *counts.first().expect("one"),
+        _ => {
+            return Err(Error::Other(format!(
+                "{}: shards of different splits ({}); keep the directories of one split only",
+                dir.display(),
+                counts
+                    .iter()
+                    .map(|n| format!("N = {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    };
+    let missing: Vec<String> = (0..count)
+        .filter(|&i| !found.iter().any(|s| s.index == i))
+        .map(|index| Shard { index, count }.dir_name())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Other(format!(
+            "{}: shard(s) {} of {count} missing: their tasks did not run, or wrote elsewhere",
+            dir.display(),
+            missing.join(", ")
+        )));
+    }
+    let mut out: Vec<ShardResult> = Vec::new();
+    for shard in found {
+        let sdir = dir.join(shard.dir_name());
+        let incomplete = |why: &str| {
+            Error::Other(format!(
+                "shard {} is not complete ({why}): its task is still running or was stopped; rerun it with `runner run SPEC --shard {shard} --resume`",
+                shard.dir_name()
+            ))
+        };
+        let mpath = sdir.join(SHARD_MANIFEST);
+        if !mpath.is_file() {
+            return Err(incomplete("no shard.json yet"));
+        }
+        let manifest: ShardManifest = read_json(&mpath)?;
+        let checkpoint = Checkpoint::read(&sdir.join(STATE_FILE))?;
+        if !checkpoint.progress.complete {
+            return Err(incomplete("its checkpoint is partial"));
+        }
+        if manifest.shard != shard || checkpoint.progress.shard != shard {
+            return Err(Error::Other(format!(
+                "{}: its files say shard {} / {} (moved from another directory?)",
+                sdir.display(),
+                manifest.shard,
+                checkpoint.progress.shard
+            )));
+        }
+        // Every piece must belong to the same run as shard 0.
+        if let Some(first) = out.first() {
+            let (a, b) = (first.shard.dir_name(), shard.dir_name());
+            first.manifest.identity.check(
+                &format!("shard {a}"),
+                &manifest.identity,
+                &format!("shard {b}"),
+                "refusing to merge shards of different runs",
+            )?;
+        }
+        manifest.identity.check(
+            "its shard.json",
+            &checkpoint.progress.identity,
+            "its checkpoint",
+            &format!("shard {}: its files disagree", shard.dir_name()),
+        )?;
+        out.push(ShardResult {
+            shard,
+            dir: sdir,
+            manifest,
+            checkpoint,
+        });
+    }
+    Ok(out)
+}
+
+/// Merges the shards under `results_dir` and writes the results there.
+pub fn merge(results_dir: &Path, opts: &MergeOptions) -> Result<RunReport> {
+    let shards = find_shards(results_dir)?;
+    let first = &shards[0].manifest;
+    // The path as the shards were given it when it still names the same file from here
+    // (so the manifest reads as the unsharded run's), else the absolute one they recorded.
+    let same_file =
+        std::fs::canonicalize(&first.spec_path_given).is_ok_and(|p| p == first.identity.spec_path);
+    let path = if same_file {
+        &first.spec_path_given
+    } else {
+        &first.identity.spec_path
+    };
+    let spec = LoadedSpec::from_str(&first.spec_toml, path)?;
+    let kind = opts.device.unwrap_or(spec.spec.model.device).resolve()?;
+    if !opts.quiet {
+        eprintln!(
+            "merging {} shards of '{}' (device {kind})",
+            shards.len(),
+            spec.spec.name
+        );
+    }
+    with_device(
+        kind,
+        Merge {
+            kind,
+            spec: &spec,
+            shards: &shards,
+            out_dir: results_dir,
+            quiet: opts.quiet,
+        },
+    )
+}
+
+struct Merge<'a> {
+    kind: crate::device::DeviceKind,
+    spec: &'a LoadedSpec,
+    shards: &'a [ShardResult],
+    out_dir: &'a Path,
+    quiet: bool,
+}
+
+impl OnDevice for Merge<'_> {
+    type Output = RunReport;
+    fn run<D: Device<f32>>(self, dev: D) -> Result<RunReport> {
+        let t0 = Instant::now();
+        let Merge {
+            kind,
+            spec,
+            shards,
+            out_dir,
+            quiet,
+        } = self;
+        let ident = &shards[0].manifest.identity;
+        let runner::Prepared {
+            loaded,
+            heads,
+            datasets,
+            mut metrics,
+        } = runner::prepare(dev, spec, quiet)?;
+        let load_seconds = t0.elapsed().as_secs_f64();
+
+        // What the merge loaded must be what the shards ran.
+        let weights_sha256 = sha256_file(&loaded.files.weights)?;
+        if weights_sha256 != ident.weights_sha256 {
+            return Err(Error::Other(format!(
+                "the model weights changed since the shards ran: {} has sha256 {}, the shards ran {}",
+                loaded.files.weights.display(),
+                weights_sha256,
+                ident.weights_sha256
+            )));
+        }
+        for (d, id) in datasets.iter().zip(&ident.datasets) {
+            let now = DatasetId::of(d);
+            if &now != id {
+                return Err(Error::Other(format!(
+                    "dataset '{}' changed since the shards ran: it now has {} x {} tokens (sha256 {}), the shards ran {} x {} (sha256 {})",
+                    d.name, now.n_sequences, now.seq_len, now.tokens_sha256, id.n_sequences, id.seq_len, id.tokens_sha256
+                )));
+            }
+        }
+        let names: Vec<String> = metrics.names().map(str::to_string).collect();
+        if names != ident.metrics || datasets.len() != ident.datasets.len() {
+            return Err(Error::Other(
+                "the spec's metrics or datasets do not match the shards' records".into(),
+            ));
+        }
+        for s in shards {
+            metrics.restore_failures(&s.checkpoint.progress.failures);
+        }
+
+        let cfg = loaded.cfg().clone();
+        let ctx = RunContext {
+            cfg: &cfg,
+            params: &loaded.params,
+            heads: &heads,
+            bos: cfg.bos_token_id,
+            tokenizer: loaded.tokenizer.as_ref(),
+        };
+        let mut computed = Computed::new(shards[0].manifest.hook_points.clone());
+        for (d, dataset) in datasets.iter().enumerate() {
+            metrics.start_dataset(&ctx, dataset);
+            for i in 0..metrics.len() {
+                if !metrics.is_active(i) {
+                    continue;
+                }
+                if metrics.failed_on(i, &dataset.name) {
+                    metrics.deactivate(i);
+                    continue;
+                }
+                // In shard order: per-sequence rows come out in sequence order.
+                for s in shards {
+                    let r = match s.checkpoint.states.get(&(d, i)) {
+                        Some(st) => metrics
+                            .get_mut(i)
+                            .expect("active metrics are built")
+                            .merge_state(&ctx, dataset, st),
+                        None => Err(Error::Other(format!(
+                            "shard {} has no state for it on dataset '{}'",
+                            s.shard.dir_name(),
+                            dataset.name
+                        ))),
+                    };
+                    if let Err(e) = r {
+                        metrics.fail(i, Some(&dataset.name), e);
+                        break;
+                    }
+                }
+            }
+            let tables = metrics.finish_dataset(&ctx, dataset);
+            // The run's time is the shards' time.
+            let mut timings = Timings::default();
+            for s in shards {
+                if let Some(t) = s.checkpoint.progress.timings.get(d) {
+                    timings.forward_seconds += t.forward_seconds;
+                    timings.checkpoint_seconds += t.checkpoint_seconds;
+                    for (k, v) in &t.metric_seconds {
+                        *timings.metric_seconds.entry(k.clone()).or_default() += v;
+                    }
+                }
+            }
+            computed.add_dataset(dataset, tables, timings)?;
+        }
+        runner::write_results(
+            &WriteInput {
+                spec,
+                out_dir: out_dir.to_path_buf(),
+                kind,
+                loaded: &loaded,
+                heads: &heads,
+                datasets: &datasets,
+                quiet,
+                t0,
+                load_seconds,
+                weights_sha256,
+                merged_shards: Some(shards.len()),
+            },
+            &mut metrics,
+            computed,
+        )
+    }
+}

@@ -1,0 +1,425 @@
+//! Property tests ("fuzzing") of the three readers of untrusted files: the spec parser, the
+//! checkpoint loader (`config.json` and `model.safetensors`) and the token-file reader. Each
+//! must turn any input into a value or an error, never a panic or an abort.
+//!
+//! In `cargo test` each target runs a few cases (fast); `scripts/fuzz.sh` runs each for about
+//! a minute (`HOOKGRAPH_FUZZ_SECONDS`, `PROPTEST_CASES` per round). Inputs are random text
+//! and, more usefully, valid files with random edits: a value swapped for a hostile one, bytes
+//! flipped, the safetensors header rewritten with other dtypes, shapes and offsets. A crash
+//! found becomes a named regression test at the end of this file.
+
+use std::path::Path;
+use std::time::Instant;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+use hookgraph::data::tokens_from_json;
+use hookgraph::model::checkpoint::params_from_bytes;
+use hookgraph::model::ModelConfig;
+use hookgraph::spec::LoadedSpec;
+
+use crate::common::*;
+
+/// Runs `test` on `strategy` for `PROPTEST_CASES` cases (default 16), in rounds with fresh
+/// seeds until `HOOKGRAPH_FUZZ_SECONDS` have passed (default: one round).
+fn fuzz<S: Strategy>(strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>) {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let cases = env("PROPTEST_CASES").unwrap_or(16) as u32;
+    let seconds = env("HOOKGRAPH_FUZZ_SECONDS").unwrap_or(0);
+    let start = Instant::now();
+    let mut rounds = 0u64;
+    loop {
+        let mut runner = TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        if let Err(e) = runner.run(&strategy, &test) {
+            panic!("{e}");
+        }
+        rounds += 1;
+        if start.elapsed().as_secs() >= seconds {
+            break;
+        }
+    }
+    if seconds > 0 {
+        eprintln!("{rounds} rounds of {cases} cases, no failure");
+    }
+}
+
+/// Values that break naive parsers, for swapping into valid files.
+const HOSTILE: &[&str] = &[
+    "\"\"",
+    "\"..\"",
+    "\"/\"",
+    "\"a/b\"",
+    "\"all\"",
+    "\"+1.0\"",
+    "\"1.*\"",
+    "\"-1\"",
+    "0",
+    "-1",
+    "1",
+    "3",
+    "18446744073709551615",
+    "18446744073709551616",
+    "9223372036854775807",
+    "1e400",
+    "-0.0",
+    "nan",
+    "inf",
+    "true",
+    "[]",
+    "[[]]",
+    "[\"1.1\", 3]",
+    "{}",
+    "{ a = 1 }",
+    "\"\\u0000\"",
+    "\"é\"",
+    "null",
+    "[0]",
+    "[1, 2, 3]",
+    "\"F16\"",
+    "\"BOOL\"",
+];
+
+/// A valid spec: every key a parser might trip on, with plain values.
+const SPEC: &str = r#"name = "fuzz"
+output = "out"
+heads = ["1.2", "0", "1.*"]
+[model]
+path = "ckpt"
+tokenizer = "tok"
+device = "cpu"
+batch_size = 4
+fold_ln = true
+[[dataset]]
+name = "ioi"
+kind = "ioi"
+n = 4
+seed = 1
+names = ["Mary", "John"]
+[[dataset]]
+name = "t"
+kind = "tokens"
+path = "t.json"
+n = 2
+[[dataset]]
+name = "p"
+kind = "prompts"
+prompts = ["hello"]
+prepend_bos = false
+[[metric]]
+kind = "source_suppression"
+only_negative = true
+[[metric]]
+plugin = "hg_x"
+name = "x2"
+opt = 1
+[[view]]
+heads = ["1.0"]
+dataset = "ioi"
+sequences = 3
+"#;
+
+/// Edits of a text file: replace a line's value with a hostile one, delete or duplicate a
+/// line, or insert a random character.
+#[derive(Debug, Clone)]
+enum Edit {
+    Value(prop::sample::Index, prop::sample::Index),
+    DropLine(prop::sample::Index),
+    DupLine(prop::sample::Index),
+    Char(prop::sample::Index, char),
+}
+
+fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    let edit = prop_oneof![
+        3 => (any::<prop::sample::Index>(), any::<prop::sample::Index>())
+            .prop_map(|(l, v)| Edit::Value(l, v)),
+        1 => any::<prop::sample::Index>().prop_map(Edit::DropLine),
+        1 => any::<prop::sample::Index>().prop_map(Edit::DupLine),
+        1 => (any::<prop::sample::Index>(), any::<char>()).prop_map(|(i, c)| Edit::Char(i, c)),
+    ];
+    prop::collection::vec(edit, 1..6)
+}
+
+/// Applies edits to a line-oriented text (`key = value` / `"key": value,`).
+fn apply(text: &str, edits: &[Edit], sep: char) -> String {
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    for e in edits {
+        if lines.is_empty() {
+            break;
+        }
+        match e {
+            Edit::Value(l, v) => {
+                let i = l.index(lines.len());
+                let line = &mut lines[i];
+                if let Some(at) = line.find(sep) {
+                    let comma = if line.trim_end().ends_with(',') {
+                        ","
+                    } else {
+                        ""
+                    };
+                    *line = format!(
+                        "{} {}{comma}",
+                        &line[..=at],
+                        HOSTILE[v.index(HOSTILE.len())]
+                    );
+                }
+            }
+            Edit::DropLine(l) => {
+                lines.remove(l.index(lines.len()));
+            }
+            Edit::DupLine(l) => {
+                let i = l.index(lines.len());
+                let copy = lines[i].clone();
+                lines.insert(i, copy);
+            }
+            Edit::Char(i, c) => {
+                let mut s = lines.join("\n");
+                let mut at = i.index(s.len() + 1);
+                while !s.is_char_boundary(at) {
+                    at -= 1;
+                }
+                s.insert(at, *c);
+                lines = s.lines().map(String::from).collect();
+            }
+        }
+    }
+    lines.join("\n")
+}
+
+/// Everything the spec module offers on a parsed spec, on every model shape.
+fn exercise_spec(text: &str) -> Result<(), TestCaseError> {
+    match LoadedSpec::from_str(text, Path::new("f.toml")) {
+        Ok(s) => {
+            for (l, h) in [(1, 1), (2, 4), (12, 12), (0, 0), (3, 0)] {
+                let _ = s.check_heads(l, h);
+            }
+            let _ = s.output_dir();
+            for i in 0..s.spec.metrics.len() + 1 {
+                let _ = s.metric_key_spans(i);
+                let _ = s.metric_error(i, "opt", "x");
+            }
+            for d in &s.spec.datasets {
+                let _ = hookgraph::data::check_keys(d);
+                prop_assert!(hookgraph::spec::check_name(&d.name).is_ok());
+            }
+            prop_assert!(hookgraph::spec::check_name(&s.spec.name).is_ok());
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            prop_assert!(msg.starts_with("f.toml"), "{msg}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_spec_parser_on_edited_specs() {
+    // The unedited spec parses: the edits start from a valid file.
+    LoadedSpec::from_str(SPEC, Path::new("f.toml")).unwrap();
+    fuzz(edits(), |e| exercise_spec(&apply(SPEC, &e, '=')));
+}
+
+#[test]
+fn fuzz_spec_parser_on_random_text() {
+    fuzz("(\\PC|\n|\\[|\\]|=|\"){0,200}", |t| exercise_spec(&t));
+}
+
+fn ckpt_config() -> String {
+    std::fs::read_to_string(fixture("ckpt_a").join("config.json")).unwrap()
+}
+
+#[test]
+fn fuzz_config_loader_on_edited_configs() {
+    let text = ckpt_config();
+    ModelConfig::from_json(&text).unwrap();
+    let weights = std::fs::read(fixture("ckpt_a").join("model.safetensors")).unwrap();
+    fuzz(edits(), |e| {
+        if let Ok(cfg) = ModelConfig::from_json(&apply(&text, &e, ':')) {
+            // A config that parses, against weights of another shape: an error, not a panic.
+            let _ = params_from_bytes(&weights, &cfg);
+        }
+        Ok(())
+    });
+}
+
+/// The safetensors header of `bytes`, as JSON, and where the data starts.
+fn header(bytes: &[u8]) -> (serde_json::Map<String, serde_json::Value>, usize) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), 8 + n)
+}
+
+/// Edits of a safetensors file: a tensor's dtype, shape or offsets rewritten, bytes flipped,
+/// the file cut short, or the header length changed.
+#[derive(Debug, Clone)]
+enum StEdit {
+    Dtype(prop::sample::Index, prop::sample::Index),
+    Shape(prop::sample::Index, Vec<u64>),
+    Offsets(prop::sample::Index, u64, u64),
+    Flip(prop::sample::Index, u8),
+    Truncate(prop::sample::Index),
+    HeaderLen(u64),
+}
+
+fn st_edits() -> impl Strategy<Value = Vec<StEdit>> {
+    let big = prop_oneof![
+        0u64..70,
+        Just(u64::MAX),
+        Just(1 << 40),
+        Just(u32::MAX as u64 + 1)
+    ];
+    let edit = prop_oneof![
+        (any::<prop::sample::Index>(), any::<prop::sample::Index>())
+            .prop_map(|(t, d)| StEdit::Dtype(t, d)),
+        (
+            any::<prop::sample::Index>(),
+            prop::collection::vec(big.clone(), 0..4)
+        )
+            .prop_map(|(t, s)| StEdit::Shape(t, s)),
+        (any::<prop::sample::Index>(), big.clone(), big.clone())
+            .prop_map(|(t, a, b)| StEdit::Offsets(t, a, b)),
+        (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| StEdit::Flip(i, b)),
+        any::<prop::sample::Index>().prop_map(StEdit::Truncate),
+        big.prop_map(StEdit::HeaderLen),
+    ];
+    prop::collection::vec(edit, 1..4)
+}
+
+fn apply_st(bytes: &[u8], edits: &[StEdit]) -> Vec<u8> {
+    const DTYPES: &[&str] = &[
+        "F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "X",
+    ];
+    let (mut head, start) = header(bytes);
+    let mut data = bytes[start..].to_vec();
+    let mut raw: Option<Vec<u8>> = None;
+    let keys: Vec<String> = head
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect();
+    for e in edits {
+        match e {
+            StEdit::Dtype(t, d) => {
+                head[&keys[t.index(keys.len())]]["dtype"] = DTYPES[d.index(DTYPES.len())].into();
+            }
+            StEdit::Shape(t, s) => {
+                head[&keys[t.index(keys.len())]]["shape"] = s.clone().into();
+            }
+            StEdit::Offsets(t, a, b) => {
+                head[&keys[t.index(keys.len())]]["data_offsets"] = vec![*a, *b].into();
+            }
+            StEdit::Flip(i, b) if !data.is_empty() => {
+                let i = i.index(data.len());
+                data[i] ^= b;
+            }
+            StEdit::Flip(..) => {}
+            StEdit::Truncate(i) => {
+                let n = i.index(data.len() + 1);
+                data.truncate(n);
+            }
+            StEdit::HeaderLen(n) => {
+                let h = serde_json::to_vec(&head).unwrap();
+                let mut out = n.to_le_bytes().to_vec();
+                out.extend(h);
+                out.extend(&data);
+                raw = Some(out);
+            }
+        }
+    }
+    raw.unwrap_or_else(|| {
+        let h = serde_json::to_vec(&head).unwrap();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(data);
+        out
+    })
+}
+
+#[test]
+fn fuzz_safetensors_loader_on_edited_checkpoints() {
+    let cfg = ModelConfig::from_json(&ckpt_config()).unwrap();
+    let weights = std::fs::read(fixture("ckpt_a").join("model.safetensors")).unwrap();
+    params_from_bytes(&weights, &cfg).unwrap();
+    fuzz(st_edits(), |e| {
+        let _ = params_from_bytes(&apply_st(&weights, &e), &cfg);
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_safetensors_loader_on_random_bytes() {
+    let cfg = ModelConfig::from_json(&ckpt_config()).unwrap();
+    fuzz(prop::collection::vec(any::<u8>(), 0..300), |b| {
+        let _ = params_from_bytes(&b, &cfg);
+        Ok(())
+    });
+}
+
+/// The reader's promises on success: the shape asked for, every id in the vocabulary,
+/// one length per sequence.
+fn exercise_tokens(text: &str, n: Option<usize>) -> Result<(), TestCaseError> {
+    let cfg = ModelConfig::from_json(&ckpt_config()).unwrap();
+    if let Ok(d) = tokens_from_json("t", Path::new("t.json"), text, n, &cfg) {
+        prop_assert!(d.n_sequences() >= 1 && d.seq_len() >= 1);
+        prop_assert!(d.seq_len() <= cfg.n_ctx);
+        prop_assert!(d.tokens.iter().all(|&t| (t as usize) < cfg.d_vocab));
+        prop_assert_eq!(d.lengths.len(), d.n_sequences());
+        if let Some(n) = n {
+            prop_assert_eq!(d.n_sequences(), n);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_token_reader_on_lists() {
+    let id = prop_oneof![0u64..600, Just(u64::MAX), Just(511)];
+    let rows = prop::collection::vec(prop::collection::vec(id, 0..40), 0..5);
+    fuzz((rows, prop::option::of(0usize..7)), |(rows, n)| {
+        exercise_tokens(&serde_json::to_string(&rows).unwrap(), n)
+    });
+}
+
+#[test]
+fn fuzz_token_reader_on_random_text() {
+    fuzz(
+        (
+            "(\\[|\\]|,|-|[0-9]|e|\\.| |\"|\\PC){0,80}",
+            prop::option::of(0usize..4),
+        ),
+        |(t, n)| exercise_tokens(&t, n),
+    );
+}
+
+// ---- crashes the fuzzing found, kept as regression tests ---------------------------------
+
+#[test]
+fn regression_heads_on_a_model_without_layers_or_heads() {
+    // Panicked ("attempt to subtract with overflow") building the out-of-range message.
+    use hookgraph::spec::{parse_heads, Heads};
+    for (l, h) in [(0, 0), (0, 4), (3, 0)] {
+        let e = parse_heads(&Heads::List(vec!["0".into()]), l, h).unwrap_err();
+        assert!(e.contains("no head"), "{e}");
+    }
+}
+
+#[test]
+fn regression_config_sizes_beyond_any_gpt2_are_refused() {
+    // n_layer = 2^64-1 parsed, then overflowed a capacity in the checkpoint loader.
+    let weights = std::fs::read(fixture("ckpt_a").join("model.safetensors")).unwrap();
+    for (key, value) in [
+        ("\"n_layer\": 2", "\"n_layer\": 18446744073709551615"),
+        ("\"n_embd\": 32", "\"n_embd\": 9223372036854775808"),
+        ("\"n_inner\": null", "\"n_inner\": 18446744073709551615"),
+    ] {
+        let text = ckpt_config().replace(key, value);
+        assert_ne!(text, ckpt_config(), "{key}");
+        match ModelConfig::from_json(&text) {
+            Ok(cfg) => assert!(params_from_bytes(&weights, &cfg).is_err()),
+            Err(e) => assert!(e.contains("larger than"), "{e}"),
+        }
+    }
+}
