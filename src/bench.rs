@@ -1,10 +1,12 @@
 //! `runner bench`: timings of the forward pass and the 12 x 12 sweeps on a GPT-2-small-shaped
-//! random checkpoint, with FLOP counts, achieved GFLOP/s and peak memory.
+//! random checkpoint, with FLOP counts, achieved GFLOP/s against the machine's measured sgemm
+//! peak, and peak memory.
 //!
 //! Owns: making (once, cached on disk) the random checkpoint and token files that the
-//! TransformerLens baseline script (`bench/transformer_lens_baseline.py`) reads too, timing
-//! each case, and the ratio table against a baseline JSON. Must not: be called from tests
-//! (benchmarks are not timed tests).
+//! PyTorch baseline script (`bench/transformer_lens_baseline.py`) reads too, measuring the
+//! sgemm ceiling on the forward's shapes, timing each case (best of `repeats`: the machine is
+//! shared, so minimums), and the ratio table against a baseline JSON measured on the same
+//! machine. Must not: be called from tests (benchmarks are not timed tests).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -170,11 +172,19 @@ pub fn sweep_flop(cfg: &ModelConfig, kind: &str, b: usize, s: usize) -> f64 {
     }
 }
 
-fn time_case<F: FnMut() -> Result<()>>(name: &str, gflop: f64, mut f: F) -> Result<Case> {
+fn time_case<F: FnMut() -> Result<()>>(
+    name: &str,
+    gflop: f64,
+    repeats: usize,
+    mut f: F,
+) -> Result<Case> {
     reset_peak_rss();
-    let t = Instant::now();
-    f()?;
-    let seconds = t.elapsed().as_secs_f64();
+    let mut seconds = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        seconds = seconds.min(t.elapsed().as_secs_f64());
+    }
     let case = Case {
         name: name.to_string(),
         seconds,
@@ -215,36 +225,43 @@ fn sweep(m: &LoadedModel<Cpu>, kind: &str, tokens: &Array2<u32>, batch_size: usi
     Ok(())
 }
 
+/// The forward's matmuls per layer (`[M, k] @ [k, n]`), M = tokens per batch: the fused
+/// QKV, the output projection, the MLP in and out.
+pub const FORWARD_SHAPES: [(usize, usize); 4] = [(768, 2304), (768, 768), (768, 3072), (3072, 768)];
+
+/// GFLOP/s of gemm 0.19 (the kernel the forward uses) over one layer's matmul shapes at
+/// `M = m` rows, on every core: the sum of FLOPs over the sum of each shape's best time.
+pub fn sgemm_gflops(m: usize, repeats: usize) -> f64 {
+    let (mut flop, mut secs) = (0.0, 0.0);
+    for (k, n) in FORWARD_SHAPES {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut c = vec![0f32; m * n];
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats + 1 {
+            let t = Instant::now();
+            crate::kernels::sgemm_into(m, k, n, &a, &b, &mut c, false, crate::kernels::Par::All);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        flop += 2.0 * (m * k * n) as f64;
+        secs += best;
+    }
+    flop / secs / 1e9
+}
+
 /// Where the bench keeps its checkpoint and tokens unless told otherwise.
 pub fn default_dir() -> PathBuf {
     PathBuf::from("target").join("bench-gpt2-small")
 }
 
-/// Runs every case whose name contains `only` (all when `None`); returns them in order.
-pub fn run(dir: &Path, batch_size: usize, only: Option<&str>) -> Result<Vec<Case>> {
+/// Runs every case whose name contains `only` (all when `None`), each the best of `repeats`
+/// runs (the projection_loss sweeps once: minutes each); returns them in order, after the
+/// `sgemm peak` pseudo-case (its `gflop / seconds` is gemm 0.19's GFLOP/s on the forward's
+/// shapes).
+pub fn run(dir: &Path, batch_size: usize, only: Option<&str>, repeats: usize) -> Result<Vec<Case>> {
     let wanted = |name: &str| only.map_or(true, |o| name.contains(o));
-    if !dir.join("model.safetensors").is_file() {
-        eprintln!(
-            "writing a random GPT-2-small-shaped checkpoint to {}",
-            dir.display()
-        );
-        write_random_checkpoint(dir, &SMALL, 0)?;
-    }
-    let shapes = [(10usize, 30usize), (60, 100)];
-    for (b, s) in shapes {
-        let path = dir.join(format!("tokens_{b}x{s}.json"));
-        if !path.is_file() {
-            let t = random_tokens(
-                b,
-                s,
-                SMALL.d_vocab,
-                SMALL.bos_token_id,
-                (b * 1000 + s) as u64,
-            );
-            let rows: Vec<Vec<u32>> = t.rows().into_iter().map(|r| r.to_vec()).collect();
-            crate::output::write_json(&path, &rows)?;
-        }
-    }
+    prepare(dir)?;
+    let shapes = SHAPES;
     let files = CheckpointFiles::in_dir(dir)?;
     let m = model::load(Cpu::default(), files, Processing::ALL, None)?;
     let cfg = m.cfg().clone();
@@ -263,19 +280,35 @@ pub fn run(dir: &Path, batch_size: usize, only: Option<&str>) -> Result<Vec<Case
         &mut Hooks::default(),
     )?;
     let mut cases = Vec::new();
+    let peak = [batch_size * 30, batch_size * 100]
+        .into_iter()
+        .map(|m| sgemm_gflops(m, 5))
+        .fold(0.0, f64::max);
+    eprintln!("  gemm 0.19 sgemm on the forward's shapes: {peak:.1} GFLOP/s");
+    cases.push(Case {
+        name: SGEMM.into(),
+        seconds: 1.0,
+        gflop: peak,
+        peak_mib: None,
+    });
     for (b, s) in shapes {
         let toks = load_tokens(b, s)?;
         let name = format!("forward {b}x{s}");
         if wanted(&name) {
-            cases.push(time_case(&name, forward_flop(&cfg, b, s) / 1e9, || {
-                for start in (0..b).step_by(batch_size) {
-                    let t = toks
-                        .slice(s![start..(start + batch_size).min(b), ..])
-                        .to_owned();
-                    m.model.forward(&t, &mut Hooks::default())?;
-                }
-                Ok(())
-            })?);
+            cases.push(time_case(
+                &name,
+                forward_flop(&cfg, b, s) / 1e9,
+                repeats,
+                || {
+                    for start in (0..b).step_by(batch_size) {
+                        let t = toks
+                            .slice(s![start..(start + batch_size).min(b), ..])
+                            .to_owned();
+                        m.model.forward(&t, &mut Hooks::default())?;
+                    }
+                    Ok(())
+                },
+            )?);
         }
         for kind in ["source_suppression", "projection_loss"] {
             let name = format!("{kind} sweep {b}x{s}");
@@ -290,7 +323,12 @@ pub fn run(dir: &Path, batch_size: usize, only: Option<&str>) -> Result<Vec<Case
                 0.0
             };
             let flop = (forward_flop(&cfg, b, s) - skipped + sweep_flop(&cfg, kind, b, s)) / 1e9;
-            cases.push(time_case(&name, flop, || {
+            let reps = if kind == "projection_loss" {
+                1
+            } else {
+                repeats
+            };
+            cases.push(time_case(&name, flop, reps, || {
                 sweep(&m, kind, &toks, batch_size)
             })?);
         }
@@ -298,31 +336,102 @@ pub fn run(dir: &Path, batch_size: usize, only: Option<&str>) -> Result<Vec<Case
     Ok(cases)
 }
 
-/// A baseline file written by `bench/transformer_lens_baseline.py`: case name -> seconds.
+/// The token files' shapes (sequences x tokens).
+pub const SHAPES: [(usize, usize); 2] = [(10, 30), (60, 100)];
+
+/// Writes the random checkpoint and the token files into `dir` unless they are there.
+pub fn prepare(dir: &Path) -> Result<()> {
+    if !dir.join("model.safetensors").is_file() {
+        eprintln!(
+            "writing a random GPT-2-small-shaped checkpoint to {}",
+            dir.display()
+        );
+        write_random_checkpoint(dir, &SMALL, 0)?;
+    }
+    for (b, s) in SHAPES {
+        let path = dir.join(format!("tokens_{b}x{s}.json"));
+        if !path.is_file() {
+            let t = random_tokens(
+                b,
+                s,
+                SMALL.d_vocab,
+                SMALL.bos_token_id,
+                (b * 1000 + s) as u64,
+            );
+            let rows: Vec<Vec<u32>> = t.rows().into_iter().map(|r| r.to_vec()).collect();
+            crate::output::write_json(&path, &rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// The name of the pseudo-case that carries gemm 0.19's measured GFLOP/s.
+pub const SGEMM: &str = "sgemm peak";
+
+/// A baseline file written by `bench/transformer_lens_baseline.py`: case name -> seconds
+/// (TL's forward as `forward AxB`, HF's as `hf forward AxB`, the one-pass PyTorch peer as
+/// `peer <sweep>`, the notebook's procedure as `<sweep>`), plus MKL's `sgemm GFLOP/s`.
 pub type Baseline = BTreeMap<String, f64>;
 
-/// The results table, with speed-ups against a baseline measured on the same machine.
+/// The results table: every case against the machine's sgemm ceiling (the faster of gemm
+/// 0.19 and MKL through torch, on the forward's shapes) and against its strongest PyTorch
+/// peer measured on the same machine (the faster of HF's and TL's forward; the one-pass
+/// vectorised sweeps), with the notebook's procedure where it was timed.
 pub fn table(cases: &[Case], baseline: Option<&Baseline>) -> String {
-    let mut out = String::from(
-        "| case | seconds | GFLOP | GFLOP/s | peak MiB | TransformerLens s | speed-up | HF GPT2 s | speed-up |\n|---|---|---|---|---|---|---|---|---|\n",
+    let get = |k: &str| baseline.and_then(|b| b.get(k)).copied();
+    let ours = cases
+        .iter()
+        .find(|c| c.name == SGEMM)
+        .map(|c| c.gflop / c.seconds);
+    let mkl = get("sgemm GFLOP/s");
+    let peak = match (ours, mkl) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let fmt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    let mut out = format!(
+        "sgemm on the forward's shapes ([M, 768] x [768, 2304 | 768 | 3072], [M, 3072] x [3072, 768], \
+         M = batch x seq): gemm 0.19 {} GFLOP/s, MKL (torch) {} GFLOP/s; peak = the faster, {} GFLOP/s\n\n",
+        fmt(ours, 1),
+        fmt(mkl, 1),
+        fmt(peak, 1)
     );
-    for c in cases {
-        let base = baseline.and_then(|b| b.get(&c.name)).copied();
-        // The plain forward is also timed in HF transformers (same weights and batches).
-        let hf = baseline
-            .and_then(|b| b.get(&format!("hf {}", c.name)))
-            .copied();
+    out += "| case | seconds | GFLOP | GFLOP/s | % of sgemm peak | peak MiB | strongest PyTorch peer | peer s | time / peer | notebook s |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    for c in cases.iter().filter(|c| c.name != SGEMM) {
+        let rate = c.gflop / c.seconds;
+        let (peer_name, peer) = if let Some(shape) = c.name.strip_prefix("forward ") {
+            match (
+                get(&format!("forward {shape}")),
+                get(&format!("hf forward {shape}")),
+            ) {
+                (Some(tl), Some(hf)) if hf <= tl => ("HF GPT2LMHeadModel forward", Some(hf)),
+                (Some(tl), _) => ("TransformerLens forward", Some(tl)),
+                (None, Some(hf)) => ("HF GPT2LMHeadModel forward", Some(hf)),
+                (None, None) => ("-", None),
+            }
+        } else {
+            (
+                "one-pass vectorised PyTorch",
+                get(&format!("peer {}", c.name)),
+            )
+        };
+        let notebook = if c.name.starts_with("forward") {
+            None
+        } else {
+            get(&c.name)
+        };
         out += &format!(
-            "| {} | {:.3} | {:.1} | {:.1} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.3} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
             c.name,
             c.seconds,
             c.gflop,
-            c.gflop / c.seconds,
+            rate,
+            peak.map_or("-".into(), |p| format!("{:.0}%", 100.0 * rate / p)),
             c.peak_mib.map_or("-".into(), |m| format!("{m:.0}")),
-            base.map_or("-".into(), |b| format!("{b:.3}")),
-            base.map_or("-".into(), |b| format!("{:.1}x", b / c.seconds)),
-            hf.map_or("-".into(), |b| format!("{b:.3}")),
-            hf.map_or("-".into(), |b| format!("{:.2}x", b / c.seconds)),
+            if peer.is_some() { peer_name } else { "-" },
+            fmt(peer, 3),
+            peer.map_or("-".into(), |p| format!("{:.2}x", c.seconds / p)),
+            fmt(notebook, 1),
         );
     }
     out

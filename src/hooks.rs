@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 
@@ -205,28 +205,68 @@ impl Hooks {
         self.filter.wants(name)
     }
 
+    /// Whether a write hook is registered at `name`.
+    pub fn writes(&self, name: &str) -> bool {
+        self.writers.contains_key(name)
+    }
+
     /// Runs the hook point `name` on a host copy of an activation; returns the (possibly
-    /// rewritten) value when a writer changed it.
+    /// rewritten) value when a writer changed it. The value moves into the cache when only
+    /// cached (no second copy).
     pub fn visit(&mut self, name: &str, mut value: ArrayD<f32>) -> Result<Option<ArrayD<f32>>> {
-        let mut rewritten = false;
-        if let Some(w) = self.writers.get_mut(name) {
-            let shape = value.shape().to_vec();
-            w(&mut value);
-            if value.shape() != shape.as_slice() {
-                return Err(Error::Hook {
-                    name: name.to_string(),
-                    msg: format!(
-                        "write hook changed the shape from {shape:?} to {:?}",
-                        value.shape()
-                    ),
-                });
+        if !self.writers.contains_key(name) {
+            if self.filter.wants(name) {
+                self.cache.insert(name.to_string(), value);
             }
-            rewritten = true;
+            return Ok(None);
         }
+        self.rewrite(name, &mut value)?;
         if self.filter.wants(name) {
             self.cache.insert(name.to_string(), value.clone());
         }
-        Ok(rewritten.then_some(value))
+        Ok(Some(value))
+    }
+
+    /// Runs the hook point `name` on an activation held in a host buffer of `shape`
+    /// (row-major), in place: a writer rewrites `data`, and the cache gets one copy.
+    pub fn visit_slice(&mut self, name: &str, shape: &[usize], data: &mut [f32]) -> Result<()> {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        let wants = self.filter.wants(name);
+        if !self.writers.contains_key(name) {
+            if wants {
+                let a = ArrayD::from_shape_vec(IxDyn(shape), data.to_vec())
+                    .expect("shape matches the buffer");
+                self.cache.insert(name.to_string(), a);
+            }
+            return Ok(());
+        }
+        let mut a =
+            ArrayD::from_shape_vec(IxDyn(shape), data.to_vec()).expect("shape matches the buffer");
+        self.rewrite(name, &mut a)?;
+        for (d, v) in data.iter_mut().zip(a.iter()) {
+            *d = *v;
+        }
+        if wants {
+            self.cache.insert(name.to_string(), a);
+        }
+        Ok(())
+    }
+
+    /// Applies the writer at `name`, which must keep the shape.
+    fn rewrite(&mut self, name: &str, value: &mut ArrayD<f32>) -> Result<()> {
+        let w = self.writers.get_mut(name).expect("checked by the caller");
+        let shape = value.shape().to_vec();
+        w(value);
+        if value.shape() != shape.as_slice() {
+            return Err(Error::Hook {
+                name: name.to_string(),
+                msg: format!(
+                    "write hook changed the shape from {shape:?} to {:?}",
+                    value.shape()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Takes the cache out, leaving an empty one for the next pass.

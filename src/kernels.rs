@@ -5,52 +5,198 @@
 //! Owns: accuracy and speed of these few loops (they dominate `projection_loss`, which takes
 //! three log-sum-exps over the vocabulary per token and head). Must not: allocate per call or
 //! know about models.
+//!
+//! The crate is built for baseline x86-64 (SSE2), so a plain loop here would run 4 lanes
+//! wide. Each element-wise kernel is therefore written once as an `#[inline(always)]` body
+//! and compiled again inside `#[target_feature]` copies (AVX-512, AVX2+FMA) that
+//! [`simd_dispatch`] picks at run time: 16 lanes where the processor has them, the same
+//! binary everywhere (no `-C target-cpu` in the two set-up commands).
+
+/// Defines `pub fn $name(args) -> ret` that runs `$body_fn(args)` compiled for AVX-512 or
+/// AVX2+FMA when the running processor has them (checked per call: one cached atomic load),
+/// else as built.
+macro_rules! simd_dispatch {
+    ($(#[$meta:meta])* $name:ident = $body_fn:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$meta])*
+        #[inline]
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    $body_fn($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                    $body_fn($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the processor has the features v4 is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for v3.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body_fn($($arg),*)
+        }
+    };
+}
 
 /// Row-major `[m, k] @ [k, n]` with gemm 0.19 on every core.
 pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert!(a.len() == m * k && b.len() == k * n, "sgemm: operand sizes");
     let mut c = vec![0f32; m * n];
-    // SAFETY: the three buffers have exactly the sizes the strides describe (checked above),
-    // `c` is not aliased, and gemm with read_dst = false only writes `c`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
+    sgemm_into(m, k, n, a, b, &mut c, false, Par::All);
     c
+}
+
+/// How many threads one matmul may use: all of rayon's, or one (the caller is already
+/// running on every core, e.g. one matmul per head inside a parallel loop; nesting gemm's
+/// own rayon split inside those tasks only adds hand-offs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Par {
+    All,
+    One,
+}
+
+impl Par {
+    fn gemm(self) -> gemm::Parallelism {
+        match self {
+            Par::All if rayon::current_num_threads() > 1 => {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            }
+            _ => gemm::Parallelism::None,
+        }
+    }
+}
+
+/// Row-major `c (+)= a @ b` (`[m, k] @ [k, n]`): `accumulate` adds to what `c` holds (a
+/// bias or a residual stream written there first), else `c` is overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_into(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    accumulate: bool,
+    par: Par,
+) {
+    assert!(
+        a.len() == m * k && b.len() == k * n && c.len() == m * n,
+        "sgemm: operand sizes"
+    );
+    // SAFETY: the three buffers have exactly the sizes the strides describe (checked above)
+    // and `c` is a unique borrow.
+    unsafe {
+        sgemm_strided(
+            m,
+            k,
+            n,
+            MatPtr::row_major(a.as_ptr(), k),
+            MatPtr::row_major(b.as_ptr(), n),
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+            accumulate,
+            1.0,
+            par,
+        )
+    }
+}
+
+/// A read-only matrix operand by pointer and strides (elements), so a head's slice of a
+/// fused `[tokens, 3 * heads * d_head]` buffer, or its transpose, is read in place.
+#[derive(Clone, Copy)]
+pub struct MatPtr {
+    pub ptr: *const f32,
+    /// Stride between rows.
+    pub rs: isize,
+    /// Stride between columns.
+    pub cs: isize,
+}
+
+impl MatPtr {
+    pub fn row_major(ptr: *const f32, cols: usize) -> Self {
+        MatPtr {
+            ptr,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+}
+
+/// `c = (accumulate ? c : 0) + scale * (a @ b)`, `a`: `[m, k]`, `b`: `[k, n]`, `c`: `[m, n]`
+/// with row stride `c_rs` and column stride `c_cs`.
+///
+/// # Safety
+/// Every element the strides address must be in bounds; `c`'s elements must not be read or
+/// written by anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: MatPtr,
+    b: MatPtr,
+    c: *mut f32,
+    c_rs: isize,
+    c_cs: isize,
+    accumulate: bool,
+    scale: f32,
+    par: Par,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        c_cs,
+        c_rs,
+        accumulate,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par.gemm(),
+    );
 }
 
 /// `a @ b` for host matrices, through [`sgemm`] (copies only operands that are not already
 /// row-major and contiguous).
 pub fn matmul(a: ndarray::ArrayView2<f32>, b: ndarray::ArrayView2<f32>) -> ndarray::Array2<f32> {
+    matmul_par(a, b, Par::All)
+}
+
+/// [`matmul`] with a choice of [`Par`].
+pub fn matmul_par(
+    a: ndarray::ArrayView2<f32>,
+    b: ndarray::ArrayView2<f32>,
+    par: Par,
+) -> ndarray::Array2<f32> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     assert_eq!(k, k2, "matmul: inner dimensions");
     let a = a.as_standard_layout();
     let b = b.as_standard_layout();
-    let c = sgemm(
+    let mut c = vec![0f32; m * n];
+    sgemm_into(
         m,
         k,
         n,
         a.as_slice().expect("standard layout"),
         b.as_slice().expect("standard layout"),
+        &mut c,
+        false,
+        par,
     );
     ndarray::Array2::from_shape_vec((m, n), c).expect("m * n values")
 }
@@ -65,9 +211,13 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick (no libm call).
+    // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick (no libm call):
+    // y's low mantissa bits then hold n as an integer, read back with integer ops (an
+    // `as i32` cast would be a saturating scalar conversion per element, not a vector op).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let y = x * LOG2E + MAGIC;
+    let n = y - MAGIC;
+    let ni = (y.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = x - n * LN2_HI - n * LN2_LO;
     // Cephes expf polynomial for e^r on |r| <= ln2 / 2.
     let mut p = 1.987_569_2e-4;
@@ -77,13 +227,12 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     er * scale
 }
 
-/// Maximum of a slice (`-inf` when empty), with independent lanes so it vectorises.
-#[inline]
-pub fn max(x: &[f32]) -> f32 {
+#[inline(always)]
+fn max_body(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let chunks = x.chunks_exact(16);
     let rest = chunks.remainder();
@@ -98,9 +247,13 @@ pub fn max(x: &[f32]) -> f32 {
     )
 }
 
-/// `sum(exp(x - m))`, accumulated in 16 lanes (f32) and summed in f64.
-#[inline]
-pub fn sum_exp_shifted(x: &[f32], m: f32) -> f64 {
+simd_dispatch!(
+    /// Maximum of a slice (`-inf` when empty), with independent lanes so it vectorises.
+    max = max_body(x: &[f32]) -> f32
+);
+
+#[inline(always)]
+fn sum_exp_shifted_body(x: &[f32], m: f32) -> f64 {
     let mut lanes = [0f32; 16];
     let chunks = x.chunks_exact(16);
     let rest = chunks.remainder();
@@ -112,6 +265,151 @@ pub fn sum_exp_shifted(x: &[f32], m: f32) -> f64 {
     let tail: f64 = rest.iter().map(|&v| exp(v - m) as f64).sum();
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail
 }
+
+simd_dispatch!(
+    /// `sum(exp(x - m))`, accumulated in 16 lanes (f32) and summed in f64.
+    sum_exp_shifted = sum_exp_shifted_body(x: &[f32], m: f32) -> f64
+);
+
+#[inline(always)]
+fn softmax_causal_body(row: &mut [f32], q: usize) {
+    let (live, masked) = row.split_at_mut(q + 1);
+    masked.fill(0.0);
+    let m = max_body(live);
+    let mut sum = 0f32;
+    for x in live.iter_mut() {
+        *x = exp(*x - m);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
+}
+
+simd_dispatch!(
+    /// Softmax of attention row `q` in place: keys after `q` are masked and become exactly
+    /// 0, as in TransformerLens.
+    softmax_causal = softmax_causal_body(row: &mut [f32], q: usize)
+);
+
+#[inline(always)]
+fn softmax_masked_body(row: &mut [f32]) {
+    let m = max_body(row);
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        let e = if *x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp(*x - m)
+        };
+        *x = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+simd_dispatch!(
+    /// Softmax of a row in place where `-inf` marks masked keys (scores a hook may have
+    /// rewritten): those become exactly 0.
+    softmax_masked = softmax_masked_body(row: &mut [f32])
+);
+
+/// `gelu_new`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with
+/// `tanh(u) = 1 - 2 / (exp(2u) + 1)` so it vectorises.
+#[inline(always)]
+pub fn gelu_new(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+    0.5 * x * (1.0 + tanh)
+}
+
+#[inline(always)]
+fn gelu_body(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = gelu_new(*v));
+}
+
+simd_dispatch!(
+    /// GPT-2's GELU (`gelu_new`) in place.
+    gelu_slice = gelu_body(x: &mut [f32])
+);
+
+#[inline(always)]
+fn center_row_body(x: &mut [f32], r: &[f32], eps: f32) -> f32 {
+    let d = r.len() as f32;
+    let mut lanes = [0f32; 16];
+    for c in r.chunks(16) {
+        for (a, &v) in lanes.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mean = lanes.iter().sum::<f32>() / d;
+    let mut var = [0f32; 16];
+    for (xc, rc) in x.chunks_mut(16).zip(r.chunks(16)) {
+        for ((x, &r), v) in xc.iter_mut().zip(rc).zip(var.iter_mut()) {
+            *x = r - mean;
+            *v += *x * *x;
+        }
+    }
+    (var.iter().sum::<f32>() / d + eps).sqrt()
+}
+
+simd_dispatch!(
+    /// LayerNorm(Pre)'s first half: `x = r - mean(r)`; returns TL's `hook_scale`,
+    /// `sqrt(mean(x^2) + eps)`.
+    center_row = center_row_body(x: &mut [f32], r: &[f32], eps: f32) -> f32
+);
+
+#[inline(always)]
+fn scale_slice_body(x: &mut [f32], f: f32) {
+    x.iter_mut().for_each(|v| *v *= f);
+}
+
+simd_dispatch!(
+    /// `x *= f`.
+    scale_slice = scale_slice_body(x: &mut [f32], f: f32)
+);
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn three_variants_body(
+    l: &[f32],
+    n: &[f32],
+    o: &[f32],
+    inv: f32,
+    proj: &mut [f32],
+    perp: &mut [f32],
+    abl: &mut [f32],
+) {
+    let w = l.len();
+    let (n, o, proj, perp, abl) = (
+        &n[..w],
+        &o[..w],
+        &mut proj[..w],
+        &mut perp[..w],
+        &mut abl[..w],
+    );
+    for j in 0..w {
+        proj[j] = l[j] + (n[j] - o[j]) * inv; // keep only the projection: new - orig
+        perp[j] = l[j] - n[j] * inv; // keep only the perpendicular part: -new
+        abl[j] = l[j] - o[j] * inv; // remove the head's direct effect: -orig
+    }
+}
+
+simd_dispatch!(
+    /// projection_loss's three modified logit rows from the logits `l`, a head's `new @ W_U`
+    /// (`n`) and `orig @ W_U` (`o`), divided by the frozen final scale (`* inv`).
+    #[allow(clippy::too_many_arguments)]
+    three_variants = three_variants_body(
+        l: &[f32],
+        n: &[f32],
+        o: &[f32],
+        inv: f32,
+        proj: &mut [f32],
+        perp: &mut [f32],
+        abl: &mut [f32]
+    )
+);
 
 /// `log(sum(exp(x)))`, shifted by the max for stability.
 #[inline]

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::kernels;
 use crate::model::checkpoint::LayerNormParams;
-use crate::model::ops::gelu_new_one;
+use crate::kernels::gelu_new as gelu_new_one;
 use crate::model::{ModelConfig, Params};
 
 /// Vocabulary rows per block: bounds the MLP's activations to `ROWS x d_mlp` floats.

@@ -19,6 +19,14 @@ pub struct BenchArgs {
     /// Only the cases whose name contains this (e.g. `forward`, `10x30`).
     #[arg(long)]
     pub only: Option<String>,
+    /// Each case is the best of this many runs (the projection_loss sweeps run once).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Run `bench/transformer_lens_baseline.py` with this Python first (torch,
+    /// transformer_lens 3.x, transformers) and compare against what it writes: the PyTorch
+    /// figures and ours then come from one run, side by side on the same machine.
+    #[arg(long, conflicts_with = "baseline")]
+    pub python: Option<PathBuf>,
     /// Also write the cases as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -26,7 +34,27 @@ pub struct BenchArgs {
 
 pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
     let dir = args.dir.clone().unwrap_or_else(bench::default_dir);
-    let baseline: Option<bench::Baseline> = match &args.baseline {
+    let mut baseline_path = args.baseline.clone();
+    if let Some(py) = &args.python {
+        // Checkpoint and tokens first: the script reads the same files.
+        bench::prepare(&dir)?;
+        let out = dir.join("baseline.json");
+        let status = std::process::Command::new(py)
+            .arg("bench/transformer_lens_baseline.py")
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .map_err(|e| Error::Other(format!("{}: {e}", py.display())))?;
+        if !status.success() {
+            return Err(Error::Other(format!(
+                "bench/transformer_lens_baseline.py failed ({status})"
+            )));
+        }
+        baseline_path = Some(out);
+    }
+    let baseline: Option<bench::Baseline> = match &baseline_path {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
             Some(
@@ -36,7 +64,12 @@ pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
         }
         None => None,
     };
-    let cases = bench::run(&dir, args.batch_size.max(1), args.only.as_deref())?;
+    let cases = bench::run(
+        &dir,
+        args.batch_size.max(1),
+        args.only.as_deref(),
+        args.repeats,
+    )?;
     print!("{}", bench::table(&cases, baseline.as_ref()));
     if let Some(p) = &args.json {
         crate::output::write_json(p, &cases)?;

@@ -7,6 +7,7 @@
 //! through the metrics' goldens). Must not: know any particular metric's tables or options,
 //! run the model, or allocate more than their results.
 
+use ndarray::parallel::prelude::*;
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, ArrayView4};
 
 /// The host numeric kernels (owned by `crate::kernels`; re-exported here so a metric finds
@@ -75,11 +76,16 @@ pub fn source_coefficients(
         .view_mut()
         .into_shape_with_order((b * s, h))
         .expect("fresh array");
-    for n in 0..b * s {
-        for head in 0..h {
-            let gv = g.slice(s![n, head * dh..(head + 1) * dh]);
-            c_flat[[n, head]] = gv.dot(&v.slice(s![n, head, ..]));
-        }
-    }
+    // One token's heads per task, on every core.
+    c_flat
+        .axis_iter_mut(ndarray::Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(n, mut row)| {
+            for head in 0..h {
+                let gv = g.slice(s![n, head * dh..(head + 1) * dh]);
+                row[head] = gv.dot(&v.slice(s![n, head, ..]));
+            }
+        });
     c
 }

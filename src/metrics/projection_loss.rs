@@ -68,6 +68,126 @@ pub fn token_losses(
     out
 }
 
+/// Columns of the vocabulary handled at once by [`fused_token_losses`]: two `[S, CHUNK]`
+/// blocks stay in a core's L2 (S = 100: 400 KiB).
+const CHUNK: usize = 512;
+
+/// [`token_losses`] without the `[S, V]` logit changes: `new @ W_U = lhs @ rhs` and
+/// `orig @ W_U = z @ wou` are made `CHUNK` vocabulary columns at a time, straight into an
+/// online log-sum-exp per row and variant (a running max and sum), so what a head touches per
+/// sequence stays in cache instead of streaming two `[S, V]` matrices through memory.
+///
+/// `logits`: `[S, V]`; `lhs`: `[S, K]` and `rhs`: `[K, V]` (both row-major); `z`: `[S, dh]`
+/// (row stride `z_rs`), `wou`: `[dh, V]`. Single-threaded: callers run one per core.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_token_losses(
+    logits: ArrayView2<f32>,
+    lhs: ArrayView2<f32>,
+    rhs: ArrayView2<f32>,
+    z: ArrayView2<f32>,
+    wou: ArrayView2<f32>,
+    scale: ArrayView1<f32>,
+    tokens: ArrayView1<u32>,
+) -> Array2<f32> {
+    let (s, v) = logits.dim();
+    let rows = s.saturating_sub(1);
+    let mut out = Array2::<f32>::zeros((3, rows));
+    if rows == 0 {
+        return out;
+    }
+    let (k, dh) = (lhs.ncols(), z.ncols());
+    let logits = logits.as_standard_layout();
+    let lhs = lhs.as_standard_layout();
+    let rhs = rhs.as_standard_layout();
+    let wou = wou.as_standard_layout();
+    let (l, lhs_s, rhs_s, wou_s) = (
+        logits.as_slice().expect("standard layout"),
+        lhs.as_slice().expect("standard layout"),
+        rhs.as_slice().expect("standard layout"),
+        wou.as_slice().expect("standard layout"),
+    );
+    let z_rs = z.strides()[0];
+    assert_eq!(z.strides()[1], 1, "z rows are contiguous");
+    let inv: Vec<f32> = scale.iter().map(|x| 1.0 / x).collect();
+    let target: Vec<usize> = (0..rows).map(|q| tokens[q + 1] as usize).collect();
+    // Per row and variant: running max, running sum of exp(x - max), target logit.
+    let mut m = vec![[f32::NEG_INFINITY; 3]; rows];
+    let mut sum = vec![[0f64; 3]; rows];
+    let mut tgt = vec![[0f32; 3]; rows];
+    let chunk = CHUNK;
+    let mut new = vec![0f32; rows * chunk];
+    let mut orig = vec![0f32; rows * chunk];
+    let mut buf = [vec![0f32; chunk], vec![0f32; chunk], vec![0f32; chunk]];
+    for c0 in (0..v).step_by(chunk) {
+        let w = chunk.min(v - c0);
+        // SAFETY: every operand is addressed inside its slice ([rows, k] of lhs, [k, w]
+        // columns c0.. of rhs with row stride v, etc.); `new` and `orig` are unique here.
+        unsafe {
+            kernels::sgemm_strided(
+                rows,
+                k,
+                w,
+                kernels::MatPtr::row_major(lhs_s.as_ptr(), k),
+                kernels::MatPtr::row_major(rhs_s.as_ptr().add(c0), v),
+                new.as_mut_ptr(),
+                w as isize,
+                1,
+                false,
+                1.0,
+                kernels::Par::One,
+            );
+            kernels::sgemm_strided(
+                rows,
+                dh,
+                w,
+                kernels::MatPtr {
+                    ptr: z.as_ptr(),
+                    rs: z_rs,
+                    cs: 1,
+                },
+                kernels::MatPtr::row_major(wou_s.as_ptr().add(c0), v),
+                orig.as_mut_ptr(),
+                w as isize,
+                1,
+                false,
+                1.0,
+                kernels::Par::One,
+            );
+        }
+        for q in 0..rows {
+            let lq = &l[q * v + c0..q * v + c0 + w];
+            let (n, o) = (&new[q * w..(q + 1) * w], &orig[q * w..(q + 1) * w]);
+            let [proj, perp, abl] = &mut buf;
+            kernels::three_variants(lq, n, o, inv[q], proj, perp, abl);
+            let t = target[q];
+            for (x, b) in buf.iter().enumerate() {
+                let b = &b[..w];
+                if (c0..c0 + w).contains(&t) {
+                    tgt[q][x] = b[t - c0];
+                }
+                let cm = kernels::max(b);
+                if cm > m[q][x] {
+                    // Rescale what was summed under the old max.
+                    let old = m[q][x];
+                    sum[q][x] *= if old == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        ((old - cm) as f64).exp()
+                    };
+                    m[q][x] = cm;
+                }
+                sum[q][x] += kernels::sum_exp_shifted(b, m[q][x]);
+            }
+        }
+    }
+    for q in 0..rows {
+        for x in 0..3 {
+            out[[x, q]] = m[q][x] + sum[q][x].ln() as f32 - tgt[q][x];
+        }
+    }
+    out
+}
+
 /// Per-token losses `[3, B, S - 1]` for every selected head of one layer.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_losses(
@@ -93,12 +213,30 @@ pub fn layer_losses(
     let r_dot_u = source_coefficients(v, w_o, u_tok);
     let u_sq: Vec<f32> = u_tok.outer_iter().map(|u| u.dot(&u)).collect();
 
-    Ok(heads
-        .par_iter()
-        .map(|&h| {
-            let wou = kernels::matmul(w_o.index_axis(Axis(0), h), w_u); // [dh, V]
-            let mut out = Array3::<f32>::zeros((3, b, s.saturating_sub(1)));
-            for i in 0..b {
+    // W_O[h] @ W_U ([dh, V], 12 MiB for GPT-2) for a group of heads at once, as one
+    // [heads x dh, D] @ [D, V] matmul on all cores (a [dh, D] left side alone is too thin to
+    // keep the cores busy: W_U would stream through memory once per head); then every
+    // (head, sequence) pair of the group is one single-threaded task. Groups of 4 bound
+    // the [dh, V] matrices alive at once (48 MiB for GPT-2 small).
+    let group = 4.max(rayon::current_num_threads());
+    let (dh, d) = (w_o.dim().1, w_o.dim().2);
+    let mut per_task: Vec<((usize, usize), Array2<f32>)> = Vec::with_capacity(heads.len() * b);
+    for h0 in (0..heads.len()).step_by(group) {
+        let hs = h0..(h0 + group).min(heads.len());
+        let mut lhs = Array2::<f32>::zeros((hs.len() * dh, d));
+        for (j, &h) in heads[hs.clone()].iter().enumerate() {
+            lhs.slice_mut(s![j * dh..(j + 1) * dh, ..])
+                .assign(&w_o.index_axis(Axis(0), h));
+        }
+        let wou_all = kernels::matmul(lhs.view(), w_u);
+        let wous: Vec<ArrayView2<f32>> = (0..hs.len())
+            .map(|j| wou_all.slice(s![j * dh..(j + 1) * dh, ..]))
+            .collect();
+        let tasks: Vec<(usize, usize)> = hs.flat_map(|hi| (0..b).map(move |i| (hi, i))).collect();
+        let done: Vec<((usize, usize), Array2<f32>)> = tasks
+            .par_iter()
+            .map(|&(hi, i)| {
+                let h = heads[hi];
                 let mut a = pattern.slice(s![i, h, .., ..]).to_owned(); // [Q, K]
                 for k in 0..s {
                     let mut coef = r_dot_u[[i, k, h]] / u_sq[i * s + k];
@@ -109,26 +247,32 @@ pub fn layer_losses(
                 }
                 // new @ W_U: through the source rows of U_tok @ W_U (S·S·V) for sequences
                 // shorter than d_model, else through d_model space (S·S·D + S·D·V).
-                let new_u = match uu {
-                    Some(uu) => kernels::matmul(a.view(), uu.index_axis(Axis(0), i)),
+                let (lhs, rhs) = match uu {
+                    Some(uu) => (a, uu.index_axis(Axis(0), i)),
                     None => {
                         let rows = u_tok.slice(s![i * s..(i + 1) * s, ..]);
-                        kernels::matmul(kernels::matmul(a.view(), rows).view(), w_u)
+                        (kernels::matmul_par(a.view(), rows, kernels::Par::One), w_u)
                     }
                 };
-                let orig_u = kernels::matmul(z.slice(s![i, .., h, ..]), wou.view());
-                let l = token_losses(
+                let l = fused_token_losses(
                     logits.index_axis(Axis(0), i),
-                    orig_u.view(),
-                    new_u.view(),
+                    lhs.view(),
+                    rhs,
+                    z.slice(s![i, .., h, ..]),
+                    wous[hi - h0],
                     scale.row(i),
                     batch.tokens.row(i),
                 );
-                out.slice_mut(s![.., i, ..]).assign(&l);
-            }
-            out
-        })
-        .collect())
+                ((hi, i), l)
+            })
+            .collect();
+        per_task.extend(done);
+    }
+    let mut outs = vec![Array3::<f32>::zeros((3, b, s.saturating_sub(1))); heads.len()];
+    for ((hi, i), l) in per_task {
+        outs[hi].slice_mut(s![.., i, ..]).assign(&l);
+    }
+    Ok(outs)
 }
 
 /// Sums for one head over a dataset: [orig, proj, perp, ablation] x [all, no padding].
@@ -303,5 +447,49 @@ impl Metric for ProjectionLoss {
         self.n_all += *n_all as usize;
         self.n_nopad += *n_nopad as usize;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunked kernel with its online log-sum-exp equals the plain one over a vocabulary
+    /// that spans several chunks (the goldens' vocabularies fit in one), the max moving
+    /// between chunks.
+    #[test]
+    fn fused_losses_match_plain_losses_across_chunks() {
+        let (s, v, k, dh) = (7, 3 * CHUNK + 37, 5, 4);
+        let f = |i: usize, a: f32| (i as f32 * a).sin() * 3.0;
+        let logits = Array2::from_shape_fn((s, v), |(q, j)| f(q * v + j, 0.37) + j as f32 * 1e-3);
+        let lhs = Array2::from_shape_fn((s, k), |(q, j)| f(q * k + j, 1.3));
+        let rhs = Array2::from_shape_fn((k, v), |(q, j)| f(q * v + j, 0.71));
+        let z = Array2::from_shape_fn((s, dh), |(q, j)| f(q * dh + j, 2.1));
+        let wou = Array2::from_shape_fn((dh, v), |(q, j)| f(q * v + j, 0.19));
+        let scale = ndarray::Array1::from_shape_fn(s, |q| 0.5 + q as f32 * 0.1);
+        let tokens = ndarray::Array1::from_shape_fn(s, |q| ((q * 977) % v) as u32);
+        let want = token_losses(
+            logits.view(),
+            z.dot(&wou).view(),
+            lhs.dot(&rhs).view(),
+            scale.view(),
+            tokens.view(),
+        );
+        let got = fused_token_losses(
+            logits.view(),
+            lhs.view(),
+            rhs.view(),
+            z.view(),
+            wou.view(),
+            scale.view(),
+            tokens.view(),
+        );
+        for (a, b) in got.iter().zip(want.iter()) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        assert!(
+            want.iter().any(|&x| x > 1.0),
+            "a test whose losses are all ~0 cannot fail"
+        );
     }
 }

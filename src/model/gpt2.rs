@@ -13,6 +13,7 @@ use ndarray::{Array2, ArrayD};
 
 use super::checkpoint::{LayerNormParams, Params, W1, W2, W3};
 use super::config::ModelConfig;
+use super::host::HostModel;
 use super::ops::{self, Linear, T1, T2, T3, T4};
 use crate::error::{Error, Result};
 use crate::hooks::{block_hook, Hooks, LOGITS};
@@ -49,9 +50,25 @@ struct Block<D: Device<f32>> {
 }
 
 /// A GPT-2 on device `D`, ready to run with hooks.
+///
+/// On the CPU the pass runs on host buffers ([`super::host`]: the weights are the shared
+/// host parameters, nothing crosses the dfdx seam); on any other device, or when built with
+/// [`Self::new_generic`], it runs as dfdx tensor ops ([`super::ops`]).
 pub struct HookedGpt2<D: Device<f32>> {
     pub cfg: ModelConfig,
     dev: D,
+    backend: Backend<D>,
+}
+
+// One of the two lives for the model's whole life: their sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Backend<D: Device<f32>> {
+    Host(HostModel),
+    Tensors(TensorWeights<D>),
+}
+
+/// The parameters as dfdx tensors on the device.
+struct TensorWeights<D: Device<f32>> {
     /// `embed.W_E` `[d_vocab, d_model]`.
     w_e: T2<D>,
     /// `pos_embed.W_pos` `[n_ctx, d_model]`.
@@ -69,8 +86,23 @@ pub struct ForwardOutput<D: Device<f32>> {
 }
 
 impl<D: Device<f32> + 'static> HookedGpt2<D> {
-    /// Uploads processed host parameters to `dev`.
+    /// The model on `dev`: host kernels on the CPU (sharing `p`'s buffers), dfdx tensors
+    /// (uploaded from `p`) elsewhere.
     pub fn new(dev: D, cfg: ModelConfig, p: &Params) -> Result<Self> {
+        if (&dev as &dyn std::any::Any).is::<Cpu>() {
+            let host = HostModel::new(&cfg, p);
+            return Ok(HookedGpt2 {
+                backend: Backend::Host(host),
+                cfg,
+                dev,
+            });
+        }
+        Self::new_generic(dev, cfg, p)
+    }
+
+    /// The model as dfdx tensor ops on any device, the CPU included: the code path CUDA
+    /// runs, which the tests check on the CPU against the same goldens.
+    pub fn new_generic(dev: D, cfg: ModelConfig, p: &Params) -> Result<Self> {
         let (d, h, dh) = (cfg.d_model, cfg.n_heads, cfg.d_head);
         let up1 = |a: &W1| ops::upload(&dev, &a.view().into_dyn().to_owned(), (a.len(),));
         let up2 = |a: &W2| {
@@ -87,8 +119,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 })
                 .transpose()
         };
-        // `clone` of a shared array is a reference count, not a copy.
-        let linear = |w: &W2, b: &W1| Linear::new(&dev, w.clone(), b.clone());
+        let linear = |w: &W2, b: &W1| Linear::new(&dev, w, b);
         // TL's [n_heads, d_model, d_head] -> [d_model, n_heads * d_head] (a copy), bias
         // [n_heads * d_head].
         let heads_in = |w: &W3, b: &W2| {
@@ -104,7 +135,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 .clone()
                 .into_shape_with_order(h * dh)
                 .expect("heads x d_head");
-            Linear::new(&dev, w.into_shared(), b)
+            Linear::new(&dev, &w.into_shared(), &b)
         };
         let mut blocks = Vec::with_capacity(p.blocks.len());
         for b in &p.blocks {
@@ -121,7 +152,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                     q: heads_in(&a.w_q, &a.b_q)?,
                     k: heads_in(&a.w_k, &a.b_k)?,
                     v: heads_in(&a.w_v, &a.b_v)?,
-                    o: Linear::new(&dev, w_o, a.b_o.clone())?,
+                    o: Linear::new(&dev, &w_o, &a.b_o)?,
                     w_o_heads: ops::upload(&dev, &a.w_o.view().into_dyn().to_owned(), (h, dh, d))?,
                 },
                 ln2: ln(&b.ln2)?,
@@ -131,12 +162,15 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 },
             });
         }
-        Ok(HookedGpt2 {
+        let weights = TensorWeights {
             w_e: up2(&p.w_e)?,
             w_pos: up2(&p.w_pos)?,
             ln_final: ln(&p.ln_final)?,
             unembed: linear(&p.w_u, &p.b_u)?,
             blocks,
+        };
+        Ok(HookedGpt2 {
+            backend: Backend::Tensors(weights),
             cfg,
             dev,
         })
@@ -220,7 +254,25 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
 
     /// The forward pass over `tokens` `[batch, seq]`, visiting every hook point.
     pub fn forward(&self, tokens: &Array2<u32>, hooks: &mut Hooks) -> Result<ForwardOutput<D>> {
-        let logits = self.run(tokens, hooks, true)?.expect("asked for logits");
+        let logits = match &self.backend {
+            Backend::Host(host) => {
+                self.check_tokens(tokens)?;
+                let (b, s) = tokens.dim();
+                let v = host
+                    .run(tokens, hooks, true, true)?
+                    .expect("asked for logits");
+                let cpu = (&self.dev as &dyn std::any::Any)
+                    .downcast_ref::<Cpu>()
+                    .ok_or_else(|| Error::Other("host backend on a non-CPU device".into()))?;
+                let t = cpu.tensor_from_vec(v, (b, s, self.cfg.d_vocab));
+                // Moves the buffer (no copy): D is Cpu whenever the backend is Host.
+                let boxed: Box<dyn std::any::Any> = Box::new(t);
+                *boxed
+                    .downcast::<T3<D>>()
+                    .map_err(|_| Error::Other("host backend on a non-CPU device".into()))?
+            }
+            Backend::Tensors(w) => self.run(w, tokens, hooks, true)?.expect("asked for logits"),
+        };
         Ok(ForwardOutput { logits })
     }
 
@@ -229,32 +281,44 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
     /// unless `logits` is cached or written.
     pub fn run_hooks(&self, tokens: &Array2<u32>, hooks: &mut Hooks) -> Result<()> {
         let logits = hooks.touches(LOGITS);
-        self.run(tokens, hooks, logits).map(|_| ())
+        match &self.backend {
+            Backend::Host(host) => {
+                self.check_tokens(tokens)?;
+                host.run(tokens, hooks, logits, false).map(|_| ())
+            }
+            Backend::Tensors(w) => self.run(w, tokens, hooks, logits).map(|_| ()),
+        }
     }
 
-    fn run(&self, tokens: &Array2<u32>, hooks: &mut Hooks, logits: bool) -> Result<Option<T3<D>>> {
+    fn run(
+        &self,
+        w: &TensorWeights<D>,
+        tokens: &Array2<u32>,
+        hooks: &mut Hooks,
+        logits: bool,
+    ) -> Result<Option<T3<D>>> {
         self.check_tokens(tokens)?;
         let (b, s) = tokens.dim();
         let d = self.cfg.d_model;
         let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
         let ids: Tensor<(usize, usize), usize, D> = self.dev.tensor_from_vec(ids, (b, s));
 
-        let embed: T3<D> = self.w_e.clone().gather(ids);
+        let embed: T3<D> = w.w_e.clone().gather(ids);
         let embed = self.point(hooks, "hook_embed", embed)?;
-        let pos: T2<D> = self.w_pos.clone().slice((0..s, ..)).realize();
+        let pos: T2<D> = w.w_pos.clone().slice((0..s, ..)).realize();
         let pos: T3<D> = pos.broadcast_like::<_, Axis<0>>(&(b, s, d));
         let pos = self.point(hooks, "hook_pos_embed", pos)?;
         let mut resid = embed + pos;
 
-        for (l, block) in self.blocks.iter().enumerate() {
+        for (l, block) in w.blocks.iter().enumerate() {
             resid = self.block(hooks, l, block, resid)?;
         }
 
-        let x = self.layer_norm(hooks, "ln_final", resid, self.ln_final.as_ref())?;
+        let x = self.layer_norm(hooks, "ln_final", resid, w.ln_final.as_ref())?;
         if !logits {
             return Ok(None);
         }
-        let logits = ops::linear(x, &self.unembed);
+        let logits = ops::linear(x, &w.unembed);
         Ok(Some(self.point(hooks, LOGITS, logits)?))
     }
 
@@ -337,6 +401,15 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         tokens: &Array2<u32>,
         hooks: &mut Hooks,
     ) -> Result<ndarray::Array3<f32>> {
+        if let Backend::Host(host) = &self.backend {
+            self.check_tokens(tokens)?;
+            let (b, s) = tokens.dim();
+            let v = host
+                .run(tokens, hooks, true, true)?
+                .expect("asked for logits");
+            return Ok(ndarray::Array3::from_shape_vec((b, s, self.cfg.d_vocab), v)
+                .expect("b * s * d_vocab values"));
+        }
         let out = self.forward(tokens, hooks)?;
         let host: ArrayD<f32> = ops::download(&out.logits);
         Ok(host.into_dimensionality().expect("logits are 3-d"))

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod gpt2;
+mod host;
 pub mod hub;
 pub mod ops;
 pub mod process;

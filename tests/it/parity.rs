@@ -6,7 +6,7 @@
 use crate::common::*;
 use dfdx::prelude::{Cpu, Device};
 use hookgraph::hooks::{HookFilter, Hooks};
-use hookgraph::model::{self, CheckpointFiles, Processing};
+use hookgraph::model::{self, CheckpointFiles, HookedGpt2, Processing};
 
 fn check(ckpt: &str, golden: &str, tokens: &str, processing: Processing) {
     check_on(Cpu::default(), ckpt, golden, tokens, processing)
@@ -37,29 +37,52 @@ pub fn check_on<D: Device<f32>>(
     let n_weights = gold.keys().filter(|k| k.starts_with("weights.")).count();
     assert_eq!(named.len(), n_weights, "weights we have vs TL has");
 
-    // Every hook point TL cached, from one pass.
-    let mut hooks =
-        Hooks::caching(HookFilter::checked(&["*".to_string()], loaded.cfg().n_layers).unwrap());
-    let logits = loaded.model.logits_host(&toks, &mut hooks).unwrap();
-    let cache = hooks.take_cache();
-    let mut compared = 0;
-    for (name, g) in gold.iter().filter(|(k, _)| k.contains("hook_")) {
-        assert_close(name, cache.get(name).unwrap(), g, RTOL, ATOL);
-        compared += 1;
+    // Every hook point TL cached, from one pass: with the device's own kernels (on the CPU
+    // the host kernels a run uses) and on the device-generic dfdx tensor path (what CUDA
+    // runs; on the CPU only these tests take it).
+    let generic = HookedGpt2::new_generic(
+        loaded.model.device().clone(),
+        loaded.cfg().clone(),
+        &loaded.params,
+    )
+    .unwrap();
+    for (path, model) in [("host", &loaded.model), ("dfdx", &generic)] {
+        let mut hooks =
+            Hooks::caching(HookFilter::checked(&["*".to_string()], loaded.cfg().n_layers).unwrap());
+        let logits = model.logits_host(&toks, &mut hooks).unwrap();
+        let cache = hooks.take_cache();
+        let mut compared = 0;
+        for (name, g) in gold.iter().filter(|(k, _)| k.contains("hook_")) {
+            assert_close(
+                &format!("{path} {name}"),
+                cache.get(name).unwrap(),
+                g,
+                RTOL,
+                ATOL,
+            );
+            compared += 1;
+        }
+        assert!(
+            compared >= 2 + 18 * loaded.cfg().n_layers,
+            "only {compared} hook points compared"
+        );
+        assert_close(
+            &format!("{path} logits"),
+            &logits.clone().into_dyn(),
+            &gold["logits"],
+            RTOL,
+            ATOL,
+        );
+        assert_close(
+            &format!("{path} cached logits"),
+            cache.get("logits").unwrap(),
+            &gold["logits"],
+            RTOL,
+            ATOL,
+        );
+        let loss = model::per_token_loss(logits.view(), toks.view());
+        assert_close("loss", &loss.into_dyn(), &gold["loss"], RTOL, ATOL);
     }
-    assert!(
-        compared >= 2 + 18 * loaded.cfg().n_layers,
-        "only {compared} hook points compared"
-    );
-    assert_close(
-        "logits",
-        &logits.clone().into_dyn(),
-        &gold["logits"],
-        RTOL,
-        ATOL,
-    );
-    let loss = model::per_token_loss(logits.view(), toks.view());
-    assert_close("loss", &loss.into_dyn(), &gold["loss"], RTOL, ATOL);
 }
 
 #[test]
