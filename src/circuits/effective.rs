@@ -14,8 +14,8 @@ use ndarray::{s, Array2, ArrayView2, Axis, Zip};
 use rayon::prelude::*;
 
 use crate::kernels;
-use crate::model::checkpoint::LayerNormParams;
 use crate::kernels::gelu_new as gelu_new_one;
+use crate::model::checkpoint::LayerNormParams;
 use crate::model::{ModelConfig, Params};
 
 /// Vocabulary rows per block: bounds the MLP's activations to `ROWS x d_mlp` floats.
