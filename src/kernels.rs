@@ -9,7 +9,7 @@
 //! The crate is built for baseline x86-64 (SSE2), so a plain loop here would run 4 lanes
 //! wide. Each element-wise kernel is therefore written once as an `#[inline(always)]` body
 //! and compiled again inside `#[target_feature]` copies (AVX-512, AVX2+FMA) that
-//! [`simd_dispatch`] picks at run time: 16 lanes where the processor has them, the same
+//! `simd_dispatch!` picks at run time: 16 lanes where the processor has them, the same
 //! binary everywhere (no `-C target-cpu` in the two set-up commands).
 
 /// Defines `pub fn $name(args) -> ret` that runs `$body_fn(args)` compiled for AVX-512 or

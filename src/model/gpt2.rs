@@ -51,7 +51,7 @@ struct Block<D: Device<f32>> {
 
 /// A GPT-2 on device `D`, ready to run with hooks.
 ///
-/// On the CPU the pass runs on host buffers ([`super::host`]: the weights are the shared
+/// On the CPU the pass runs on host buffers (`model::host`: the weights are the shared
 /// host parameters, nothing crosses the dfdx seam); on any other device, or when built with
 /// [`Self::new_generic`], it runs as dfdx tensor ops ([`super::ops`]).
 pub struct HookedGpt2<D: Device<f32>> {

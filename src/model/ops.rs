@@ -7,7 +7,7 @@
 //!
 //! This is the device-generic path (CUDA's, and the CPU's in the tests that check it against
 //! the goldens). A normal CPU run does not come here: it runs on host buffers in
-//! [`super::host`], so no op here asks which device it is on.
+//! `model::host`, so no op here asks which device it is on.
 
 use dfdx::prelude::*;
 use ndarray::{ArrayD, IxDyn};
