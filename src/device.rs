@@ -5,7 +5,8 @@
 //! cache` write their work once, generic over the device ([`OnDevice`]). Must not: know what
 //! the work is.
 
-use dfdx::prelude::{Cpu, Device};
+use crate::seam::SeamDevice;
+use dfdx::prelude::Cpu;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -80,7 +81,7 @@ impl DeviceChoice {
 /// it (a closure cannot be generic, hence a trait).
 pub trait OnDevice {
     type Output;
-    fn run<D: Device<f32>>(self, dev: D) -> Result<Self::Output>;
+    fn run<D: SeamDevice>(self, dev: D) -> Result<Self::Output>;
 }
 
 /// Starts the device `kind` names and runs `work` on it.

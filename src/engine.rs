@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
@@ -300,7 +300,7 @@ pub struct LoopOptions<'a> {
 }
 
 /// The model, what every metric may read, and the cache filter: the same for a whole run.
-pub struct Engine<'a, D: Device<f32>> {
+pub struct Engine<'a, D: SeamDevice> {
     model: &'a HookedGpt2<D>,
     ctx: &'a RunContext<'a>,
     hook_points: Vec<String>,
@@ -308,7 +308,7 @@ pub struct Engine<'a, D: Device<f32>> {
     batch_size: usize,
 }
 
-impl<'a, D: Device<f32>> Engine<'a, D> {
+impl<'a, D: SeamDevice> Engine<'a, D> {
     /// An engine caching the union of what `metrics` read (checked against the model).
     pub fn new(
         model: &'a HookedGpt2<D>,
@@ -409,7 +409,7 @@ impl<'a, D: Device<f32>> Engine<'a, D> {
 /// Runs one metric over a whole dataset in batches of `batch_size` and returns its tables,
 /// or its first error as raised (the bench and tests, where a failure is an error). The
 /// metric is lent, so a caller can run it again.
-pub fn run_metric<D: Device<f32>>(
+pub fn run_metric<D: SeamDevice>(
     model: &HookedGpt2<D>,
     ctx: &RunContext,
     metric: &mut dyn Metric,

@@ -13,11 +13,13 @@
 //! again here.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
+use crate::seam::{self, DeviceParams, DeviceStore, DeviceTensor, Op, SeamDevice};
 
 /// Per-layer hook points, in forward order, relative to `blocks.L.`.
 pub const BLOCK_HOOKS: &[&str] = &[
@@ -134,41 +136,101 @@ impl HookFilter {
     }
 }
 
-/// Activations kept by a forward pass, by TL hook name, on the host as `f32` arrays in
-/// TransformerLens's shapes (e.g. `hook_pattern` is `[batch, head, query, key]`).
-#[derive(Debug, Default, Clone)]
+/// Activations kept by a forward pass, by TL hook name, in TransformerLens's shapes (e.g.
+/// `hook_pattern` is `[batch, head, query, key]`): host `f32` arrays when the pass ran on
+/// host kernels, device tensors ([`DeviceStore`]) when it ran as dfdx tensor ops. Readers
+/// on the host ([`Self::get`]) work either way (a device activation is copied once, on
+/// first use); the built-in metrics run their math where the activations are ([`Self::run`]).
+#[derive(Default)]
 pub struct ActivationCache {
     map: BTreeMap<String, ArrayD<f32>>,
+    device: Option<DeviceStore>,
+}
+
+impl std::fmt::Debug for ActivationCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivationCache")
+            .field("names", &self.names())
+            .field("on_device", &self.device.is_some())
+            .finish()
+    }
 }
 
 impl ActivationCache {
-    /// The activation at `name`, or an error naming the missing point.
+    /// The activation at `name` on the host, or an error naming the missing point.
     pub fn get(&self, name: &str) -> Result<&ArrayD<f32>> {
-        self.map.get(name).ok_or_else(|| Error::Hook {
-            name: name.to_string(),
-            msg: "not in the cache (was it requested?)".into(),
-        })
+        if let Some(a) = self.map.get(name) {
+            return Ok(a);
+        }
+        match &self.device {
+            Some(d) if d.contains(name) => d.host(name),
+            _ => Err(seam::missing(name)),
+        }
+    }
+
+    /// Runs `op` where the activations are: its host body on host buffers, its device body
+    /// on a device's (see [`crate::seam::Op`]).
+    pub fn run<O: Op + ?Sized>(&self, op: &O) -> Result<O::Output> {
+        match &self.device {
+            Some(d) => d.run(op),
+            None => op.host(),
+        }
     }
 
     pub fn insert(&mut self, name: String, value: ArrayD<f32>) {
         self.map.insert(name, value);
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.map.contains_key(name)
+    /// Keeps a device tensor under `name` (no copy: the buffer is shared).
+    pub fn insert_device<D: SeamDevice>(
+        &mut self,
+        dev: &D,
+        params: &Arc<DeviceParams<D>>,
+        name: String,
+        value: DeviceTensor<D>,
+    ) {
+        D::acts(&mut self.device, dev, params).insert(name, value);
     }
 
-    /// Names and activations, sorted by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &ArrayD<f32>)> {
-        self.map.iter()
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name) || self.device.as_ref().is_some_and(|d| d.contains(name))
+    }
+
+    /// The names cached, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.map.keys().cloned().collect();
+        if let Some(d) = &self.device {
+            out.extend(d.names());
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Names and host activations, sorted by name (device activations are copied).
+    pub fn iter(&self) -> impl Iterator<Item = (String, &ArrayD<f32>)> {
+        self.names().into_iter().map(move |n| {
+            let a = self.get(&n).expect("listed by names()");
+            (n, a)
+        })
+    }
+
+    /// Whether the activations are on a device (the pass ran as dfdx tensor ops).
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// How many device activations were copied to the host (0 for a host cache).
+    pub fn downloads(&self) -> usize {
+        self.device.as_ref().map_or(0, DeviceStore::downloads)
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.names().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 }
 
@@ -255,8 +317,9 @@ impl Hooks {
         Ok(())
     }
 
-    /// Applies the writer at `name`, which must keep the shape.
-    fn rewrite(&mut self, name: &str, value: &mut ArrayD<f32>) -> Result<()> {
+    /// Applies the writer at `name` (which must keep the shape) to a host copy: the
+    /// device path's write hooks (a device activation comes to the host only to be written).
+    pub fn rewrite(&mut self, name: &str, value: &mut ArrayD<f32>) -> Result<()> {
         let w = self.writers.get_mut(name).expect("checked by the caller");
         let shape = value.shape().to_vec();
         w(value);

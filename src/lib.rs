@@ -25,6 +25,7 @@ pub mod model;
 pub mod output;
 pub mod report;
 pub mod runner;
+pub mod seam;
 pub mod shard;
 pub mod spec;
 pub mod tokenizer;

@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use dfdx::prelude::{Cpu, Device};
+use crate::seam::SeamDevice;
+use dfdx::prelude::Cpu;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -112,13 +113,13 @@ struct Run<'a> {
 
 impl OnDevice for Run<'_> {
     type Output = RunReport;
-    fn run<D: Device<f32>>(self, dev: D) -> Result<RunReport> {
+    fn run<D: SeamDevice>(self, dev: D) -> Result<RunReport> {
         run_on(dev, self.kind, self.spec, self.opts)
     }
 }
 
 /// Everything a run prepares before its first forward pass; `validate` stops here.
-pub(crate) struct Prepared<D: Device<f32>> {
+pub(crate) struct Prepared<D: SeamDevice> {
     pub loaded: LoadedModel<D>,
     pub heads: Vec<(usize, usize)>,
     pub datasets: Vec<Dataset>,
@@ -138,7 +139,7 @@ pub(crate) struct WeightEntry {
     tables: Vec<String>,
 }
 
-pub(crate) fn prepare<D: Device<f32>>(
+pub(crate) fn prepare<D: SeamDevice>(
     dev: D,
     spec: &LoadedSpec,
     quiet: bool,
@@ -436,7 +437,7 @@ struct Manifest<'a> {
     merged_shards: Option<usize>,
 }
 
-fn run_on<D: Device<f32>>(
+fn run_on<D: SeamDevice>(
     dev: D,
     kind: DeviceKind,
     spec: &LoadedSpec,
@@ -674,7 +675,7 @@ impl Computed {
 }
 
 /// What the write phase needs besides the computed tables.
-pub struct WriteInput<'a, D: Device<f32>> {
+pub struct WriteInput<'a, D: SeamDevice> {
     pub spec: &'a LoadedSpec,
     pub out_dir: PathBuf,
     pub kind: DeviceKind,
@@ -693,7 +694,7 @@ pub struct WriteInput<'a, D: Device<f32>> {
 
 /// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
 /// both end here, so they write the same files.
-pub fn write_results<D: Device<f32>>(
+pub fn write_results<D: SeamDevice>(
     w: &WriteInput<D>,
     metrics: &mut MetricSet,
     computed: Computed,

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 use ndarray::{Array2, ArrayD};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -190,7 +190,7 @@ struct CacheRun<'a> {
 
 impl OnDevice for CacheRun<'_> {
     type Output = (Array2<u32>, ActivationCache);
-    fn run<D: Device<f32>>(self, dev: D) -> Result<Self::Output> {
+    fn run<D: SeamDevice>(self, dev: D) -> Result<Self::Output> {
         run_on(
             dev,
             self.files,
@@ -203,7 +203,7 @@ impl OnDevice for CacheRun<'_> {
 }
 
 /// Loads the model on `dev`, tokenizes prompts if needed, and runs one forward pass.
-fn run_on<D: Device<f32>>(
+fn run_on<D: SeamDevice>(
     dev: D,
     files: CheckpointFiles,
     processing: Processing,

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 
 use crate::device::{with_device, DeviceChoice, OnDevice};
 use crate::error::{Error, Result};
@@ -51,12 +51,12 @@ struct Prompt<'a>(&'a PromptArgs);
 
 impl OnDevice for Prompt<'_> {
     type Output = ExitCode;
-    fn run<D: Device<f32>>(self, dev: D) -> Result<ExitCode> {
+    fn run<D: SeamDevice>(self, dev: D) -> Result<ExitCode> {
         prompt_on(dev, self.0)
     }
 }
 
-fn prompt_on<D: Device<f32>>(dev: D, args: &PromptArgs) -> Result<ExitCode> {
+fn prompt_on<D: SeamDevice>(dev: D, args: &PromptArgs) -> Result<ExitCode> {
     let files = ModelSource::parse(&args.model).resolve()?;
     // TL's `from_pretrained` defaults, so logits print as TL prints them.
     let loaded = model::load(dev, files, Processing::ALL, args.tokenizer.as_deref())?;

@@ -35,9 +35,8 @@ impl Metric for Loss {
     }
 
     fn batch(&mut self, _ctx: &RunContext, batch: &BatchView) -> Result<()> {
-        let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
         let tokens = batch.tokens;
-        let loss = super::ops::per_token_loss(logits, tokens);
+        let loss = batch.cache.run(&super::ops::PerTokenLoss(batch))?;
         for ((i, q), &l) in loss.indexed_iter() {
             let seq = batch.start + i;
             let pad = batch.dataset.is_pad(seq, q + 1);

@@ -13,6 +13,7 @@
 //! dataset, and a spec with only such metrics needs no dataset.
 
 pub mod circuits;
+pub mod device;
 pub mod loss;
 pub mod ops;
 pub mod plugin;

@@ -44,6 +44,26 @@ pub fn per_token_loss(
     Array2::from_shape_vec((b, s.saturating_sub(1)), losses).expect("b * (s - 1) losses")
 }
 
+/// The per-token loss of a batch's cached logits, `[batch, seq - 1]`, computed where the
+/// logits are (the op `loss` and `projection_loss` share).
+pub struct PerTokenLoss<'a, 'b>(pub &'a super::BatchView<'b>);
+
+impl crate::seam::Op for PerTokenLoss<'_, '_> {
+    type Output = Array2<f32>;
+
+    fn host(&self) -> crate::Result<Array2<f32>> {
+        let logits = self.0.activation::<ndarray::Ix3>(crate::hooks::LOGITS)?;
+        Ok(per_token_loss(logits, self.0.tokens))
+    }
+
+    fn device<D: dfdx::prelude::Device<f32>>(
+        &self,
+        acts: &crate::seam::DeviceActs<D>,
+    ) -> crate::Result<Array2<f32>> {
+        super::device::per_token_loss(acts, self.0.tokens)
+    }
+}
+
 /// Rows of `W_U` columns for each token: `[N, d_model]` with `N = tokens.len()`.
 pub fn unembed_rows(w_u: ArrayView2<f32>, tokens: ArrayView2<u32>) -> Array2<f32> {
     let d = w_u.nrows();

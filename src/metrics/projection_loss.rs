@@ -20,12 +20,15 @@
 use ndarray::{s, Array2, Array3, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use super::ops::{kernels, per_token_loss, source_coefficients, unembed_rows};
+use super::device;
+use super::ops::{kernels, source_coefficients, unembed_rows, PerTokenLoss};
 use super::state::{Array, State};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::hooks::{block_hook, LOGITS};
+use crate::seam::{DeviceActs, Op};
+use dfdx::prelude::Device;
 use crate::output::{Table, Value};
 
 /// The three interventions, in this order everywhere.
@@ -204,7 +207,8 @@ pub fn layer_losses(
     let pattern = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_pattern"))?;
     let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
     let scale = batch.final_scale()?;
-    let (b, s) = batch.tokens.dim();
+    let tokens = batch.tokens;
+    let (b, s) = tokens.dim();
     let w_o = ctx.params.blocks[layer].attn.w_o.view();
     let w_u = ctx.params.w_u.view();
 
@@ -261,7 +265,7 @@ pub fn layer_losses(
                     z.slice(s![i, .., h, ..]),
                     wous[hi - h0],
                     scale.row(i),
-                    batch.tokens.row(i),
+                    tokens.row(i),
                 );
                 ((hi, i), l)
             })
@@ -273,6 +277,55 @@ pub fn layer_losses(
         outs[hi].slice_mut(s![.., i, ..]).assign(&l);
     }
     Ok(outs)
+}
+
+/// One batch's per-token losses, computed where the activations are: the unmodified loss
+/// `[B, S - 1]` and, per selected head (in `ctx.heads` order), `[3, B, S - 1]`.
+struct Losses<'a, 'c, 'b> {
+    ctx: &'a RunContext<'c>,
+    batch: &'a BatchView<'b>,
+    only_negative: bool,
+}
+
+impl Op for Losses<'_, '_, '_> {
+    type Output = (Array2<f32>, Vec<Array3<f32>>);
+
+    fn host(&self) -> Result<Self::Output> {
+        let (ctx, batch) = (self.ctx, self.batch);
+        let (b, s) = batch.tokens.dim();
+        let orig = PerTokenLoss(batch).host()?;
+        let u_tok = unembed_rows(ctx.params.w_u.view(), batch.tokens);
+        // U_tok @ W_U per sequence: [B, S, V], shared by every head of every layer; only
+        // worth it (and only made) while sequences are shorter than d_model.
+        let v = ctx.params.w_u.ncols();
+        let uu = (s < ctx.cfg.d_model).then(|| {
+            kernels::matmul(u_tok.view(), ctx.params.w_u.view())
+                .into_shape_with_order((b, s, v))
+                .expect("[B*S, V] -> [B, S, V]")
+        });
+        let mut out = Vec::with_capacity(ctx.heads.len());
+        for (layer, heads) in ctx.heads_by_layer() {
+            out.extend(layer_losses(
+                ctx,
+                layer,
+                &heads,
+                batch,
+                u_tok.view(),
+                uu.as_ref(),
+                self.only_negative,
+            )?);
+        }
+        Ok((orig, out))
+    }
+
+    fn device<D: Device<f32>>(&self, acts: &DeviceActs<D>) -> Result<Self::Output> {
+        device::projection_losses(
+            acts,
+            &self.ctx.heads_by_layer(),
+            self.batch.tokens,
+            self.only_negative,
+        )
+    }
 }
 
 /// Sums for one head over a dataset: [orig, proj, perp, ablation] x [all, no padding].
@@ -328,24 +381,18 @@ impl Metric for ProjectionLoss {
 
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
         let (b, s) = batch.tokens.dim();
-        let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
-        let orig = per_token_loss(logits, batch.tokens);
+        let op = Losses {
+            ctx,
+            batch,
+            only_negative: self.only_negative,
+        };
+        let (orig, losses) = batch.cache.run(&op)?;
         // A position counts as "no padding" when the token it predicts is real.
         let real = |i: usize, q: usize| !batch.dataset.is_pad(batch.start + i, q + 1);
         self.n_all += b * s.saturating_sub(1);
         self.n_nopad += (0..b)
             .map(|i| (0..s.saturating_sub(1)).filter(|&q| real(i, q)).count())
             .sum::<usize>();
-
-        let u_tok = unembed_rows(ctx.params.w_u.view(), batch.tokens);
-        // U_tok @ W_U per sequence: [B, S, V], shared by every head of every layer; only
-        // worth it (and only made) while sequences are shorter than d_model.
-        let v = ctx.params.w_u.ncols();
-        let uu = (s < ctx.cfg.d_model).then(|| {
-            kernels::matmul(u_tok.view(), ctx.params.w_u.view())
-                .into_shape_with_order((b, s, v))
-                .expect("[B*S, V] -> [B, S, V]")
-        });
         let orig_sum = |all: bool| -> f64 {
             let mut t = 0.0;
             for ((i, q), &x) in orig.indexed_iter() {
@@ -356,31 +403,16 @@ impl Metric for ProjectionLoss {
             t
         };
         let (orig_all, orig_nopad) = (orig_sum(true), orig_sum(false));
-
-        let mut head_idx = 0;
-        for (layer, heads) in ctx.heads_by_layer() {
-            let losses = layer_losses(
-                ctx,
-                layer,
-                &heads,
-                batch,
-                u_tok.view(),
-                uu.as_ref(),
-                self.only_negative,
-            )?;
-            for l in losses {
-                let st = &mut self.heads[head_idx];
-                st.all[0] += orig_all;
-                st.nopad[0] += orig_nopad;
-                for k in 0..3 {
-                    for ((i, q), &x) in l.index_axis(Axis(0), k).indexed_iter() {
-                        st.all[k + 1] += x as f64;
-                        if real(i, q) {
-                            st.nopad[k + 1] += x as f64;
-                        }
+        for (st, l) in self.heads.iter_mut().zip(losses) {
+            st.all[0] += orig_all;
+            st.nopad[0] += orig_nopad;
+            for k in 0..3 {
+                for ((i, q), &x) in l.index_axis(Axis(0), k).indexed_iter() {
+                    st.all[k + 1] += x as f64;
+                    if real(i, q) {
+                        st.nopad[k + 1] += x as f64;
                     }
                 }
-                head_idx += 1;
             }
         }
         Ok(())

@@ -14,11 +14,14 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
 pub use super::ops::{source_coefficients, unembed_rows};
+use super::device;
 use super::state::{Array, State};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::hooks::block_hook;
+use crate::seam::{DeviceActs, Op};
+use dfdx::prelude::Device;
 use crate::output::{Table, Value};
 
 /// One head's values (metrics.md §1): `per_position [B, S]` and `per_sequence [B]`.
@@ -66,6 +69,65 @@ pub fn head_values(
         per_sequence[i] = weighted / total;
     }
     (per_position, per_sequence)
+}
+
+/// One batch's values for every selected head (in `ctx.heads` order), computed where the
+/// activations are: per head `(per_position [B, S], per_sequence [B])`.
+struct Values<'a, 'c, 'b> {
+    ctx: &'a RunContext<'c>,
+    batch: &'a BatchView<'b>,
+    only_negative: bool,
+}
+
+impl Op for Values<'_, '_, '_> {
+    type Output = Vec<(Array2<f32>, Array1<f32>)>;
+
+    fn host(&self) -> Result<Self::Output> {
+        let (ctx, batch) = (self.ctx, self.batch);
+        let scale = batch.final_scale()?;
+        let (tokens, only_negative) = (batch.tokens, self.only_negative);
+        let u_tok = unembed_rows(ctx.params.w_u.view(), tokens);
+        let mut out = Vec::with_capacity(ctx.heads.len());
+        for (layer, heads) in ctx.heads_by_layer() {
+            let v = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_v"))?;
+            let pattern =
+                batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_pattern"))?;
+            let c = source_coefficients(v, ctx.params.blocks[layer].attn.w_o.view(), u_tok.view());
+            let results: Vec<(Array2<f32>, Array1<f32>)> = heads
+                .par_iter()
+                .map(|&h| {
+                    head_values(
+                        c.index_axis(Axis(2), h),
+                        pattern.index_axis(Axis(1), h),
+                        scale,
+                        tokens,
+                        ctx.bos,
+                        only_negative,
+                    )
+                })
+                .collect();
+            out.extend(results);
+        }
+        Ok(out)
+    }
+
+    fn device<D: Device<f32>>(&self, acts: &DeviceActs<D>) -> Result<Self::Output> {
+        let tokens = self.batch.tokens;
+        let u_tok = device::unembed_rows(acts, tokens);
+        let mut out = Vec::with_capacity(self.ctx.heads.len());
+        for (layer, heads) in self.ctx.heads_by_layer() {
+            out.extend(device::source_suppression_layer(
+                acts,
+                layer,
+                &heads,
+                tokens,
+                &u_tok,
+                self.ctx.bos,
+                self.only_negative,
+            )?);
+        }
+        Ok(out)
+    }
 }
 
 /// Per-head accumulators for one dataset.
@@ -129,33 +191,15 @@ impl Metric for SourceSuppression {
     }
 
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
-        let scale = batch.final_scale()?;
-        let u_tok = unembed_rows(ctx.params.w_u.view(), batch.tokens);
-        let mut head_idx = 0;
-        for (layer, heads) in ctx.heads_by_layer() {
-            let v = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_v"))?;
-            let pattern =
-                batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_pattern"))?;
-            let c = source_coefficients(v, ctx.params.blocks[layer].attn.w_o.view(), u_tok.view());
-            let results: Vec<(Array2<f32>, Array1<f32>)> = heads
-                .par_iter()
-                .map(|&h| {
-                    head_values(
-                        c.index_axis(Axis(2), h),
-                        pattern.index_axis(Axis(1), h),
-                        scale,
-                        batch.tokens,
-                        ctx.bos,
-                        self.only_negative,
-                    )
-                })
-                .collect();
-            for (pp, ps) in results {
-                let st = &mut self.heads[head_idx];
-                st.per_sequence.extend(ps.iter());
-                st.per_position.extend(pp.iter());
-                head_idx += 1;
-            }
+        let op = Values {
+            ctx,
+            batch,
+            only_negative: self.only_negative,
+        };
+        let results = batch.cache.run(&op)?;
+        for (st, (pp, ps)) in self.heads.iter_mut().zip(results) {
+            st.per_sequence.extend(ps.iter());
+            st.per_position.extend(pp.iter());
         }
         Ok(())
     }

@@ -8,6 +8,8 @@
 //! attention mask: the causal mask already keeps pad tokens out of earlier positions, and
 //! TL does not mask them either.
 
+use std::sync::Arc;
+
 use dfdx::prelude::*;
 use ndarray::{Array2, ArrayD};
 
@@ -17,6 +19,7 @@ use super::host::HostModel;
 use super::ops::{self, Linear, T1, T2, T3, T4};
 use crate::error::{Error, Result};
 use crate::hooks::{block_hook, Hooks, LOGITS};
+use crate::seam::{DeviceParams, DeviceTensor, SeamDevice};
 
 struct LayerNorm<D: Device<f32>> {
     w: T1<D>,
@@ -77,6 +80,8 @@ struct TensorWeights<D: Device<f32>> {
     ln_final: Option<LayerNorm<D>>,
     /// `unembed.W_U` `[d_model, d_vocab]` and `b_U`.
     unembed: Linear<D>,
+    /// The weights the metrics' device ops read, attached to every cache the pass fills.
+    params: Arc<DeviceParams<D>>,
 }
 
 /// What a forward pass returns besides the hook cache.
@@ -85,11 +90,11 @@ pub struct ForwardOutput<D: Device<f32>> {
     pub logits: T3<D>,
 }
 
-impl<D: Device<f32> + 'static> HookedGpt2<D> {
+impl<D: SeamDevice> HookedGpt2<D> {
     /// The model on `dev`: host kernels on the CPU (sharing `p`'s buffers), dfdx tensors
-    /// (uploaded from `p`) elsewhere.
+    /// (uploaded from `p`) elsewhere; the device's type decides ([`SeamDevice::HOST_KERNELS`]).
     pub fn new(dev: D, cfg: ModelConfig, p: &Params) -> Result<Self> {
-        if (&dev as &dyn std::any::Any).is::<Cpu>() {
+        if D::HOST_KERNELS {
             let host = HostModel::new(&cfg, p);
             return Ok(HookedGpt2 {
                 backend: Backend::Host(host),
@@ -162,12 +167,25 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 },
             });
         }
+        let unembed = linear(&p.w_u, &p.b_u)?;
+        let (d_model, d_vocab) = p.w_u.dim();
+        // What the metrics read on the device: the same buffers as the model's (shared).
+        let params = Arc::new(DeviceParams {
+            w_u: unembed.weight().clone(),
+            w_u_rows: ops::upload(
+                &dev,
+                &p.w_u.t().as_standard_layout().into_owned().into_dyn(),
+                (d_vocab, d_model),
+            )?,
+            w_o: blocks.iter().map(|b| b.attn.w_o_heads.clone()).collect(),
+        });
         let weights = TensorWeights {
             w_e: up2(&p.w_e)?,
             w_pos: up2(&p.w_pos)?,
             ln_final: ln(&p.ln_final)?,
-            unembed: linear(&p.w_u, &p.b_u)?,
+            unembed,
             blocks,
+            params,
         };
         Ok(HookedGpt2 {
             backend: Backend::Tensors(weights),
@@ -184,47 +202,73 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
     /// (when rewritten) comes back; otherwise nothing leaves the device.
     fn point<S: Shape>(
         &self,
+        w: &TensorWeights<D>,
         hooks: &mut Hooks,
         name: &str,
         x: Tensor<S, f32, D>,
     ) -> Result<Tensor<S, f32, D>> {
+        let shape: Vec<usize> = x.shape().concrete().into_iter().collect();
+        self.point_as(w, hooks, name, x, shape)
+    }
+
+    /// Runs a hook point whose TL shape is `tl_shape` (a `[B, S]` LayerNorm scale is
+    /// `[B, S, 1]` in TL). A cached activation stays on the device (the cache shares its
+    /// buffer); only a write hook brings it to the host, and sends the new value back.
+    fn point_as<S: Shape>(
+        &self,
+        w: &TensorWeights<D>,
+        hooks: &mut Hooks,
+        name: &str,
+        x: Tensor<S, f32, D>,
+        tl_shape: Vec<usize>,
+    ) -> Result<Tensor<S, f32, D>> {
         if !hooks.touches(name) {
             return Ok(x);
         }
-        let shape = *x.shape();
-        match hooks.visit(name, ops::download(&x))? {
-            Some(new) => ops::upload(&self.dev, &new, shape),
-            None => Ok(x),
+        let x = if hooks.writes(name) {
+            let shape = *x.shape();
+            let mut host = ops::download(&x)
+                .into_shape_with_order(tl_shape.clone())
+                .expect("same size");
+            hooks.rewrite(name, &mut host)?;
+            ops::upload(&self.dev, &host, shape)?
+        } else {
+            x
+        };
+        if hooks.wants(name) {
+            let t = DeviceTensor::with_shape(&x, tl_shape);
+            hooks
+                .cache
+                .insert_device(&self.dev, &w.params, name.to_string(), t);
         }
+        Ok(x)
     }
 
     /// Like [`Self::point`] for a `[B, S]` LayerNorm scale, which TL shows as `[B, S, 1]`.
-    fn scale_point(&self, hooks: &mut Hooks, name: &str, scale: T2<D>) -> Result<T2<D>> {
-        if !hooks.touches(name) {
-            return Ok(scale);
-        }
+    fn scale_point(
+        &self,
+        w: &TensorWeights<D>,
+        hooks: &mut Hooks,
+        name: &str,
+        scale: T2<D>,
+    ) -> Result<T2<D>> {
         let (b, s) = *scale.shape();
-        let host = ops::download(&scale)
-            .into_shape_with_order(vec![b, s, 1])
-            .expect("same size");
-        match hooks.visit(name, host)? {
-            Some(new) => ops::upload(&self.dev, &new, (b, s)),
-            None => Ok(scale),
-        }
+        self.point_as(w, hooks, name, scale, vec![b, s, 1])
     }
 
     /// TL's LayerNorm / LayerNormPre with its `hook_scale` and `hook_normalized`.
     fn layer_norm(
         &self,
+        w: &TensorWeights<D>,
         hooks: &mut Hooks,
         prefix: &str,
         x: T3<D>,
         ln: Option<&LayerNorm<D>>,
     ) -> Result<T3<D>> {
         let (centered, scale) = ops::center_and_scale(x, self.cfg.eps);
-        let scale = self.scale_point(hooks, &format!("{prefix}.hook_scale"), scale)?;
+        let scale = self.scale_point(w, hooks, &format!("{prefix}.hook_scale"), scale)?;
         let normalized = ops::normalize(centered, &scale);
-        let normalized = self.point(hooks, &format!("{prefix}.hook_normalized"), normalized)?;
+        let normalized = self.point(w, hooks, &format!("{prefix}.hook_normalized"), normalized)?;
         Ok(match ln {
             Some(l) => ops::affine(normalized, &l.w, &l.b),
             None => normalized,
@@ -261,15 +305,8 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 let v = host
                     .run(tokens, hooks, true, true)?
                     .expect("asked for logits");
-                let cpu = (&self.dev as &dyn std::any::Any)
-                    .downcast_ref::<Cpu>()
-                    .ok_or_else(|| Error::Other("host backend on a non-CPU device".into()))?;
-                let t = cpu.tensor_from_vec(v, (b, s, self.cfg.d_vocab));
-                // Moves the buffer (no copy): D is Cpu whenever the backend is Host.
-                let boxed: Box<dyn std::any::Any> = Box::new(t);
-                *boxed
-                    .downcast::<T3<D>>()
-                    .map_err(|_| Error::Other("host backend on a non-CPU device".into()))?
+                // On the CPU (the only device with host kernels) this moves the buffer.
+                self.dev.tensor_from_vec(v, (b, s, self.cfg.d_vocab))
             }
             Backend::Tensors(w) => self.run(w, tokens, hooks, true)?.expect("asked for logits"),
         };
@@ -304,75 +341,91 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
         let ids: Tensor<(usize, usize), usize, D> = self.dev.tensor_from_vec(ids, (b, s));
 
         let embed: T3<D> = w.w_e.clone().gather(ids);
-        let embed = self.point(hooks, "hook_embed", embed)?;
+        let embed = self.point(w, hooks, "hook_embed", embed)?;
         let pos: T2<D> = w.w_pos.clone().slice((0..s, ..)).realize();
         let pos: T3<D> = pos.broadcast_like::<_, Axis<0>>(&(b, s, d));
-        let pos = self.point(hooks, "hook_pos_embed", pos)?;
+        let pos = self.point(w, hooks, "hook_pos_embed", pos)?;
         let mut resid = embed + pos;
 
         for (l, block) in w.blocks.iter().enumerate() {
-            resid = self.block(hooks, l, block, resid)?;
+            resid = self.block(w, hooks, l, block, resid)?;
         }
 
-        let x = self.layer_norm(hooks, "ln_final", resid, w.ln_final.as_ref())?;
+        let x = self.layer_norm(w, hooks, "ln_final", resid, w.ln_final.as_ref())?;
         if !logits {
             return Ok(None);
         }
         let logits = ops::linear(x, &w.unembed);
-        Ok(Some(self.point(hooks, LOGITS, logits)?))
+        Ok(Some(self.point(w, hooks, LOGITS, logits)?))
     }
 
-    fn block(&self, hooks: &mut Hooks, l: usize, block: &Block<D>, resid: T3<D>) -> Result<T3<D>> {
+    fn block(
+        &self,
+        w: &TensorWeights<D>,
+        hooks: &mut Hooks,
+        l: usize,
+        block: &Block<D>,
+        resid: T3<D>,
+    ) -> Result<T3<D>> {
         let name = |h: &str| block_hook(l, h);
-        let resid_pre = self.point(hooks, &name("hook_resid_pre"), resid)?;
+        let resid_pre = self.point(w, hooks, &name("hook_resid_pre"), resid)?;
 
-        let x = self.layer_norm(hooks, &name("ln1"), resid_pre.clone(), block.ln1.as_ref())?;
-        let attn_out = self.attention(hooks, l, &block.attn, x)?;
-        let attn_out = self.point(hooks, &name("hook_attn_out"), attn_out)?;
-        let resid_mid = self.point(hooks, &name("hook_resid_mid"), resid_pre + attn_out)?;
+        let x = self.layer_norm(w, hooks, &name("ln1"), resid_pre.clone(), block.ln1.as_ref())?;
+        let attn_out = self.attention(w, hooks, l, &block.attn, x)?;
+        let attn_out = self.point(w, hooks, &name("hook_attn_out"), attn_out)?;
+        let resid_mid = self.point(w, hooks, &name("hook_resid_mid"), resid_pre + attn_out)?;
 
-        let x = self.layer_norm(hooks, &name("ln2"), resid_mid.clone(), block.ln2.as_ref())?;
+        let x = self.layer_norm(w, hooks, &name("ln2"), resid_mid.clone(), block.ln2.as_ref())?;
         let pre = ops::linear(x, &block.mlp.fc_in);
-        let pre = self.point(hooks, &name("mlp.hook_pre"), pre)?;
-        let post = self.point(hooks, &name("mlp.hook_post"), ops::gelu_new(pre))?;
+        let pre = self.point(w, hooks, &name("mlp.hook_pre"), pre)?;
+        let post = self.point(w, hooks, &name("mlp.hook_post"), ops::gelu_new(pre))?;
         let mlp_out = ops::linear(post, &block.mlp.fc_out);
-        let mlp_out = self.point(hooks, &name("hook_mlp_out"), mlp_out)?;
-        self.point(hooks, &name("hook_resid_post"), resid_mid + mlp_out)
+        let mlp_out = self.point(w, hooks, &name("hook_mlp_out"), mlp_out)?;
+        self.point(w, hooks, &name("hook_resid_post"), resid_mid + mlp_out)
     }
 
-    fn attention(&self, hooks: &mut Hooks, l: usize, a: &Attention<D>, x: T3<D>) -> Result<T3<D>> {
+    fn attention(
+        &self,
+        w: &TensorWeights<D>,
+        hooks: &mut Hooks,
+        l: usize,
+        a: &Attention<D>,
+        x: T3<D>,
+    ) -> Result<T3<D>> {
         let name = |h: &str| block_hook(l, h);
         let (b, s, d) = *x.shape();
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let split = |t: T3<D>| -> T4<D> { t.reshape_like(&(b, s, h, dh)) };
 
         let q = self.point(
+            w,
             hooks,
             &name("attn.hook_q"),
             split(ops::linear(x.clone(), &a.q)),
         )?;
         let k = self.point(
+            w,
             hooks,
             &name("attn.hook_k"),
             split(ops::linear(x.clone(), &a.k)),
         )?;
-        let v = self.point(hooks, &name("attn.hook_v"), split(ops::linear(x, &a.v)))?;
+        let v = self.point(w, hooks, &name("attn.hook_v"), split(ops::linear(x, &a.v)))?;
 
         // [B, S, H, dh] -> [B, H, S, dh]
         let q = q.permute::<_, Axes4<0, 2, 1, 3>>();
         let k = k.permute::<_, Axes4<0, 2, 1, 3>>();
         let v = v.permute::<_, Axes4<0, 2, 1, 3>>();
         let scores = ops::causal_scores(q, k, dh);
-        let scores = self.point(hooks, &name("attn.hook_attn_scores"), scores)?;
+        let scores = self.point(w, hooks, &name("attn.hook_attn_scores"), scores)?;
         let pattern = ops::softmax_keys(scores);
-        let pattern = self.point(hooks, &name("attn.hook_pattern"), pattern)?;
+        let pattern = self.point(w, hooks, &name("attn.hook_pattern"), pattern)?;
 
         // z: [B, H, S, dh] -> [B, S, H, dh]
         let z: T4<D> = pattern
             .matmul(v)
             .permute::<_, Axes4<0, 2, 1, 3>>()
             .realize();
-        let z = self.point(hooks, &name("attn.hook_z"), z)?;
+        let z = self.point(w, hooks, &name("attn.hook_z"), z)?;
 
         let result_name = name("attn.hook_result");
         if hooks.touches(&result_name) {
@@ -388,7 +441,7 @@ impl<D: Device<f32> + 'static> HookedGpt2<D> {
                 .reshape_like(&(h, b, s, d))
                 .permute::<_, Axes4<1, 2, 0, 3>>()
                 .realize();
-            self.point(hooks, &result_name, result)?;
+            self.point(w, hooks, &result_name, result)?;
         }
 
         let z_flat: T3<D> = z.reshape_like(&(b, s, h * dh));

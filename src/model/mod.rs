@@ -16,7 +16,7 @@ pub mod process;
 
 use std::path::{Path, PathBuf};
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 
 pub use checkpoint::{CheckpointFiles, Params};
 pub use config::ModelConfig;
@@ -64,7 +64,7 @@ impl ModelSource {
 
 /// A loaded model: the device copy for forward passes, the processed host parameters that
 /// metrics read (W_O, W_U, ...), and the tokenizer when the checkpoint has one.
-pub struct LoadedModel<D: Device<f32>> {
+pub struct LoadedModel<D: SeamDevice> {
     pub model: HookedGpt2<D>,
     pub params: Params,
     pub tokenizer: Option<GptTokenizer>,
@@ -72,7 +72,7 @@ pub struct LoadedModel<D: Device<f32>> {
     pub processing: Processing,
 }
 
-impl<D: Device<f32>> LoadedModel<D> {
+impl<D: SeamDevice> LoadedModel<D> {
     pub fn cfg(&self) -> &ModelConfig {
         &self.model.cfg
     }
@@ -90,7 +90,7 @@ impl<D: Device<f32>> LoadedModel<D> {
 
 /// Loads config, weights (processed as asked) and tokenizer, and uploads to `dev`.
 /// `tokenizer_dir` overrides where the tokenizer files are looked for.
-pub fn load<D: Device<f32>>(
+pub fn load<D: SeamDevice>(
     dev: D,
     files: CheckpointFiles,
     processing: Processing,

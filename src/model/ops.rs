@@ -67,6 +67,13 @@ impl<D: Device<f32>> Linear<D> {
     }
 }
 
+impl<D: Device<f32>> Linear<D> {
+    /// `w`, `[n_in, n_out]`.
+    pub fn weight(&self) -> &T2<D> {
+        &self.w
+    }
+}
+
 /// `x @ w + b` over the last axis: `[B, S, in] @ [in, out] + [out]`.
 pub fn linear<D: Device<f32>>(x: T3<D>, l: &Linear<D>) -> T3<D> {
     let y = x.matmul(l.w.clone());

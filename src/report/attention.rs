@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 use ndarray::{s, Array2, Ix4};
 use serde::Serialize;
 
@@ -22,7 +22,7 @@ use crate::model::HookedGpt2;
 use crate::output;
 
 /// Runs `tokens` (one sequence) and returns each head's pattern `[dest, src]`.
-pub fn attention_patterns<D: Device<f32>>(
+pub fn attention_patterns<D: SeamDevice>(
     model: &HookedGpt2<D>,
     tokens: &[u32],
     heads: &[(usize, usize)],
@@ -145,7 +145,7 @@ pub fn attention_html(
 
 /// Makes `attention_<dataset>.html` for `heads` on the dataset's first sequence (without its
 /// right padding).
-pub fn write_attention_page<D: Device<f32>>(
+pub fn write_attention_page<D: SeamDevice>(
     out_dir: &Path,
     model: &HookedGpt2<D>,
     dataset: &crate::data::Dataset,

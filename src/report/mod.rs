@@ -25,7 +25,7 @@ pub mod views;
 
 use std::path::{Path, PathBuf};
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 
 use crate::data::Dataset;
 use crate::model::LoadedModel;
@@ -35,7 +35,7 @@ use crate::spec::LoadedSpec;
 pub use views::{check_views, ResolvedView};
 
 /// What a run hands the report.
-pub struct ReportInput<'a, D: Device<f32>> {
+pub struct ReportInput<'a, D: SeamDevice> {
     pub out_dir: &'a Path,
     pub spec: &'a LoadedSpec,
     pub loaded: &'a LoadedModel<D>,
@@ -77,7 +77,7 @@ pub fn file_part(s: &str) -> String {
 /// Writes every picture and page of a run into `out_dir`, `index.html` last; returns the
 /// files written. Views were checked before the run ([`check_views`]); a view whose
 /// metric failed is skipped with a note on the index page.
-pub fn write_all<D: Device<f32>>(input: &ReportInput<D>) -> ReportOutput {
+pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
     let cfg = input.loaded.cfg();
     let mut out = ReportOutput::default();
     let mut notes = Vec::new();

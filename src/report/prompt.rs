@@ -20,7 +20,7 @@
 
 use std::fmt;
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 use ndarray::Array2;
 
 use crate::error::{Error, Result};
@@ -95,7 +95,7 @@ pub fn ranked(logits: &[f32]) -> Vec<(u32, f32, f32)> {
 
 /// `test_prompt` on token ids: `prompt` (BOS included if wanted) and the answers' ids.
 /// `text` gives a token's display text.
-pub fn test_prompt_ids<D: Device<f32>>(
+pub fn test_prompt_ids<D: SeamDevice>(
     model: &HookedGpt2<D>,
     prompt: &[u32],
     answers: &[Vec<u32>],
@@ -201,7 +201,7 @@ pub fn prompt_ids(
 
 /// TL's `test_prompt(prompt, answer, model)` with a tokenizer: [`prompt_ids`], then
 /// [`test_prompt_ids`].
-pub fn test_prompt<D: Device<f32>>(
+pub fn test_prompt<D: SeamDevice>(
     model: &HookedGpt2<D>,
     tokenizer: &GptTokenizer,
     prompt: &str,

@@ -6,7 +6,7 @@
 //! covers, and deciding which datasets end in tables (unsharded) or in saved states (a
 //! shard). Must not: run batches itself ([`Engine::run_batches`] does) or write tables.
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{Checkpoint, Recorder};
@@ -79,7 +79,7 @@ fn restore(
 
 /// Runs every dataset (the shard's slice of it), checkpointing through `recorder` when
 /// there is one. Returns one outcome per dataset, and the final checkpoint for a shard.
-pub fn run<D: Device<f32>>(
+pub fn run<D: SeamDevice>(
     engine: &Engine<D>,
     metrics: &mut MetricSet,
     datasets: &[Dataset],

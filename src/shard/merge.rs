@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dfdx::prelude::Device;
+use crate::seam::SeamDevice;
 
 use super::checkpoint::{Checkpoint, STATE_FILE};
 use super::{shards_dir, DatasetId, Shard, ShardManifest, SHARD_MANIFEST};
@@ -187,7 +187,7 @@ struct Merge<'a> {
 
 impl OnDevice for Merge<'_> {
     type Output = RunReport;
-    fn run<D: Device<f32>>(self, dev: D) -> Result<RunReport> {
+    fn run<D: SeamDevice>(self, dev: D) -> Result<RunReport> {
         let t0 = Instant::now();
         let Merge {
             kind,

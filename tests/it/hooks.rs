@@ -22,7 +22,7 @@ fn cache_holds_exactly_the_requested_points() {
     ]));
     m.model.forward(&toks, &mut hooks).unwrap();
     let cache = hooks.take_cache();
-    let names: Vec<&String> = cache.iter().map(|(n, _)| n).collect();
+    let names = cache.names();
     assert_eq!(names, ["blocks.1.attn.hook_v", "ln_final.hook_scale"]);
     assert_eq!(
         cache.get("blocks.1.attn.hook_v").unwrap().shape(),

@@ -9,7 +9,7 @@ use hookgraph::hooks::{HookFilter, Hooks};
 use hookgraph::metrics::projection_loss::layer_losses;
 use hookgraph::metrics::source_suppression::{head_values, source_coefficients, unembed_rows};
 use hookgraph::metrics::{self, BatchView, RunContext};
-use hookgraph::model::{self, CheckpointFiles, LoadedModel, Processing};
+use hookgraph::model::{self, CheckpointFiles, HookedGpt2, LoadedModel, Processing};
 use hookgraph::output::Table;
 use ndarray::{s, Array2, ArrayD, Axis, IxDyn};
 
@@ -173,12 +173,31 @@ fn run_metric(
     ds: &Dataset,
     batch_size: usize,
 ) -> Vec<Table> {
+    run_metric_on(&m.model, kind, neg, m, ds, batch_size)
+}
+
+/// [`run_metric`] with the forward pass of `model` (the host kernels or the dfdx path).
+fn run_metric_on(
+    model: &HookedGpt2<Cpu>,
+    kind: &str,
+    neg: bool,
+    m: &LoadedModel<Cpu>,
+    ds: &Dataset,
+    batch_size: usize,
+) -> Vec<Table> {
     let heads = all_heads(m);
     let c = ctx(m, &heads);
     let mut opts = toml::Table::new();
-    opts.insert("only_negative".into(), toml::Value::Boolean(neg));
+    if kind != "loss" {
+        opts.insert("only_negative".into(), toml::Value::Boolean(neg));
+    }
     let mut metric = metrics::builtin(kind, &opts).unwrap();
-    hookgraph::engine::run_metric(&m.model, &c, metric.as_mut(), ds, batch_size).unwrap()
+    hookgraph::engine::run_metric(model, &c, metric.as_mut(), ds, batch_size).unwrap()
+}
+
+/// The model as dfdx tensor ops on the CPU: the code path CUDA runs, metrics included.
+fn generic(m: &LoadedModel<Cpu>) -> HookedGpt2<Cpu> {
+    HookedGpt2::new_generic(Cpu::default(), m.cfg().clone(), &m.params).unwrap()
 }
 
 fn column(t: &Table, name: &str) -> Vec<f64> {
@@ -194,9 +213,15 @@ fn table_scores_match_notebook_sweep() {
     ] {
         let (m, ds) = setup(ckpt, tokens);
         let gold = load_golden(golden);
-        for neg in [false, true] {
+        let dfdx_path = generic(&m);
+        for (model, neg) in [
+            (&m.model, false),
+            (&m.model, true),
+            (&dfdx_path, false),
+            (&dfdx_path, true),
+        ] {
             let n = neg as u8;
-            let t = run_metric("source_suppression", neg, &m, &ds, 2);
+            let t = run_metric_on(model, "source_suppression", neg, &m, &ds, 2);
             let ours = ArrayD::from_shape_vec(
                 gold[&format!("source_suppression.only_negative={n}.score")].shape(),
                 column(&t[0], "score").iter().map(|&x| x as f32).collect(),
@@ -210,7 +235,7 @@ fn table_scores_match_notebook_sweep() {
                 ATOL,
             );
 
-            let t = run_metric("projection_loss", neg, &m, &ds, 2);
+            let t = run_metric_on(model, "projection_loss", neg, &m, &ds, 2);
             let orig_mean = gold["projection_loss.loss_orig"].mean().unwrap();
             for v in ["proj", "perp", "ablation"] {
                 let g = &gold[&format!("projection_loss.only_negative={n}.loss_{v}")];
@@ -264,4 +289,86 @@ fn scores_do_not_depend_on_batch_size() {
             }
         }
     }
+}
+
+/// The built-in metrics' device bodies (run here on dfdx's CPU, the code CUDA runs) give
+/// every table of the host bodies, per position and per token included, on a padded batch.
+#[test]
+fn device_bodies_match_host_bodies_on_every_table() {
+    let (m, ds) = setup("ckpt_b", "tokens_b.json");
+    let dfdx_path = generic(&m);
+    for (kind, neg) in [
+        ("source_suppression", false),
+        ("source_suppression", true),
+        ("projection_loss", true),
+        ("loss", false),
+    ] {
+        let host = run_metric_on(&m.model, kind, neg, &m, &ds, 2);
+        let dev = run_metric_on(&dfdx_path, kind, neg, &m, &ds, 2);
+        assert_eq!(host.len(), dev.len(), "{kind}");
+        for (a, b) in host.iter().zip(&dev) {
+            assert_eq!(a.columns, b.columns, "{kind} {}", a.name);
+            assert_eq!(a.rows.len(), b.rows.len(), "{kind} {}", a.name);
+            let mut compared = 0;
+            for c in &a.columns {
+                let (x, y) = (column_or_nan(a, c), column_or_nan(b, c));
+                for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+                    if p.is_nan() && q.is_nan() {
+                        continue;
+                    }
+                    assert!(
+                        (p - q).abs() <= 1e-5 + 1e-4 * p.abs(),
+                        "{kind} {}.{c} row {i}: host {p} vs device {q}",
+                        a.name
+                    );
+                    compared += 1;
+                }
+            }
+            assert!(compared > 0, "{kind} {}: nothing compared", a.name);
+        }
+    }
+}
+
+/// A column as floats, text cells as NaN (compared only where both are numbers).
+fn column_or_nan(t: &Table, name: &str) -> Vec<f64> {
+    let i = t.col(name).unwrap();
+    t.rows
+        .iter()
+        .map(|r| r[i].as_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
+/// On the device path the activations stay where the forward pass left them: running every
+/// built-in on a batch copies none of them to the host (only per-head results come back),
+/// while a host reader (a plugin, `runner cache`) still gets its copy, counted.
+#[test]
+fn device_path_brings_no_activation_to_the_host() {
+    let (m, ds) = setup("ckpt_a", "tokens_a.json");
+    let dfdx_path = generic(&m);
+    let heads = all_heads(&m);
+    let c = ctx(&m, &heads);
+    let mut all: Vec<Box<dyn metrics::Metric>> = ["source_suppression", "projection_loss", "loss"]
+        .iter()
+        .map(|k| metrics::builtin(k, &toml::Table::new()).unwrap())
+        .collect();
+    let names: Vec<String> = all.iter().flat_map(|mt| mt.hooks(&c)).collect();
+    let mut hooks = Hooks::caching(HookFilter::names(names));
+    dfdx_path.run_hooks(&ds.tokens, &mut hooks).unwrap();
+    let cache = hooks.take_cache();
+    assert!(cache.on_device());
+    let batch = BatchView {
+        dataset: &ds,
+        start: 0,
+        tokens: ds.tokens.view(),
+        cache: &cache,
+    };
+    for mt in all.iter_mut() {
+        mt.start_dataset(&c, &ds).unwrap();
+        mt.batch(&c, &batch).unwrap();
+    }
+    assert_eq!(cache.downloads(), 0, "an activation was copied to the host");
+    let host = cache.get("logits").unwrap();
+    assert_eq!(host.shape()[0], ds.tokens.nrows());
+    cache.get("logits").unwrap();
+    assert_eq!(cache.downloads(), 1, "one copy, made once");
 }

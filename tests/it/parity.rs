@@ -4,7 +4,7 @@
 //! batch.
 
 use crate::common::*;
-use dfdx::prelude::{Cpu, Device};
+use dfdx::prelude::Cpu;
 use hookgraph::hooks::{HookFilter, Hooks};
 use hookgraph::model::{self, CheckpointFiles, HookedGpt2, Processing};
 
@@ -13,7 +13,7 @@ fn check(ckpt: &str, golden: &str, tokens: &str, processing: Processing) {
 }
 
 /// The parity check on any device (the `cuda` module runs it on the GPU).
-pub fn check_on<D: Device<f32>>(
+pub fn check_on<D: hookgraph::seam::SeamDevice>(
     dev: D,
     ckpt: &str,
     golden: &str,
