@@ -4,13 +4,14 @@
 //! that decides which points a forward pass keeps ([`HookFilter`], TL's `names_filter`), the
 //! [`ActivationCache`] those points land in, and write hooks that replace an activation in
 //! flight. Must not: compute anything about the model; the forward pass calls
-//! [`Hooks::visit_slice`] (on the CPU, in place) or [`Hooks::visit`] (a device tensor's host
-//! copy) at each named point and this module decides what happens there.
+//! [`Hooks::visit_slice`] at each named point on host buffers (the CPU's kernels, in place),
+//! or keeps a device tensor with [`ActivationCache::insert_device`] (the dfdx path), and this
+//! module decides what happens there.
 //!
-//! Activations leave the device only at points that are cached or written, so a pass that
-//! asks for three hook points pays for three copies, not for the whole model; a cached value
-//! is copied once (moved into the cache where the caller no longer needs it), never cloned
-//! again here.
+//! On the host a cached point costs one copy into the cache; on a device it costs nothing (the
+//! cache shares the tensor's buffer) and the metrics' ops run there
+//! ([`ActivationCache::run`]); an activation crosses to the host only for a write hook or a
+//! host reader (a plugin, `runner cache`), once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

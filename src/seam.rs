@@ -50,7 +50,11 @@ impl<D: Device<f32>> DeviceTensor<D> {
     /// `[B, S]` as `[B, S, 1]`.
     pub fn with_shape<S: Shape>(t: &Tensor<S, f32, D>, shape: Vec<usize>) -> Self {
         let n = t.shape().num_elements();
-        assert_eq!(n, shape.iter().product::<usize>(), "same number of elements");
+        assert_eq!(
+            n,
+            shape.iter().product::<usize>(),
+            "same number of elements"
+        );
         DeviceTensor {
             data: t.clone().reshape_like(&(n,)),
             shape,
@@ -279,8 +283,7 @@ impl SeamDevice for dfdx::tensor::Cuda {
         dev: &Self,
         params: &Arc<DeviceParams<Self>>,
     ) -> &'s mut DeviceActs<Self> {
-        let fresh =
-            !matches!(store, Some(DeviceStore::Cuda(a)) if Arc::ptr_eq(&a.params, params));
+        let fresh = !matches!(store, Some(DeviceStore::Cuda(a)) if Arc::ptr_eq(&a.params, params));
         if fresh {
             *store = Some(DeviceStore::Cuda(DeviceActs::new(
                 dev.clone(),

@@ -27,9 +27,9 @@ use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::hooks::{block_hook, LOGITS};
+use crate::output::{Table, Value};
 use crate::seam::{DeviceActs, Op};
 use dfdx::prelude::Device;
-use crate::output::{Table, Value};
 
 /// The three interventions, in this order everywhere.
 pub const VARIANTS: [&str; 3] = ["proj", "perp", "ablation"];

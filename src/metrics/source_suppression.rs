@@ -13,16 +13,16 @@
 use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
-pub use super::ops::{source_coefficients, unembed_rows};
 use super::device;
+pub use super::ops::{source_coefficients, unembed_rows};
 use super::state::{Array, State};
 use super::{BatchView, Metric, RunContext};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::hooks::block_hook;
+use crate::output::{Table, Value};
 use crate::seam::{DeviceActs, Op};
 use dfdx::prelude::Device;
-use crate::output::{Table, Value};
 
 /// One head's values (metrics.md §1): `per_position [B, S]` and `per_sequence [B]`.
 /// `c`: `[B, S]` source coefficients, `pattern`: `[B, Q, K]`, `scale`: `[B, S]`.

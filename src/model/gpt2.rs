@@ -370,12 +370,24 @@ impl<D: SeamDevice> HookedGpt2<D> {
         let name = |h: &str| block_hook(l, h);
         let resid_pre = self.point(w, hooks, &name("hook_resid_pre"), resid)?;
 
-        let x = self.layer_norm(w, hooks, &name("ln1"), resid_pre.clone(), block.ln1.as_ref())?;
+        let x = self.layer_norm(
+            w,
+            hooks,
+            &name("ln1"),
+            resid_pre.clone(),
+            block.ln1.as_ref(),
+        )?;
         let attn_out = self.attention(w, hooks, l, &block.attn, x)?;
         let attn_out = self.point(w, hooks, &name("hook_attn_out"), attn_out)?;
         let resid_mid = self.point(w, hooks, &name("hook_resid_mid"), resid_pre + attn_out)?;
 
-        let x = self.layer_norm(w, hooks, &name("ln2"), resid_mid.clone(), block.ln2.as_ref())?;
+        let x = self.layer_norm(
+            w,
+            hooks,
+            &name("ln2"),
+            resid_mid.clone(),
+            block.ln2.as_ref(),
+        )?;
         let pre = ops::linear(x, &block.mlp.fc_in);
         let pre = self.point(w, hooks, &name("mlp.hook_pre"), pre)?;
         let post = self.point(w, hooks, &name("mlp.hook_post"), ops::gelu_new(pre))?;

@@ -3,7 +3,7 @@
 //! Owns: the CPU kernels of the forward (fused QKV matmul, attention per (batch, head),
 //! LayerNorm, GELU) and the scratch buffers they reuse across layers and batches. Must not:
 //! know about metrics, files or dfdx. [`super::gpt2::HookedGpt2`] hands the whole pass here
-//! when its device is the CPU (one check per pass, not one downcast per op), so nothing
+//! when its device's type says so (`SeamDevice::HOST_KERNELS`: the CPU), so nothing
 //! crosses the dfdx seam: activations are read and written in place, and a hook point costs
 //! one copy into the cache only when it is cached (plus one back when a hook rewrites it).
 //!

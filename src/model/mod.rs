@@ -3,7 +3,9 @@
 //! Owns: everything from a checkpoint on disk to a [`HookedGpt2`] on a device. The
 //! submodules follow the data: [`config`] reads `config.json`, [`hub`] finds the files,
 //! [`checkpoint`] maps HF tensors to TransformerLens's layout, [`process`] applies TL's weight
-//! processing, [`ops`] is the seam to dfdx, and [`gpt2`] is the forward pass.
+//! processing, [`ops`] holds the dfdx tensor ops of the device path, `host` the CPU's
+//! kernels, and [`gpt2`] is the forward pass over either (picked by the device's type,
+//! [`crate::seam::SeamDevice`]).
 //! Must not: know about experiments, datasets or metrics.
 
 pub mod checkpoint;

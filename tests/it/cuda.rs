@@ -93,8 +93,15 @@ fn cuda_and_cpu_agree_on_the_smoke_checkpoint() {
     );
     let mut compared = 0;
     for (name, cpu_value) in cpu_cache.iter() {
-        assert_close(name, gpu_cache.get(name).unwrap(), cpu_value, RTOL, ATOL);
+        assert_close(&name, gpu_cache.get(&name).unwrap(), cpu_value, RTOL, ATOL);
         compared += 1;
     }
     assert!(compared > 20, "only {compared} hook points compared");
+}
+
+/// The built-in metrics with their per-head math on the GPU give the CPU host kernels' tables
+/// (every table, per position and per token included), and bring no activation to the host.
+#[test]
+fn cuda_metrics_match_the_cpu_tables() {
+    crate::metrics::check_device_tables(gpu());
 }

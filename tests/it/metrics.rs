@@ -11,6 +11,7 @@ use hookgraph::metrics::source_suppression::{head_values, source_coefficients, u
 use hookgraph::metrics::{self, BatchView, RunContext};
 use hookgraph::model::{self, CheckpointFiles, HookedGpt2, LoadedModel, Processing};
 use hookgraph::output::Table;
+use hookgraph::seam::SeamDevice;
 use ndarray::{s, Array2, ArrayD, Axis, IxDyn};
 
 fn setup(ckpt: &str, tokens: &str) -> (LoadedModel<Cpu>, Dataset) {
@@ -176,9 +177,10 @@ fn run_metric(
     run_metric_on(&m.model, kind, neg, m, ds, batch_size)
 }
 
-/// [`run_metric`] with the forward pass of `model` (the host kernels or the dfdx path).
-fn run_metric_on(
-    model: &HookedGpt2<Cpu>,
+/// [`run_metric`] with the forward pass of `model` (the host kernels or the dfdx path, on
+/// any device).
+fn run_metric_on<D: SeamDevice>(
+    model: &HookedGpt2<D>,
     kind: &str,
     neg: bool,
     m: &LoadedModel<Cpu>,
@@ -295,8 +297,14 @@ fn scores_do_not_depend_on_batch_size() {
 /// every table of the host bodies, per position and per token included, on a padded batch.
 #[test]
 fn device_bodies_match_host_bodies_on_every_table() {
+    check_device_tables(Cpu::default());
+}
+
+/// Every table of every built-in, from the model as dfdx ops on `dev`, against the CPU's
+/// host kernels (the `cuda` module runs this on the GPU).
+pub fn check_device_tables<D: SeamDevice>(dev: D) {
     let (m, ds) = setup("ckpt_b", "tokens_b.json");
-    let dfdx_path = generic(&m);
+    let dfdx_path = HookedGpt2::new_generic(dev, m.cfg().clone(), &m.params).unwrap();
     for (kind, neg) in [
         ("source_suppression", false),
         ("source_suppression", true),
@@ -367,8 +375,17 @@ fn device_path_brings_no_activation_to_the_host() {
         mt.batch(&c, &batch).unwrap();
     }
     assert_eq!(cache.downloads(), 0, "an activation was copied to the host");
-    let host = cache.get("logits").unwrap();
-    assert_eq!(host.shape()[0], ds.tokens.nrows());
+    // A host reader gets the values (the host kernels' logits), copied once.
+    let copied = cache.get("logits").unwrap().clone();
+    let mut h = Hooks::caching(HookFilter::names(["logits"]));
+    m.model.run_hooks(&ds.tokens, &mut h).unwrap();
+    assert_close(
+        "logits",
+        &copied,
+        h.cache.get("logits").unwrap(),
+        RTOL,
+        ATOL,
+    );
     cache.get("logits").unwrap();
     assert_eq!(cache.downloads(), 1, "one copy, made once");
 }
