@@ -54,15 +54,18 @@ stub cublas libcublas.so.13 "$cudarc/src/cublas/sys.rs"
 stub cublasLt libcublasLt.so.13 "$cudarc/src/cublaslt/sys.rs"
 stub nvrtc libnvrtc.so.13 "$cudarc/src/nvrtc/sys.rs"
 
-export PATH="$work/bin:$cu/bin:$PATH" CUDA_ROOT="$root" CUDA_COMPUTE_CAP=90
-echo "== cargo build --release --features cuda (runner + integration tests)"
+# A target directory of its own: the CUDA feature changes dfdx's build, and sharing
+# target/release would rebuild everything each time one switches between the two.
+tdir=${CARGO_TARGET_DIR:-$repo/target/gpu}
+export PATH="$work/bin:$cu/bin:$PATH" CUDA_ROOT="$root" CUDA_COMPUTE_CAP=90 CARGO_TARGET_DIR="$tdir"
+echo "== cargo build --release --features cuda (runner + integration tests) into $tdir"
 cargo build --release --features cuda --bin runner
 cargo test --release --features cuda --test it --no-run 2>&1 | tee "$work/test-build.log"
-it_bin=$(grep -o 'target/release/deps/it-[0-9a-f]*' "$work/test-build.log" | tail -n 1)
+it_bin=$(grep -o '[^ ]*/release/deps/it-[0-9a-f]*' "$work/test-build.log" | tail -n 1 | sed 's/^(//')
 
 carry=$repo/target/gpu-carry
 rm -rf "$carry" && mkdir -p "$carry"
-strip -o "$carry/runner" target/release/runner
+strip -o "$carry/runner" "$tdir/release/runner"
 strip -o "$carry/it" "$it_bin"
 # What the binaries link against, for the record (check.sh prints the resolution there).
 readelf -d "$carry/runner" | grep NEEDED | tee "$carry/NEEDED.txt"
