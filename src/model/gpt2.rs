@@ -1,12 +1,13 @@
-//! GPT-2's forward pass on a dfdx device, with TransformerLens hook points.
+//! GPT-2 on a dfdx device, with TransformerLens hook points: [`HookedGpt2`], and the steps
+//! of the forward pass as dfdx tensor ops.
 //!
-//! Owns: the device-side parameters ([`HookedGpt2`], laid out for matmuls but named after
-//! TL's state dict) and the forward pass, which calls [`Hooks`] at every TL hook point in
-//! TL's order. Must not: read files, process weights, or compute metrics. The math is
-//! TransformerLens's `HookedTransformer.forward` for GPT-2: embed + pos_embed, blocks of
-//! (LayerNorm, attention, LayerNorm, MLP), final LayerNorm, unembed. Right padding needs no
-//! attention mask: the causal mask already keeps pad tokens out of earlier positions, and
-//! TL does not mask them either.
+//! Owns: the model a run holds ([`HookedGpt2`]: which backend, picked by the device's type),
+//! the device-side parameters (laid out for matmuls but named after TL's state dict), and
+//! the dfdx bodies of the forward's steps (`TensorPass`, CUDA's path and the tests' on the
+//! CPU); the host bodies are `model::host`'s, and the order of the steps and hook points is
+//! written once in `model::pass`. Must not: read files, process weights, or compute
+//! metrics. Right padding needs no attention mask: the causal mask already keeps pad tokens
+//! out of earlier positions, and TL does not mask them either.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use super::checkpoint::{LayerNormParams, Params, W1, W2, W3};
 use super::config::ModelConfig;
 use super::host::HostModel;
 use super::ops::{self, Linear, T1, T2, T3, T4};
+use super::pass::{self, LnSite, Steps};
 use crate::error::{Error, Result};
 use crate::hooks::{block_hook, Hooks, LOGITS};
 use crate::seam::{DeviceParams, DeviceTensor, SeamDevice};
@@ -198,83 +200,6 @@ impl<D: SeamDevice> HookedGpt2<D> {
         &self.dev
     }
 
-    /// Runs a hook point: if it is cached or written, the activation goes to the host and
-    /// (when rewritten) comes back; otherwise nothing leaves the device.
-    fn point<S: Shape>(
-        &self,
-        w: &TensorWeights<D>,
-        hooks: &mut Hooks,
-        name: &str,
-        x: Tensor<S, f32, D>,
-    ) -> Result<Tensor<S, f32, D>> {
-        let shape: Vec<usize> = x.shape().concrete().into_iter().collect();
-        self.point_as(w, hooks, name, x, shape)
-    }
-
-    /// Runs a hook point whose TL shape is `tl_shape` (a `[B, S]` LayerNorm scale is
-    /// `[B, S, 1]` in TL). A cached activation stays on the device (the cache shares its
-    /// buffer); only a write hook brings it to the host, and sends the new value back.
-    fn point_as<S: Shape>(
-        &self,
-        w: &TensorWeights<D>,
-        hooks: &mut Hooks,
-        name: &str,
-        x: Tensor<S, f32, D>,
-        tl_shape: Vec<usize>,
-    ) -> Result<Tensor<S, f32, D>> {
-        if !hooks.touches(name) {
-            return Ok(x);
-        }
-        let x = if hooks.writes(name) {
-            let shape = *x.shape();
-            let mut host = ops::download(&x)
-                .into_shape_with_order(tl_shape.clone())
-                .expect("same size");
-            hooks.rewrite(name, &mut host)?;
-            ops::upload(&self.dev, &host, shape)?
-        } else {
-            x
-        };
-        if hooks.wants(name) {
-            let t = DeviceTensor::with_shape(&x, tl_shape);
-            hooks
-                .cache
-                .insert_device(&self.dev, &w.params, name.to_string(), t);
-        }
-        Ok(x)
-    }
-
-    /// Like [`Self::point`] for a `[B, S]` LayerNorm scale, which TL shows as `[B, S, 1]`.
-    fn scale_point(
-        &self,
-        w: &TensorWeights<D>,
-        hooks: &mut Hooks,
-        name: &str,
-        scale: T2<D>,
-    ) -> Result<T2<D>> {
-        let (b, s) = *scale.shape();
-        self.point_as(w, hooks, name, scale, vec![b, s, 1])
-    }
-
-    /// TL's LayerNorm / LayerNormPre with its `hook_scale` and `hook_normalized`.
-    fn layer_norm(
-        &self,
-        w: &TensorWeights<D>,
-        hooks: &mut Hooks,
-        prefix: &str,
-        x: T3<D>,
-        ln: Option<&LayerNorm<D>>,
-    ) -> Result<T3<D>> {
-        let (centered, scale) = ops::center_and_scale(x, self.cfg.eps);
-        let scale = self.scale_point(w, hooks, &format!("{prefix}.hook_scale"), scale)?;
-        let normalized = ops::normalize(centered, &scale);
-        let normalized = self.point(w, hooks, &format!("{prefix}.hook_normalized"), normalized)?;
-        Ok(match ln {
-            Some(l) => ops::affine(normalized, &l.w, &l.b),
-            None => normalized,
-        })
-    }
-
     /// Checks token ids and shape before anything runs.
     fn check_tokens(&self, tokens: &Array2<u32>) -> Result<()> {
         let (b, s) = tokens.dim();
@@ -335,129 +260,14 @@ impl<D: SeamDevice> HookedGpt2<D> {
         logits: bool,
     ) -> Result<Option<T3<D>>> {
         self.check_tokens(tokens)?;
-        let (b, s) = tokens.dim();
-        let d = self.cfg.d_model;
-        let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
-        let ids: Tensor<(usize, usize), usize, D> = self.dev.tensor_from_vec(ids, (b, s));
-
-        let embed: T3<D> = w.w_e.clone().gather(ids);
-        let embed = self.point(w, hooks, "hook_embed", embed)?;
-        let pos: T2<D> = w.w_pos.clone().slice((0..s, ..)).realize();
-        let pos: T3<D> = pos.broadcast_like::<_, Axis<0>>(&(b, s, d));
-        let pos = self.point(w, hooks, "hook_pos_embed", pos)?;
-        let mut resid = embed + pos;
-
-        for (l, block) in w.blocks.iter().enumerate() {
-            resid = self.block(w, hooks, l, block, resid)?;
-        }
-
-        let x = self.layer_norm(w, hooks, "ln_final", resid, w.ln_final.as_ref())?;
-        if !logits {
-            return Ok(None);
-        }
-        let logits = ops::linear(x, &w.unembed);
-        Ok(Some(self.point(w, hooks, LOGITS, logits)?))
-    }
-
-    fn block(
-        &self,
-        w: &TensorWeights<D>,
-        hooks: &mut Hooks,
-        l: usize,
-        block: &Block<D>,
-        resid: T3<D>,
-    ) -> Result<T3<D>> {
-        let name = |h: &str| block_hook(l, h);
-        let resid_pre = self.point(w, hooks, &name("hook_resid_pre"), resid)?;
-
-        let x = self.layer_norm(
+        let mut steps = TensorPass {
+            m: self,
             w,
-            hooks,
-            &name("ln1"),
-            resid_pre.clone(),
-            block.ln1.as_ref(),
-        )?;
-        let attn_out = self.attention(w, hooks, l, &block.attn, x)?;
-        let attn_out = self.point(w, hooks, &name("hook_attn_out"), attn_out)?;
-        let resid_mid = self.point(w, hooks, &name("hook_resid_mid"), resid_pre + attn_out)?;
-
-        let x = self.layer_norm(
-            w,
-            hooks,
-            &name("ln2"),
-            resid_mid.clone(),
-            block.ln2.as_ref(),
-        )?;
-        let pre = ops::linear(x, &block.mlp.fc_in);
-        let pre = self.point(w, hooks, &name("mlp.hook_pre"), pre)?;
-        let post = self.point(w, hooks, &name("mlp.hook_post"), ops::gelu_new(pre))?;
-        let mlp_out = ops::linear(post, &block.mlp.fc_out);
-        let mlp_out = self.point(w, hooks, &name("hook_mlp_out"), mlp_out)?;
-        self.point(w, hooks, &name("hook_resid_post"), resid_mid + mlp_out)
-    }
-
-    fn attention(
-        &self,
-        w: &TensorWeights<D>,
-        hooks: &mut Hooks,
-        l: usize,
-        a: &Attention<D>,
-        x: T3<D>,
-    ) -> Result<T3<D>> {
-        let name = |h: &str| block_hook(l, h);
-        let (b, s, d) = *x.shape();
-        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let split = |t: T3<D>| -> T4<D> { t.reshape_like(&(b, s, h, dh)) };
-
-        let q = self.point(
-            w,
-            hooks,
-            &name("attn.hook_q"),
-            split(ops::linear(x.clone(), &a.q)),
-        )?;
-        let k = self.point(
-            w,
-            hooks,
-            &name("attn.hook_k"),
-            split(ops::linear(x.clone(), &a.k)),
-        )?;
-        let v = self.point(w, hooks, &name("attn.hook_v"), split(ops::linear(x, &a.v)))?;
-
-        // [B, S, H, dh] -> [B, H, S, dh]
-        let q = q.permute::<_, Axes4<0, 2, 1, 3>>();
-        let k = k.permute::<_, Axes4<0, 2, 1, 3>>();
-        let v = v.permute::<_, Axes4<0, 2, 1, 3>>();
-        let scores = ops::causal_scores(q, k, dh);
-        let scores = self.point(w, hooks, &name("attn.hook_attn_scores"), scores)?;
-        let pattern = ops::softmax_keys(scores);
-        let pattern = self.point(w, hooks, &name("attn.hook_pattern"), pattern)?;
-
-        // z: [B, H, S, dh] -> [B, S, H, dh]
-        let z: T4<D> = pattern
-            .matmul(v)
-            .permute::<_, Axes4<0, 2, 1, 3>>()
-            .realize();
-        let z = self.point(w, hooks, &name("attn.hook_z"), z)?;
-
-        let result_name = name("attn.hook_result");
-        if hooks.touches(&result_name) {
-            // Per-head outputs [B, S, H, d_model] are only built when asked for: TL's
-            // `use_attn_result`. The sum below gives the same attn_out either way.
-            let w_o_heads: T3<D> = a.w_o_heads.clone();
-            let z_heads: T3<D> =
-                z.clone()
-                    .permute::<_, Axes4<2, 0, 1, 3>>()
-                    .reshape_like(&(h, b * s, dh));
-            let result: T4<D> = z_heads
-                .matmul(w_o_heads)
-                .reshape_like(&(h, b, s, d))
-                .permute::<_, Axes4<1, 2, 0, 3>>()
-                .realize();
-            self.point(w, hooks, &result_name, result)?;
-        }
-
-        let z_flat: T3<D> = z.reshape_like(&(b, s, h * dh));
-        Ok(ops::linear(z_flat, &a.o))
+            tokens,
+            resid: None,
+            x: None,
+        };
+        pass::run(&mut steps, hooks, self.cfg.n_layers, logits)
     }
 
     /// Runs the model and returns the logits on the host as `[batch, seq, d_vocab]`.
@@ -478,5 +288,193 @@ impl<D: SeamDevice> HookedGpt2<D> {
         let out = self.forward(tokens, hooks)?;
         let host: ArrayD<f32> = ops::download(&out.logits);
         Ok(host.into_dimensionality().expect("logits are 3-d"))
+    }
+}
+
+/// One pass as dfdx tensor ops: the residual stream and the next normalised input, on the
+/// device.
+struct TensorPass<'a, D: SeamDevice> {
+    m: &'a HookedGpt2<D>,
+    w: &'a TensorWeights<D>,
+    tokens: &'a Array2<u32>,
+    resid: Option<T3<D>>,
+    x: Option<T3<D>>,
+}
+
+impl<D: SeamDevice> TensorPass<'_, D> {
+    fn resid_take(&mut self) -> T3<D> {
+        self.resid.take().expect("embed runs first")
+    }
+
+    fn x_take(&mut self) -> T3<D> {
+        self.x
+            .take()
+            .expect("a LayerNorm runs before each sublayer")
+    }
+
+    /// Runs a hook point at TL's shape of `x`.
+    fn point<S: Shape>(
+        &self,
+        hooks: &mut Hooks,
+        name: &str,
+        x: Tensor<S, f32, D>,
+    ) -> Result<Tensor<S, f32, D>> {
+        let shape: Vec<usize> = x.shape().concrete().into_iter().collect();
+        self.point_as(hooks, name, x, shape)
+    }
+
+    /// Runs a hook point whose TL shape is `tl_shape` (a `[B, S]` LayerNorm scale is
+    /// `[B, S, 1]` in TL). A cached activation stays on the device (the cache shares its
+    /// buffer); only a write hook brings it to the host, and sends the new value back.
+    fn point_as<S: Shape>(
+        &self,
+        hooks: &mut Hooks,
+        name: &str,
+        x: Tensor<S, f32, D>,
+        tl_shape: Vec<usize>,
+    ) -> Result<Tensor<S, f32, D>> {
+        if !hooks.touches(name) {
+            return Ok(x);
+        }
+        let dev = &self.m.dev;
+        let x = if hooks.writes(name) {
+            let shape = *x.shape();
+            let mut host = ops::download(&x)
+                .into_shape_with_order(tl_shape.clone())
+                .expect("same size");
+            hooks.rewrite(name, &mut host)?;
+            ops::upload(dev, &host, shape)?
+        } else {
+            x
+        };
+        if hooks.wants(name) {
+            let t = DeviceTensor::with_shape(&x, tl_shape);
+            hooks
+                .cache
+                .insert_device(dev, &self.w.params, name.to_string(), t);
+        }
+        Ok(x)
+    }
+}
+
+impl<D: SeamDevice> Steps for TensorPass<'_, D> {
+    type Logits = T3<D>;
+
+    fn embed(&mut self, hooks: &mut Hooks) -> Result<()> {
+        let (b, s) = self.tokens.dim();
+        let d = self.m.cfg.d_model;
+        let ids: Vec<usize> = self.tokens.iter().map(|&t| t as usize).collect();
+        let ids: Tensor<(usize, usize), usize, D> = self.m.dev.tensor_from_vec(ids, (b, s));
+        let embed: T3<D> = self.w.w_e.clone().gather(ids);
+        let embed = self.point(hooks, "hook_embed", embed)?;
+        let pos: T2<D> = self.w.w_pos.clone().slice((0..s, ..)).realize();
+        let pos: T3<D> = pos.broadcast_like::<_, Axis<0>>(&(b, s, d));
+        let pos = self.point(hooks, "hook_pos_embed", pos)?;
+        self.resid = Some(embed + pos);
+        Ok(())
+    }
+
+    fn resid(&mut self, hooks: &mut Hooks, name: &str) -> Result<()> {
+        let r = self.resid_take();
+        self.resid = Some(self.point(hooks, name, r)?);
+        Ok(())
+    }
+
+    /// TL's LayerNorm / LayerNormPre with its `hook_scale` and `hook_normalized`.
+    fn layer_norm(&mut self, hooks: &mut Hooks, site: LnSite) -> Result<()> {
+        let prefix = site.prefix();
+        let ln = match site {
+            LnSite::Ln1(l) => self.w.blocks[l].ln1.as_ref(),
+            LnSite::Ln2(l) => self.w.blocks[l].ln2.as_ref(),
+            LnSite::Final => self.w.ln_final.as_ref(),
+        };
+        let resid = self.resid.clone().expect("embed runs first");
+        let (centered, scale) = ops::center_and_scale(resid, self.m.cfg.eps);
+        let (b, s) = *scale.shape();
+        let scale = self.point_as(hooks, &format!("{prefix}.hook_scale"), scale, vec![b, s, 1])?;
+        let normalized = ops::normalize(centered, &scale);
+        let normalized = self.point(hooks, &format!("{prefix}.hook_normalized"), normalized)?;
+        self.x = Some(match ln {
+            Some(l) => ops::affine(normalized, &l.w, &l.b),
+            None => normalized,
+        });
+        Ok(())
+    }
+
+    fn attention(&mut self, hooks: &mut Hooks, l: usize) -> Result<()> {
+        let name = |h: &str| block_hook(l, h);
+        let a = &self.w.blocks[l].attn;
+        let x = self.x_take();
+        let (b, s, d) = *x.shape();
+        let (h, dh) = (self.m.cfg.n_heads, self.m.cfg.d_head);
+        let split = |t: T3<D>| -> T4<D> { t.reshape_like(&(b, s, h, dh)) };
+
+        let q = self.point(
+            hooks,
+            &name("attn.hook_q"),
+            split(ops::linear(x.clone(), &a.q)),
+        )?;
+        let k = self.point(
+            hooks,
+            &name("attn.hook_k"),
+            split(ops::linear(x.clone(), &a.k)),
+        )?;
+        let v = self.point(hooks, &name("attn.hook_v"), split(ops::linear(x, &a.v)))?;
+
+        // [B, S, H, dh] -> [B, H, S, dh]
+        let q = q.permute::<_, Axes4<0, 2, 1, 3>>();
+        let k = k.permute::<_, Axes4<0, 2, 1, 3>>();
+        let v = v.permute::<_, Axes4<0, 2, 1, 3>>();
+        let scores = ops::causal_scores(q, k, dh);
+        let scores = self.point(hooks, &name("attn.hook_attn_scores"), scores)?;
+        let pattern = ops::softmax_keys(scores);
+        let pattern = self.point(hooks, &name("attn.hook_pattern"), pattern)?;
+
+        // z: [B, H, S, dh] -> [B, S, H, dh]
+        let z: T4<D> = pattern
+            .matmul(v)
+            .permute::<_, Axes4<0, 2, 1, 3>>()
+            .realize();
+        let z = self.point(hooks, &name("attn.hook_z"), z)?;
+
+        let result_name = name("attn.hook_result");
+        if hooks.touches(&result_name) {
+            // Per-head outputs [B, S, H, d_model] are only built when asked for: TL's
+            // `use_attn_result`. The sum below gives the same attn_out either way.
+            let w_o_heads: T3<D> = a.w_o_heads.clone();
+            let z_heads: T3<D> =
+                z.clone()
+                    .permute::<_, Axes4<2, 0, 1, 3>>()
+                    .reshape_like(&(h, b * s, dh));
+            let result: T4<D> = z_heads
+                .matmul(w_o_heads)
+                .reshape_like(&(h, b, s, d))
+                .permute::<_, Axes4<1, 2, 0, 3>>()
+                .realize();
+            self.point(hooks, &result_name, result)?;
+        }
+
+        let z_flat: T3<D> = z.reshape_like(&(b, s, h * dh));
+        let attn_out = self.point(hooks, &name("hook_attn_out"), ops::linear(z_flat, &a.o))?;
+        let resid = self.resid_take();
+        self.resid = Some(resid + attn_out);
+        Ok(())
+    }
+
+    fn mlp(&mut self, hooks: &mut Hooks, l: usize) -> Result<()> {
+        let name = |h: &str| block_hook(l, h);
+        let mlp = &self.w.blocks[l].mlp;
+        let x = self.x_take();
+        let pre = self.point(hooks, &name("mlp.hook_pre"), ops::linear(x, &mlp.fc_in))?;
+        let post = self.point(hooks, &name("mlp.hook_post"), ops::gelu_new(pre))?;
+        let mlp_out = self.point(hooks, &name("hook_mlp_out"), ops::linear(post, &mlp.fc_out))?;
+        let resid = self.resid_take();
+        self.resid = Some(resid + mlp_out);
+        Ok(())
+    }
+
+    fn unembed(&mut self, hooks: &mut Hooks) -> Result<T3<D>> {
+        let x = self.x_take();
+        self.point(hooks, LOGITS, ops::linear(x, &self.w.unembed))
     }
 }

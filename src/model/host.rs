@@ -1,4 +1,5 @@
-//! The CPU forward pass: GPT-2 on host buffers, with the same hook points as the dfdx pass.
+//! The CPU forward pass: the host bodies of the forward's steps (`model::pass`), on host
+//! buffers, with the same hook points as the dfdx bodies.
 //!
 //! Owns: the CPU kernels of the forward (fused QKV matmul, attention per (batch, head),
 //! LayerNorm, GELU) and the scratch buffers they reuse across layers and batches. Must not:
@@ -20,6 +21,7 @@ use rayon::prelude::*;
 
 use super::checkpoint::{LayerNormParams, Params, W3};
 use super::config::ModelConfig;
+use super::pass::{self, LnSite, Steps};
 use crate::error::Result;
 use crate::hooks::{block_hook, Hooks, LOGITS};
 use crate::kernels::{self, MatPtr, Par};
@@ -194,9 +196,9 @@ impl HostModel {
         }
     }
 
-    /// The forward pass over checked `tokens`; the logits `[batch * seq * d_vocab]` unless
-    /// `logits` is false. `logits_out`: whether the caller takes the logits (else, when
-    /// cached, they move into the cache instead of being copied).
+    /// The forward pass over checked `tokens` ([`pass::run`] on host buffers); the logits
+    /// `[batch * seq * d_vocab]` unless `logits` is false. `logits_out`: whether the caller
+    /// takes the logits (else, when cached, they move into the cache instead of being copied).
     pub(crate) fn run(
         &self,
         tokens: &Array2<u32>,
@@ -205,66 +207,15 @@ impl HostModel {
         logits_out: bool,
     ) -> Result<Option<Vec<f32>>> {
         let (b, s) = tokens.dim();
-        let n = b * s;
-        let d = self.cfg.d_model;
-        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let sc = &mut *guard;
-        let ids: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
-
-        // Embedding + position.
-        let w_e = self.w_e.as_slice().expect("standard layout");
-        let w_pos = self.w_pos.as_slice().expect("standard layout");
-        let resid = sized(&mut sc.resid, n * d);
-        let embed_hooked = hooks.touches("hook_embed") || hooks.touches("hook_pos_embed");
-        if embed_hooked {
-            let mut e = vec![0f32; n * d];
-            let mut p = vec![0f32; n * d];
-            for (r, &id) in ids.iter().enumerate() {
-                e[r * d..(r + 1) * d].copy_from_slice(&w_e[id * d..(id + 1) * d]);
-                let j = r % s;
-                p[r * d..(r + 1) * d].copy_from_slice(&w_pos[j * d..(j + 1) * d]);
-            }
-            hooks.visit_slice("hook_embed", &[b, s, d], &mut e)?;
-            hooks.visit_slice("hook_pos_embed", &[b, s, d], &mut p)?;
-            resid
-                .par_chunks_mut(d)
-                .zip(e.par_chunks(d).zip(p.par_chunks(d)))
-                .for_each(|(r, (e, p))| {
-                    r.iter_mut()
-                        .zip(e.iter().zip(p))
-                        .for_each(|(r, (e, p))| *r = e + p)
-                });
-        } else {
-            resid.par_chunks_mut(d).enumerate().for_each(|(r, row)| {
-                let (id, j) = (ids[r], r % s);
-                let (e, p) = (&w_e[id * d..(id + 1) * d], &w_pos[j * d..(j + 1) * d]);
-                row.iter_mut()
-                    .zip(e.iter().zip(p))
-                    .for_each(|(r, (e, p))| *r = e + p)
-            });
-        }
-
-        for (l, block) in self.blocks.iter().enumerate() {
-            self.block(hooks, l, block, sc, b, s)?;
-        }
-
-        self.layer_norm(hooks, "ln_final", self.ln_final.as_ref(), sc, b, s)?;
-        if !logits {
-            return Ok(None);
-        }
-        let v = self.unembed.n_out();
-        let mut out = vec![0f32; n * v];
-        self.unembed.apply(&sc.x[..n * d], &mut out, false);
-        drop(guard);
-        if !logits_out && hooks.wants(LOGITS) && !hooks.writes(LOGITS) {
-            // Cached and not returned: the one buffer moves into the cache.
-            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[b, s, v]), out)
-                .expect("b * s * d_vocab values");
-            hooks.visit(LOGITS, a)?;
-            return Ok(None);
-        }
-        hooks.visit_slice(LOGITS, &[b, s, v], &mut out)?;
-        Ok(Some(out))
+        let mut steps = HostPass {
+            m: self,
+            sc: self.scratch.lock().unwrap_or_else(|e| e.into_inner()),
+            ids: tokens.iter().map(|&t| t as usize).collect(),
+            b,
+            s,
+            logits_out,
+        };
+        Ok(pass::run(&mut steps, hooks, self.cfg.n_layers, logits)?.flatten())
     }
 
     /// TL's LayerNorm(Pre) of `sc.resid` into `sc.x`, with `hook_scale` `[B, S, 1]` and
@@ -340,25 +291,21 @@ impl HostModel {
         Ok(())
     }
 
-    fn block(
+    /// `resid += attn(x)` for block `l` (see [`Steps::attention`]).
+    fn attention_step(
         &self,
         hooks: &mut Hooks,
         l: usize,
-        blk: &Block,
         sc: &mut Scratch,
         b: usize,
         s: usize,
     ) -> Result<()> {
+        let blk = &self.blocks[l];
         let name = |h: &str| block_hook(l, h);
         let (n, d) = (b * s, self.cfg.d_model);
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let hd = h * dh;
         let touch = |hooks: &Hooks, h: &str| hooks.touches(&name(h));
-
-        if touch(hooks, "hook_resid_pre") {
-            hooks.visit_slice(&name("hook_resid_pre"), &[b, s, d], &mut sc.resid[..n * d])?;
-        }
-        self.layer_norm(hooks, &name("ln1"), blk.ln1.as_ref(), sc, b, s)?;
 
         // Q, K, V in one matmul; the hook points are column blocks of it.
         let qkv = sized(&mut sc.qkv, n * 3 * hd);
@@ -420,11 +367,22 @@ impl HostModel {
             b,
             s,
         )?;
-        if touch(hooks, "hook_resid_mid") {
-            hooks.visit_slice(&name("hook_resid_mid"), &[b, s, d], &mut sc.resid[..n * d])?;
-        }
+        Ok(())
+    }
 
-        self.layer_norm(hooks, &name("ln2"), blk.ln2.as_ref(), sc, b, s)?;
+    /// `resid += mlp(x)` for block `l` (see [`Steps::mlp`]).
+    fn mlp_step(
+        &self,
+        hooks: &mut Hooks,
+        l: usize,
+        sc: &mut Scratch,
+        b: usize,
+        s: usize,
+    ) -> Result<()> {
+        let blk = &self.blocks[l];
+        let name = |h: &str| block_hook(l, h);
+        let (n, d) = (b * s, self.cfg.d_model);
+        let touch = |hooks: &Hooks, h: &str| hooks.touches(&name(h));
         let m = blk.fc_in.n_out();
         let mlp = sized(&mut sc.mlp, n * m);
         blk.fc_in.apply(&sc.x[..n * d], mlp, false);
@@ -445,9 +403,6 @@ impl HostModel {
             b,
             s,
         )?;
-        if touch(hooks, "hook_resid_post") {
-            hooks.visit_slice(&name("hook_resid_post"), &[b, s, d], &mut sc.resid[..n * d])?;
-        }
         Ok(())
     }
 
@@ -582,5 +537,102 @@ impl HostModel {
             .enumerate()
             .for_each(|(bh, blk)| av_into(bh, blk));
         Ok(())
+    }
+}
+
+/// One pass on host buffers: the scratch buffers (held for the whole pass), the token ids.
+struct HostPass<'m> {
+    m: &'m HostModel,
+    sc: std::sync::MutexGuard<'m, Scratch>,
+    ids: Vec<usize>,
+    b: usize,
+    s: usize,
+    logits_out: bool,
+}
+
+impl Steps for HostPass<'_> {
+    /// `None` when the logits moved into the cache (cached, and not returned).
+    type Logits = Option<Vec<f32>>;
+
+    fn embed(&mut self, hooks: &mut Hooks) -> Result<()> {
+        let (b, s) = (self.b, self.s);
+        let (n, d) = (b * s, self.m.cfg.d_model);
+        let ids = &self.ids;
+        let w_e = self.m.w_e.as_slice().expect("standard layout");
+        let w_pos = self.m.w_pos.as_slice().expect("standard layout");
+        let resid = sized(&mut self.sc.resid, n * d);
+        let embed_hooked = hooks.touches("hook_embed") || hooks.touches("hook_pos_embed");
+        if embed_hooked {
+            let mut e = vec![0f32; n * d];
+            let mut p = vec![0f32; n * d];
+            for (r, &id) in ids.iter().enumerate() {
+                e[r * d..(r + 1) * d].copy_from_slice(&w_e[id * d..(id + 1) * d]);
+                let j = r % s;
+                p[r * d..(r + 1) * d].copy_from_slice(&w_pos[j * d..(j + 1) * d]);
+            }
+            hooks.visit_slice("hook_embed", &[b, s, d], &mut e)?;
+            hooks.visit_slice("hook_pos_embed", &[b, s, d], &mut p)?;
+            resid
+                .par_chunks_mut(d)
+                .zip(e.par_chunks(d).zip(p.par_chunks(d)))
+                .for_each(|(r, (e, p))| {
+                    r.iter_mut()
+                        .zip(e.iter().zip(p))
+                        .for_each(|(r, (e, p))| *r = e + p)
+                });
+        } else {
+            resid.par_chunks_mut(d).enumerate().for_each(|(r, row)| {
+                let (id, j) = (ids[r], r % s);
+                let (e, p) = (&w_e[id * d..(id + 1) * d], &w_pos[j * d..(j + 1) * d]);
+                row.iter_mut()
+                    .zip(e.iter().zip(p))
+                    .for_each(|(r, (e, p))| *r = e + p)
+            });
+        }
+        Ok(())
+    }
+
+    fn resid(&mut self, hooks: &mut Hooks, name: &str) -> Result<()> {
+        if hooks.touches(name) {
+            let (b, s, d) = (self.b, self.s, self.m.cfg.d_model);
+            hooks.visit_slice(name, &[b, s, d], &mut self.sc.resid[..b * s * d])?;
+        }
+        Ok(())
+    }
+
+    fn layer_norm(&mut self, hooks: &mut Hooks, site: LnSite) -> Result<()> {
+        let ln = match site {
+            LnSite::Ln1(l) => self.m.blocks[l].ln1.as_ref(),
+            LnSite::Ln2(l) => self.m.blocks[l].ln2.as_ref(),
+            LnSite::Final => self.m.ln_final.as_ref(),
+        };
+        self.m
+            .layer_norm(hooks, &site.prefix(), ln, &mut self.sc, self.b, self.s)
+    }
+
+    fn attention(&mut self, hooks: &mut Hooks, layer: usize) -> Result<()> {
+        self.m
+            .attention_step(hooks, layer, &mut self.sc, self.b, self.s)
+    }
+
+    fn mlp(&mut self, hooks: &mut Hooks, layer: usize) -> Result<()> {
+        self.m.mlp_step(hooks, layer, &mut self.sc, self.b, self.s)
+    }
+
+    fn unembed(&mut self, hooks: &mut Hooks) -> Result<Option<Vec<f32>>> {
+        let (b, s) = (self.b, self.s);
+        let (n, d) = (b * s, self.m.cfg.d_model);
+        let v = self.m.unembed.n_out();
+        let mut out = vec![0f32; n * v];
+        self.m.unembed.apply(&self.sc.x[..n * d], &mut out, false);
+        if !self.logits_out && hooks.wants(LOGITS) && !hooks.writes(LOGITS) {
+            // Cached and not returned: the one buffer moves into the cache.
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[b, s, v]), out)
+                .expect("b * s * d_vocab values");
+            hooks.visit(LOGITS, a)?;
+            return Ok(None);
+        }
+        hooks.visit_slice(LOGITS, &[b, s, v], &mut out)?;
+        Ok(Some(out))
     }
 }

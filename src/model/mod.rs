@@ -3,9 +3,9 @@
 //! Owns: everything from a checkpoint on disk to a [`HookedGpt2`] on a device. The
 //! submodules follow the data: [`config`] reads `config.json`, [`hub`] finds the files,
 //! [`checkpoint`] maps HF tensors to TransformerLens's layout, [`process`] applies TL's weight
-//! processing, [`ops`] holds the dfdx tensor ops of the device path, `host` the CPU's
-//! kernels, and [`gpt2`] is the forward pass over either (picked by the device's type,
-//! [`crate::seam::SeamDevice`]).
+//! processing, `pass` writes the forward pass once as steps,
+//! `host` (the CPU's kernels) and [`gpt2`] (dfdx tensor ops, [`ops`]) give each step a body,
+//! and [`HookedGpt2`] picks one by the device's type ([`crate::seam::SeamDevice`]).
 //! Must not: know about experiments, datasets or metrics.
 
 pub mod checkpoint;
@@ -14,6 +14,7 @@ pub mod gpt2;
 mod host;
 pub mod hub;
 pub mod ops;
+mod pass;
 pub mod process;
 
 use std::path::{Path, PathBuf};

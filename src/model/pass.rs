@@ -1,0 +1,89 @@
+//! GPT-2's forward pass, written once: TransformerLens's `HookedTransformer.forward` as a
+//! sequence of steps, each with one body per backend.
+//!
+//! Owns: the order of the steps and of the hook points between them ([`run`]), and the
+//! [`Steps`] a backend implements: the host kernels (`model::host`, the CPU) and the dfdx
+//! tensor ops (`model::gpt2`: CUDA, and the CPU in the tests). Must not: hold weights or
+//! buffers, or know how a step is computed.
+//!
+//! A step is as coarse as the CPU's fusions need: the attention step reads Q, K and V out of
+//! one fused matmul and adds its output into the residual stream in place, so it is one step
+//! rather than "linear, split, attend, linear, add". Each step's doc lists the hook points it
+//! visits, in TL's order; the points between steps are visited here.
+
+use crate::error::Result;
+use crate::hooks::{block_hook, Hooks};
+
+/// Which LayerNorm a step normalises with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LnSite {
+    /// `blocks.L.ln1`, before the attention.
+    Ln1(usize),
+    /// `blocks.L.ln2`, before the MLP.
+    Ln2(usize),
+    /// `ln_final`, before the unembedding.
+    Final,
+}
+
+impl LnSite {
+    /// The hook name prefix (`blocks.3.ln1`, `ln_final`).
+    pub(crate) fn prefix(self) -> String {
+        match self {
+            LnSite::Ln1(l) => block_hook(l, "ln1"),
+            LnSite::Ln2(l) => block_hook(l, "ln2"),
+            LnSite::Final => "ln_final".to_string(),
+        }
+    }
+}
+
+/// One forward pass in progress on a backend: the residual stream `resid` and the
+/// normalised input `x` of the next attention, MLP or unembedding live in the backend.
+pub(crate) trait Steps {
+    /// What the unembedding gives back.
+    type Logits;
+
+    /// `resid = W_E[tokens] + W_pos[positions]`: `hook_embed`, `hook_pos_embed`.
+    fn embed(&mut self, hooks: &mut Hooks) -> Result<()>;
+
+    /// The residual stream at the point `name` (`hook_resid_pre`, `_mid`, `_post`).
+    fn resid(&mut self, hooks: &mut Hooks, name: &str) -> Result<()>;
+
+    /// `x = LayerNorm(resid)`: `hook_scale`, `hook_normalized` (then the affine part, while
+    /// it has not been folded into the next weights).
+    fn layer_norm(&mut self, hooks: &mut Hooks, site: LnSite) -> Result<()>;
+
+    /// `resid += attn(x)`: `attn.hook_q`, `hook_k`, `hook_v`, `hook_attn_scores`,
+    /// `hook_pattern`, `hook_z`, `hook_result`, then `hook_attn_out`.
+    fn attention(&mut self, hooks: &mut Hooks, layer: usize) -> Result<()>;
+
+    /// `resid += mlp(x)`: `mlp.hook_pre`, `mlp.hook_post`, then `hook_mlp_out`.
+    fn mlp(&mut self, hooks: &mut Hooks, layer: usize) -> Result<()>;
+
+    /// `x @ W_U + b_U`: the point `logits`.
+    fn unembed(&mut self, hooks: &mut Hooks) -> Result<Self::Logits>;
+}
+
+/// The forward pass of an `n_layers` GPT-2 on `steps`, visiting every hook point in TL's
+/// order; the unembedding (the largest matmul) only when `logits` is asked for.
+pub(crate) fn run<S: Steps>(
+    steps: &mut S,
+    hooks: &mut Hooks,
+    n_layers: usize,
+    logits: bool,
+) -> Result<Option<S::Logits>> {
+    steps.embed(hooks)?;
+    for l in 0..n_layers {
+        steps.resid(hooks, &block_hook(l, "hook_resid_pre"))?;
+        steps.layer_norm(hooks, LnSite::Ln1(l))?;
+        steps.attention(hooks, l)?;
+        steps.resid(hooks, &block_hook(l, "hook_resid_mid"))?;
+        steps.layer_norm(hooks, LnSite::Ln2(l))?;
+        steps.mlp(hooks, l)?;
+        steps.resid(hooks, &block_hook(l, "hook_resid_post"))?;
+    }
+    steps.layer_norm(hooks, LnSite::Final)?;
+    if !logits {
+        return Ok(None);
+    }
+    steps.unembed(hooks).map(Some)
+}
