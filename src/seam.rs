@@ -251,51 +251,42 @@ pub trait SeamDevice: Device<f32> + 'static {
     ) -> &'s mut DeviceActs<Self>;
 }
 
-impl SeamDevice for Cpu {
-    const HOST_KERNELS: bool = true;
+/// `SeamDevice` for a dfdx device type whose activations live in `DeviceStore::$variant`.
+macro_rules! seam_device {
+    ($dev:ty, $variant:ident, host_kernels = $host:expr) => {
+        impl SeamDevice for $dev {
+            const HOST_KERNELS: bool = $host;
 
-    fn acts<'s>(
-        store: &'s mut Option<DeviceStore>,
-        dev: &Self,
-        params: &Arc<DeviceParams<Self>>,
-    ) -> &'s mut DeviceActs<Self> {
-        // A store of another device, or of another model, is replaced.
-        let fresh = !matches!(store, Some(DeviceStore::Cpu(a)) if Arc::ptr_eq(&a.params, params));
-        if fresh {
-            *store = Some(DeviceStore::Cpu(DeviceActs::new(
-                dev.clone(),
-                params.clone(),
-            )));
+            fn acts<'s>(
+                store: &'s mut Option<DeviceStore>,
+                dev: &Self,
+                params: &Arc<DeviceParams<Self>>,
+            ) -> &'s mut DeviceActs<Self> {
+                // A store of another device, or of another model's weights, is replaced.
+                let fresh = !matches!(
+                    store,
+                    Some(DeviceStore::$variant(a)) if Arc::ptr_eq(&a.params, params)
+                );
+                if fresh {
+                    *store = Some(DeviceStore::$variant(DeviceActs::new(
+                        dev.clone(),
+                        params.clone(),
+                    )));
+                }
+                match store {
+                    Some(DeviceStore::$variant(a)) => a,
+                    _ => unreachable!("just made"),
+                }
+            }
         }
-        match store {
-            Some(DeviceStore::Cpu(a)) => a,
-            _ => unreachable!("just made"),
-        }
-    }
+    };
 }
 
+// The CPU runs its forward on host kernels; dfdx's `Cpu` tensors (and this store) serve the
+// device-generic path the tests check.
+seam_device!(Cpu, Cpu, host_kernels = true);
 #[cfg(feature = "cuda")]
-impl SeamDevice for dfdx::tensor::Cuda {
-    const HOST_KERNELS: bool = false;
-
-    fn acts<'s>(
-        store: &'s mut Option<DeviceStore>,
-        dev: &Self,
-        params: &Arc<DeviceParams<Self>>,
-    ) -> &'s mut DeviceActs<Self> {
-        let fresh = !matches!(store, Some(DeviceStore::Cuda(a)) if Arc::ptr_eq(&a.params, params));
-        if fresh {
-            *store = Some(DeviceStore::Cuda(DeviceActs::new(
-                dev.clone(),
-                params.clone(),
-            )));
-        }
-        match store {
-            Some(DeviceStore::Cuda(a)) => a,
-            _ => unreachable!("just made"),
-        }
-    }
-}
+seam_device!(dfdx::tensor::Cuda, Cuda, host_kernels = false);
 
 /// Work on a batch's cached activations, written once with a body per backend (candle's
 /// `CustomOp`: `cpu_fwd` / `cuda_fwd`). The caller never picks one:

@@ -380,22 +380,16 @@ impl HostModel {
         s: usize,
     ) -> Result<()> {
         let blk = &self.blocks[l];
-        let name = |h: &str| block_hook(l, h);
-        let (n, d) = (b * s, self.cfg.d_model);
-        let touch = |hooks: &Hooks, h: &str| hooks.touches(&name(h));
-        let m = blk.fc_in.n_out();
+        let (n, d, m) = (b * s, self.cfg.d_model, blk.fc_in.n_out());
         let mlp = sized(&mut sc.mlp, n * m);
         blk.fc_in.apply(&sc.x[..n * d], mlp, false);
-        if touch(hooks, "mlp.hook_pre") {
-            hooks.visit_slice(&name("mlp.hook_pre"), &[b, s, m], mlp)?;
-        }
+        // `visit_slice` does nothing at a point nobody caches or writes.
+        hooks.visit_slice(&block_hook(l, "mlp.hook_pre"), &[b, s, m], mlp)?;
         mlp.par_chunks_mut(4096).for_each(kernels::gelu_slice);
-        if touch(hooks, "mlp.hook_post") {
-            hooks.visit_slice(&name("mlp.hook_post"), &[b, s, m], mlp)?;
-        }
+        hooks.visit_slice(&block_hook(l, "mlp.hook_post"), &[b, s, m], mlp)?;
         Self::into_resid(
             hooks,
-            &name("hook_mlp_out"),
+            &block_hook(l, "hook_mlp_out"),
             &blk.fc_out,
             &sc.mlp[..n * m],
             &mut sc.resid[..n * d],
