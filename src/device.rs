@@ -5,11 +5,11 @@
 //! cache` write their work once, generic over the device ([`OnDevice`]). Must not: know what
 //! the work is.
 
-use crate::seam::SeamDevice;
 use dfdx::prelude::Cpu;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::seam::SeamDevice;
 
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
 
-use crate::seam::SeamDevice;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +25,7 @@ use crate::hooks::{HookFilter, Hooks};
 use crate::metrics::{BatchView, Metric, RunContext};
 use crate::model::HookedGpt2;
 use crate::output::Table;
+use crate::seam::SeamDevice;
 
 /// A metric that failed, and why.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

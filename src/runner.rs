@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::seam::SeamDevice;
 use dfdx::prelude::Cpu;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -32,6 +31,7 @@ use crate::metrics::{self, RunContext, WeightMetric, WEIGHTS_DATASET};
 use crate::model::{self, checkpoint, LoadedModel, ModelSource};
 use crate::output::{self, NonFinite, Staging, Table, TableNames, Target};
 use crate::report;
+use crate::seam::SeamDevice;
 use crate::shard::checkpoint::Recorder;
 use crate::shard::compute::ComputeOptions;
 use crate::shard::{self, DatasetId, Identity, Shard, ShardDataset, ShardManifest};
@@ -82,7 +82,8 @@ fn spinner(quiet: bool, msg: String) -> ProgressBar {
     pb
 }
 
-fn bar(quiet: bool, len: u64, msg: String) -> ProgressBar {
+/// A progress bar over `len` sequences (hidden when `quiet`), shared with sharded runs.
+pub(crate) fn bar(quiet: bool, len: u64, msg: String) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::seam::SeamDevice;
 use ndarray::{Array2, ArrayD};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -26,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::hooks::{ActivationCache, HookFilter, Hooks, LOGITS};
 use crate::model::{self, CheckpointFiles, ModelConfig, ModelSource, Processing};
 use crate::output::write_atomic;
+use crate::seam::SeamDevice;
 use crate::tokenizer;
 
 /// The name the input token ids are saved under (I64, `[batch, seq]`).

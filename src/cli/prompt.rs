@@ -7,12 +7,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::seam::SeamDevice;
-
 use crate::device::{with_device, DeviceChoice, OnDevice};
 use crate::error::{Error, Result};
 use crate::model::{self, ModelSource, Processing};
 use crate::report::prompt::{test_prompt, PromptOptions};
+use crate::seam::SeamDevice;
 
 /// `runner prompt --model gpt2 "PROMPT" --answer " Sarah"`.
 #[derive(clap::Args, Debug)]

@@ -19,8 +19,6 @@ pub mod process;
 
 use std::path::{Path, PathBuf};
 
-use crate::seam::SeamDevice;
-
 pub use checkpoint::{CheckpointFiles, Params};
 pub use config::ModelConfig;
 pub use gpt2::HookedGpt2;
@@ -29,6 +27,7 @@ pub use crate::metrics::ops::per_token_loss;
 pub use process::Processing;
 
 use crate::error::Result;
+use crate::seam::SeamDevice;
 use crate::tokenizer::GptTokenizer;
 
 /// Where a model comes from.

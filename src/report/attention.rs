@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::seam::SeamDevice;
 use ndarray::{s, Array2, Ix4};
 use serde::Serialize;
 
@@ -20,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::hooks::{block_hook, HookFilter, Hooks};
 use crate::model::HookedGpt2;
 use crate::output;
+use crate::seam::SeamDevice;
 
 /// Runs `tokens` (one sequence) and returns each head's pattern `[dest, src]`.
 pub fn attention_patterns<D: SeamDevice>(

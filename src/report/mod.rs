@@ -25,11 +25,10 @@ pub mod views;
 
 use std::path::{Path, PathBuf};
 
-use crate::seam::SeamDevice;
-
 use crate::data::Dataset;
 use crate::model::LoadedModel;
 use crate::output::Table;
+use crate::seam::SeamDevice;
 use crate::spec::LoadedSpec;
 
 pub use views::{check_views, ResolvedView};

@@ -20,12 +20,12 @@
 
 use std::fmt;
 
-use crate::seam::SeamDevice;
 use ndarray::Array2;
 
 use crate::error::{Error, Result};
 use crate::hooks::Hooks;
 use crate::model::HookedGpt2;
+use crate::seam::SeamDevice;
 use crate::tokenizer::GptTokenizer;
 
 /// How to build the tokens, as TL's `test_prompt` arguments.

@@ -6,15 +6,14 @@
 //! covers, and deciding which datasets end in tables (unsharded) or in saved states (a
 //! shard). Must not: run batches itself ([`Engine::run_batches`] does) or write tables.
 
-use crate::seam::SeamDevice;
-use indicatif::{ProgressBar, ProgressStyle};
-
 use super::checkpoint::{Checkpoint, Recorder};
 use super::Shard;
 use crate::data::Dataset;
 use crate::engine::{Engine, LoopOptions, MetricSet, Timings};
 use crate::error::{Error, Result};
 use crate::output::Table;
+use crate::runner::bar;
+use crate::seam::SeamDevice;
 
 /// One dataset's outcome: its tables (none for a shard, which saves states instead) and
 /// where its time went.
@@ -30,19 +29,6 @@ pub struct ComputeOptions {
     /// Continue from the recorder's checkpoint when there is one.
     pub resume: bool,
     pub quiet: bool,
-}
-
-fn bar(quiet: bool, len: u64, msg: String) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len).with_message(msg);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:28} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb
 }
 
 /// Restores dataset `d` of a checkpoint into metrics whose `start_dataset` was just called.

@@ -12,8 +12,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::seam::SeamDevice;
-
 use super::checkpoint::{Checkpoint, STATE_FILE};
 use super::{shards_dir, DatasetId, Shard, ShardManifest, SHARD_MANIFEST};
 use crate::device::{with_device, DeviceChoice, OnDevice};
@@ -22,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::metrics::RunContext;
 use crate::model::checkpoint::sha256_file;
 use crate::runner::{self, Computed, RunReport, WriteInput};
+use crate::seam::SeamDevice;
 use crate::spec::LoadedSpec;
 
 /// `runner merge` options.
