@@ -182,7 +182,7 @@ pub fn projection_losses<D: Device<f32>>(
     let dev = acts.device();
     let p = acts.params();
     let logits = act3(acts, LOGITS)?;
-    let (b, s, v) = *logits.shape();
+    let (b, s, _) = *logits.shape();
     let d = p.w_u.shape().0;
     let targets = next_tokens(dev, tokens);
     let orig = drop_last(&token_losses(logits.clone(), &targets));
@@ -196,9 +196,9 @@ pub fn projection_losses<D: Device<f32>>(
         .reshape_like(&(b, s));
     let u3: T3<D> = u_tok.clone().reshape_like(&(b, s, d));
     let uu: Option<T3<D>> = (s < d).then(|| u3.clone().matmul(p.w_u.clone()));
-    let inv: T3<D> = final_scale(acts)?
-        .recip()
-        .broadcast_like::<_, Axis<2>>(&(b, s, v));
+    // The frozen final LayerNorm scale divides each query row: folded into the small left
+    // operands ([B, S, S] and [B, S, d_head]) rather than into three [B, S, V] products.
+    let inv: T2<D> = final_scale(acts)?.recip();
 
     let mut out = Vec::new();
     for (layer, heads) in heads_by_layer {
@@ -207,7 +207,7 @@ pub fn projection_losses<D: Device<f32>>(
         let z = act4(acts, &block_hook(layer, "attn.hook_z"))?;
         let pattern = act4(acts, &block_hook(layer, "attn.hook_pattern"))?;
         let w_o = &p.w_o[layer];
-        let (_, _, n_heads, _) = *vv.shape();
+        let (_, _, n_heads, dh) = *vv.shape();
         let coef: T3<D> = source_coefficients(vv, w_o, &u_tok)
             / u_sq.clone().broadcast_like::<_, Axis<2>>(&(b, s, n_heads));
         let coef = if only_negative {
@@ -220,17 +220,22 @@ pub fn projection_losses<D: Device<f32>>(
             let per_seq = dev.tensor_from_vec(vec![h; b], (b,));
             let coef_h: T2<D> = coef.clone().select(per_token.clone());
             let pattern_h: T3<D> = pattern.clone().select(per_seq);
-            let a: T3<D> = pattern_h * coef_h.broadcast_like::<_, Axis<1>>(&(b, s, s));
+            let a: T3<D> = pattern_h
+                * coef_h.broadcast_like::<_, Axis<1>>(&(b, s, s))
+                * inv.clone().broadcast_like::<_, Axis<2>>(&(b, s, s));
             let new_u: T3<D> = match &uu {
                 Some(uu) => a.matmul(uu.clone()),
                 None => a.matmul(u3.clone()).matmul(p.w_u.clone()),
             };
-            let z_h: T3<D> = z.clone().select(per_token);
+            let z_h: T3<D> = z.clone().select(per_token)
+                * inv.clone().broadcast_like::<_, Axis<2>>(&(b, s, dh));
             let w_o_h: T2<D> = w_o.clone().select(dev.tensor(h));
             let orig_u: T3<D> = z_h.matmul(w_o_h.matmul(p.w_u.clone()));
-            let proj = logits.clone() + (new_u.clone() - orig_u.clone()) * inv.clone();
-            let perp = logits.clone() - new_u * inv.clone();
-            let abl = logits.clone() - orig_u * inv.clone();
+            // Each [B, S, V] pass costs memory bandwidth on a GPU: three here, one per
+            // variant (proj = logits - orig + new reuses the ablation's logits).
+            let abl = logits.clone() - orig_u;
+            let perp = logits.clone() - new_u.clone();
+            let proj = abl.clone() + new_u;
             let mut l = Array3::<f32>::zeros((3, b, s.saturating_sub(1)));
             for (k, x) in [proj, perp, abl].into_iter().enumerate() {
                 l.slice_mut(s![k, .., ..])
