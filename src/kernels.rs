@@ -370,45 +370,94 @@ simd_dispatch!(
     scale_slice = scale_slice_body(x: &mut [f32], f: f32)
 );
 
+/// projection_loss's three modified logits from a logit `l`, a head's `new @ W_U` (`n`) and
+/// `orig @ W_U` (`o`), divided by the frozen final scale (`* inv`): keep only the projection
+/// (`l + (new - orig)`), only the perpendicular part (`l - new`), or ablate the head's direct
+/// effect (`l - orig`). The one definition both passes below and the target logit use, so
+/// the target is exactly the value the log-sum-exp saw.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn three_variants_body(
-    l: &[f32],
-    n: &[f32],
-    o: &[f32],
-    inv: f32,
-    proj: &mut [f32],
-    perp: &mut [f32],
-    abl: &mut [f32],
-) {
-    let w = l.len();
-    let (n, o, proj, perp, abl) = (
-        &n[..w],
-        &o[..w],
-        &mut proj[..w],
-        &mut perp[..w],
-        &mut abl[..w],
-    );
-    for j in 0..w {
-        proj[j] = l[j] + (n[j] - o[j]) * inv; // keep only the projection: new - orig
-        perp[j] = l[j] - n[j] * inv; // keep only the perpendicular part: -new
-        abl[j] = l[j] - o[j] * inv; // remove the head's direct effect: -orig
+pub fn three_variants(l: f32, n: f32, o: f32, inv: f32) -> [f32; 3] {
+    [l + (n - o) * inv, l - n * inv, l - o * inv]
+}
+
+/// `a.max(b)` without `f32::max`'s NaN handling, so it is one vector instruction (a NaN
+/// logit still reaches the sum of exps, and from there the loss).
+#[inline(always)]
+fn fmax(a: f32, b: f32) -> f32 {
+    if b > a {
+        b
+    } else {
+        a
     }
 }
 
+#[inline(always)]
+fn max3_body(l: &[f32], n: &[f32], o: &[f32], inv: f32) -> [f32; 3] {
+    let w = l.len();
+    let (n, o) = (&n[..w], &o[..w]);
+    let mut lanes = [[f32::NEG_INFINITY; 16]; 3];
+    let (lc, nc, oc) = (l.chunks_exact(16), n.chunks_exact(16), o.chunks_exact(16));
+    let tail = lc.remainder().len();
+    for ((l, n), o) in lc.zip(nc).zip(oc) {
+        for j in 0..16 {
+            let v = three_variants(l[j], n[j], o[j], inv);
+            for x in 0..3 {
+                lanes[x][j] = fmax(lanes[x][j], v[x]);
+            }
+        }
+    }
+    let mut out = [f32::NEG_INFINITY; 3];
+    for j in w - tail..w {
+        let v = three_variants(l[j], n[j], o[j], inv);
+        for x in 0..3 {
+            out[x] = fmax(out[x], v[x]);
+        }
+    }
+    for x in 0..3 {
+        out[x] = lanes[x].iter().copied().fold(out[x], fmax);
+    }
+    out
+}
+
 simd_dispatch!(
-    /// projection_loss's three modified logit rows from the logits `l`, a head's `new @ W_U`
-    /// (`n`) and `orig @ W_U` (`o`), divided by the frozen final scale (`* inv`).
-    #[allow(clippy::too_many_arguments)]
-    three_variants = three_variants_body(
-        l: &[f32],
-        n: &[f32],
-        o: &[f32],
-        inv: f32,
-        proj: &mut [f32],
-        perp: &mut [f32],
-        abl: &mut [f32]
-    )
+    /// The maxima of projection_loss's three modified logit rows ([`three_variants`] of
+    /// `l`, `n`, `o`), without writing the rows.
+    max3 = max3_body(l: &[f32], n: &[f32], o: &[f32], inv: f32) -> [f32; 3]
+);
+
+#[inline(always)]
+fn sum_exp3_body(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> [f64; 3] {
+    let w = l.len();
+    let (n, o) = (&n[..w], &o[..w]);
+    let mut lanes = [[0f32; 16]; 3];
+    let (lc, nc, oc) = (l.chunks_exact(16), n.chunks_exact(16), o.chunks_exact(16));
+    let tail = lc.remainder().len();
+    for ((l, n), o) in lc.zip(nc).zip(oc) {
+        for j in 0..16 {
+            let v = three_variants(l[j], n[j], o[j], inv);
+            for x in 0..3 {
+                lanes[x][j] += exp(v[x] - m[x]);
+            }
+        }
+    }
+    let mut out = [0f64; 3];
+    for j in w - tail..w {
+        let v = three_variants(l[j], n[j], o[j], inv);
+        for x in 0..3 {
+            out[x] += exp(v[x] - m[x]) as f64;
+        }
+    }
+    for x in 0..3 {
+        out[x] += lanes[x].iter().map(|&s| s as f64).sum::<f64>();
+    }
+    out
+}
+
+simd_dispatch!(
+    /// `sum(exp(row - m))` for each of projection_loss's three modified logit rows
+    /// ([`three_variants`]), recomputed from `l`, `n`, `o` rather than read back: three
+    /// fused multiply-adds cost less than writing and re-reading three rows.
+    sum_exp3 = sum_exp3_body(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> [f64; 3]
 );
 
 /// `log(sum(exp(x)))`, shifted by the max for stability.
