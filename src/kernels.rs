@@ -454,11 +454,12 @@ fn sum_exp3_body<const FMA: bool>(
     o: &[f32],
     inv: f32,
     m: [f32; 3],
-) -> [f64; 3] {
+) -> ([f64; 3], [f32; 3]) {
     let e = |x: f32| if FMA { exp_fma(x) } else { exp(x) };
     let w = l.len();
     let (n, o) = (&n[..w], &o[..w]);
     let mut lanes = [[0f32; 16]; 3];
+    let mut maxes = [[f32::NEG_INFINITY; 16]; 3];
     let (lc, nc, oc) = (l.chunks_exact(16), n.chunks_exact(16), o.chunks_exact(16));
     let tail = lc.remainder().len();
     for ((l, n), o) in lc.zip(nc).zip(oc) {
@@ -466,36 +467,54 @@ fn sum_exp3_body<const FMA: bool>(
             let v = three_variants(l[j], n[j], o[j], inv);
             for x in 0..3 {
                 lanes[x][j] += e(v[x] - m[x]);
+                maxes[x][j] = fmax(maxes[x][j], v[x]);
             }
         }
     }
     let mut out = [0f64; 3];
+    let mut mx = [f32::NEG_INFINITY; 3];
     for j in w - tail..w {
         let v = three_variants(l[j], n[j], o[j], inv);
         for x in 0..3 {
             out[x] += e(v[x] - m[x]) as f64;
+            mx[x] = fmax(mx[x], v[x]);
         }
     }
     for x in 0..3 {
         out[x] += lanes[x].iter().map(|&s| s as f64).sum::<f64>();
+        mx[x] = maxes[x].iter().copied().fold(mx[x], fmax);
     }
-    out
+    (out, mx)
 }
 
 /// `sum(exp(row - m))` for each of projection_loss's three modified logit rows
-/// ([`three_variants`]), recomputed from `l`, `n`, `o` rather than read back: three
-/// multiply-adds cost less than writing and re-reading three rows. Dispatched by hand, not
-/// through `simd_dispatch!`: the AVX copies use [`exp_fma`], the fallback [`exp`].
+/// ([`three_variants`]), and the rows' maxima, in one pass: the rows are recomputed from
+/// `l`, `n`, `o` rather than read back (three multiply-adds cost less than writing and
+/// re-reading three rows), and a caller that already holds a running max from earlier
+/// columns needs no separate max pass (see `projection_loss::chunked_losses`). Dispatched by
+/// hand, not through `simd_dispatch!`: the AVX copies use [`exp_fma`], the fallback [`exp`].
 #[inline]
-pub fn sum_exp3(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> [f64; 3] {
+pub fn sum_exp3(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> ([f64; 3], [f32; 3]) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn v4(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> [f64; 3] {
+        unsafe fn v4(
+            l: &[f32],
+            n: &[f32],
+            o: &[f32],
+            inv: f32,
+            m: [f32; 3],
+        ) -> ([f64; 3], [f32; 3]) {
             sum_exp3_body::<true>(l, n, o, inv, m)
         }
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn v3(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> [f64; 3] {
+        unsafe fn v3(
+            l: &[f32],
+            n: &[f32],
+            o: &[f32],
+            inv: f32,
+            m: [f32; 3],
+        ) -> ([f64; 3], [f32; 3]) {
             sum_exp3_body::<true>(l, n, o, inv, m)
         }
         if std::is_x86_feature_detected!("avx512f") {
@@ -560,10 +579,13 @@ mod tests {
         );
         let inv = 0.8;
         let m = max3(&l, &n, &o, inv);
-        let got = sum_exp3(&l, &n, &o, inv, m);
+        // Shifted by less than the max too (as after earlier columns with smaller values).
+        let shift = [m[0], m[1] - 5.0, m[2] + 3.0];
+        let (got, got_max) = sum_exp3(&l, &n, &o, inv, shift);
+        assert_eq!(got_max, m);
         for x in 0..3 {
             let want: f64 = (0..w)
-                .map(|j| ((three_variants(l[j], n[j], o[j], inv)[x] - m[x]) as f64).exp())
+                .map(|j| ((three_variants(l[j], n[j], o[j], inv)[x] - shift[x]) as f64).exp())
                 .sum();
             assert!((got[x] - want).abs() < 1e-6 * want, "{} vs {want}", got[x]);
         }

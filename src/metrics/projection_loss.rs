@@ -73,6 +73,10 @@ pub fn token_losses(
 /// head of the layer reuses, stay in a core's L2 (S = 100: 4 x 200 KiB).
 pub const CHUNK: usize = 512;
 
+/// How far a column piece's max may exceed the running max before [`chunked_losses`] shifts
+/// by the new max first: `exp(60)` times the piece's 512 columns stays far inside f32.
+const MAX_JUMP: f32 = 60.0;
+
 /// One layer's operands for [`chunked_losses`] (a group of `G` heads).
 pub struct LayerOperands<'a> {
     /// `[B, S, V]`.
@@ -237,22 +241,40 @@ pub fn chunked_losses(op: &LayerOperands) -> Vec<Array3<f32>> {
                     let off = (i * s + q) * v + c0;
                     let lq = &l_s[off..off + w];
                     let (nq, oq) = (&new_b[q * w..(q + 1) * w], &orig_b[q * w..(q + 1) * w]);
-                    let cm = kernels::max3(lq, nq, oq, inv[t]);
-                    for ((m, sum), cm) in acc.m[e].iter_mut().zip(&mut acc.sum[e]).zip(cm) {
-                        // (A NaN never wins the max; it reaches the loss through the sum.)
-                        if cm > *m {
+                    let (m, sum) = (&mut acc.m[e], &mut acc.sum[e]);
+                    // One pass, shifted by the running max of earlier columns: the max of
+                    // these columns comes out of the same pass, and the sum is rescaled when
+                    // it grew. A separate max pass first only where there is no running max
+                    // yet, or where these columns exceed it by so much that exp(x - max)
+                    // could overflow f32 (e^60 x 512 columns is far from it).
+                    let fresh = m.contains(&f32::NEG_INFINITY);
+                    let (mut add, mut cm) = if fresh {
+                        ([0.0; 3], [f32::INFINITY; 3])
+                    } else {
+                        kernels::sum_exp3(lq, nq, oq, inv[t], *m)
+                    };
+                    if (0..3).any(|x| cm[x] > m[x] + MAX_JUMP) {
+                        let shift = kernels::max3(lq, nq, oq, inv[t]);
+                        for x in 0..3 {
                             // Rescale what was summed under the old max.
-                            *sum *= if *m == f32::NEG_INFINITY {
-                                0.0
-                            } else {
-                                ((*m - cm) as f64).exp()
-                            };
-                            *m = cm;
+                            if shift[x] > m[x] {
+                                sum[x] *= if m[x] == f32::NEG_INFINITY {
+                                    0.0
+                                } else {
+                                    ((m[x] - shift[x]) as f64).exp()
+                                };
+                                m[x] = shift[x];
+                            }
                         }
+                        (add, cm) = kernels::sum_exp3(lq, nq, oq, inv[t], *m);
                     }
-                    let add = kernels::sum_exp3(lq, nq, oq, inv[t], acc.m[e]);
-                    for (sum, add) in acc.sum[e].iter_mut().zip(add) {
-                        *sum += add;
+                    for x in 0..3 {
+                        sum[x] += add[x];
+                        // (A NaN never wins the max; it reaches the loss through the sum.)
+                        if cm[x] > m[x] {
+                            sum[x] *= ((m[x] - cm[x]) as f64).exp();
+                            m[x] = cm[x];
+                        }
                     }
                     if (c0..c0 + w).contains(&target[t]) {
                         let j = target[t] - c0;
