@@ -81,7 +81,8 @@ const MAX_JUMP: f32 = 60.0;
 pub struct LayerOperands<'a> {
     /// `[B, S, V]`.
     pub logits: ArrayView3<'a, f32>,
-    /// `[G, B, S - 1, K]`: head g's `new @ W_U` for sequence i is `lhs[g, i] @ rhs[i]`.
+    /// `[B, G, S - 1, K]`: head g's `new @ W_U` for sequence i is `lhs[i, g] @ rhs[i]`; a
+    /// sequence's heads are one `[G * (S - 1), K]` matrix, multiplied by `rhs[i]` at once.
     pub lhs: ArrayView4<'a, f32>,
     /// `[B, K, V]`, or `[1, K, V]` shared by every sequence.
     pub rhs: ArrayView3<'a, f32>,
@@ -204,24 +205,29 @@ pub fn chunked_losses(op: &LayerOperands) -> Vec<Array3<f32>> {
         }
         let mut new = std::mem::take(&mut acc.new);
         let mut orig = std::mem::take(&mut acc.orig);
-        let (new_b, orig_b) = (sized(&mut new, rows * w), sized(&mut orig, rows * w));
+        let (new_b, orig_b) = (sized(&mut new, g * rows * w), sized(&mut orig, rows * w));
         for i in 0..b {
             let rhs_i = &rhs_s[if per_seq_rhs { i * k * v } else { 0 }..];
+            // Every head's new @ W_U for this sequence in one matmul: the piece of rhs is
+            // packed once, not once per head.
+            unsafe {
+                kernels::sgemm_strided(
+                    g * rows,
+                    k,
+                    w,
+                    kernels::MatPtr::row_major(lhs_s.as_ptr().add(i * g * rows * k), k),
+                    kernels::MatPtr::row_major(rhs_i.as_ptr().add(c0), v),
+                    new_b.as_mut_ptr(),
+                    w as isize,
+                    1,
+                    false,
+                    1.0,
+                    kernels::Par::One,
+                );
+            }
             for (gi, &h) in op.heads.iter().enumerate() {
+                let new_h = &new_b[gi * rows * w..(gi + 1) * rows * w];
                 unsafe {
-                    kernels::sgemm_strided(
-                        rows,
-                        k,
-                        w,
-                        kernels::MatPtr::row_major(lhs_s.as_ptr().add((gi * b + i) * rows * k), k),
-                        kernels::MatPtr::row_major(rhs_i.as_ptr().add(c0), v),
-                        new_b.as_mut_ptr(),
-                        w as isize,
-                        1,
-                        false,
-                        1.0,
-                        kernels::Par::One,
-                    );
                     kernels::sgemm_strided(
                         rows,
                         dh,
@@ -240,7 +246,7 @@ pub fn chunked_losses(op: &LayerOperands) -> Vec<Array3<f32>> {
                     let (t, e) = (i * rows + q, (gi * b + i) * rows + q);
                     let off = (i * s + q) * v + c0;
                     let lq = &l_s[off..off + w];
-                    let (nq, oq) = (&new_b[q * w..(q + 1) * w], &orig_b[q * w..(q + 1) * w]);
+                    let (nq, oq) = (&new_h[q * w..(q + 1) * w], &orig_b[q * w..(q + 1) * w]);
                     let (m, sum) = (&mut acc.m[e], &mut acc.sum[e]);
                     // One pass, shifted by the running max of earlier columns: the max of
                     // these columns comes out of the same pass, and the sum is rescaled when
@@ -309,7 +315,7 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
-/// The most memory the left sides of `new @ W_U` (`[G, B, S - 1, K]`) may take at once: heads
+/// The most memory the left sides of `new @ W_U` (`[B, G, S - 1, K]`) may take at once: heads
 /// are taken in groups that fit (all 12 of a GPT-2 layer at 20 x 100 tokens: 9.5 MiB).
 const LHS_BYTES: usize = 128 << 20;
 
@@ -350,16 +356,16 @@ pub fn layer_losses(
     let group = (LHS_BYTES / (b * rows * k * 4).max(1)).clamp(1, heads.len().max(1));
     let mut outs = Vec::with_capacity(heads.len());
     for hs in heads.chunks(group) {
-        let mut lhs = Array4::<f32>::zeros((hs.len(), b, rows, k));
         let g = hs.len();
+        let mut lhs = Array4::<f32>::zeros((b, g, rows, k));
         lhs.view_mut()
-            .into_shape_with_order((g * b, rows, k))
+            .into_shape_with_order((b * g, rows, k))
             .expect("fresh array")
             .axis_iter_mut(Axis(0))
             .into_par_iter()
             .enumerate()
             .for_each(|(e, mut out)| {
-                let (h, i) = (hs[e / b], e % b);
+                let (i, h) = (e / g, hs[e % g]);
                 // pattern ∘ coef: row q, column k scaled by head h's coefficient of source k.
                 let mut a = pattern.slice(s![i, h, ..rows, ..]).to_owned(); // [Q, K]
                 for kk in 0..s {
@@ -590,7 +596,7 @@ mod tests {
         let logits = Array3::from_shape_fn((b, s, v), |(i, q, j)| {
             f((i * s + q) * v + j, 0.37) + j as f32 * 1e-3
         });
-        let lhs = Array4::from_shape_fn((g, b, s, k), |(a, i, q, j)| {
+        let lhs = Array4::from_shape_fn((b, g, s, k), |(i, a, q, j)| {
             f(((a * b + i) * s + q) * k + j, 1.3)
         });
         let z = Array4::from_shape_fn((b, s, nh, dh), |(i, q, h, e)| {
@@ -622,7 +628,7 @@ mod tests {
                     let want = token_losses(
                         logits.index_axis(Axis(0), i),
                         z.slice(s![i, .., h, ..]).dot(&wou).view(),
-                        lhs.slice(s![gi, i, .., ..]).dot(&r).view(),
+                        lhs.slice(s![i, gi, .., ..]).dot(&r).view(),
                         scale.row(i),
                         tokens.row(i),
                     );
