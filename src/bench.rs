@@ -12,16 +12,18 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use dfdx::prelude::Cpu;
+use dfdx::prelude::{Device, SumTo, Tensor, TryMatMul};
 use ndarray::{s, Array2};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{unpadded_lengths, Dataset};
+use crate::device::{with_device, DeviceKind, OnDevice};
 use crate::error::{Error, Result};
 use crate::hooks::Hooks;
 use crate::metrics::{self, RunContext};
 use crate::model::{self, CheckpointFiles, LoadedModel, ModelConfig, Processing};
+use crate::seam::SeamDevice;
 
 /// GPT-2 small's shape.
 pub const SMALL: ModelConfig = ModelConfig {
@@ -202,7 +204,12 @@ fn time_case<F: FnMut() -> Result<()>>(
 }
 
 /// Runs a metric sweep over every head of `m` on `tokens`, in batches.
-fn sweep(m: &LoadedModel<Cpu>, kind: &str, tokens: &Array2<u32>, batch_size: usize) -> Result<()> {
+fn sweep<D: SeamDevice>(
+    m: &LoadedModel<D>,
+    kind: &str,
+    tokens: &Array2<u32>,
+    batch_size: usize,
+) -> Result<()> {
     let cfg = m.cfg();
     let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
         .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
@@ -249,21 +256,86 @@ pub fn sgemm_gflops(m: usize, repeats: usize) -> f64 {
     flop / secs / 1e9
 }
 
+/// GFLOP/s of the device's own matmul (cuBLAS through dfdx on CUDA) over one layer's shapes
+/// at `M = m` rows, as [`sgemm_gflops`] measures gemm 0.19 for the CPU path. Each shape is
+/// timed over `repeats` back-to-back products, then a scalar is read back: kernel launches
+/// are asynchronous, so only a read-back makes the time cover the work.
+pub fn device_sgemm_gflops<D: Device<f32>>(dev: &D, m: usize, repeats: usize) -> f64 {
+    let (mut flop, mut secs) = (0.0, 0.0);
+    for (k, n) in FORWARD_SHAPES {
+        let a: Tensor<(usize, usize), f32, D> = dev.zeros_like(&(m, k)) + 0.1;
+        let b: Tensor<(usize, usize), f32, D> = dev.zeros_like(&(k, n)) + 0.2;
+        let run = |reps: usize| {
+            let t = Instant::now();
+            let mut acc = 0.0;
+            for _ in 0..reps {
+                let c = a.clone().matmul(b.clone());
+                acc = sync_scalar(c.sum::<(), _>());
+            }
+            (t.elapsed().as_secs_f64(), acc)
+        };
+        run(1); // warm-up: cuBLAS handles and workspaces
+        let reps = repeats.max(1);
+        let (t, _) = run(reps);
+        flop += 2.0 * (m * k * n * reps) as f64;
+        secs += t;
+    }
+    flop / secs / 1e9
+}
+
+/// Reads a device scalar back to the host (which waits for the work queued before it).
+fn sync_scalar<D: Device<f32>>(t: Tensor<(), f32, D>) -> f32 {
+    t.as_vec().first().copied().unwrap_or(0.0)
+}
+
 /// Where the bench keeps its checkpoint and tokens unless told otherwise.
 pub fn default_dir() -> PathBuf {
     PathBuf::from("target").join("bench-gpt2-small")
 }
 
-/// Runs every case whose name contains `only` (all when `None`), each the best of `repeats`
-/// runs (the projection_loss sweeps once: minutes each); returns them in order, after the
-/// `sgemm peak` pseudo-case (its `gflop / seconds` is gemm 0.19's GFLOP/s on the forward's
-/// shapes).
-pub fn run(dir: &Path, batch_size: usize, only: Option<&str>, repeats: usize) -> Result<Vec<Case>> {
+/// What `runner bench` runs.
+pub struct Options<'a> {
+    /// The checkpoint and token files (written by [`prepare`] when missing).
+    pub dir: &'a Path,
+    /// Sequences per forward pass (the paper-scale case uses [`PAPER_BATCH`] at most).
+    pub batch_size: usize,
+    /// Only the cases whose name contains this.
+    pub only: Option<&'a str>,
+    /// Each case is the best of this many runs (the long cases run once).
+    pub repeats: usize,
+    pub device: DeviceKind,
+}
+
+/// Runs every case whose name contains `only` (all when `None`) on `opts.device`, each the
+/// best of `repeats` runs (the projection_loss sweeps and the paper-scale case once: minutes
+/// each); returns them in order, after the `sgemm peak` pseudo-case (its `gflop / seconds`
+/// is the GFLOP/s of the matmul the forward uses, on the forward's shapes: gemm 0.19 on the
+/// CPU, the device's own elsewhere).
+pub fn run(opts: &Options) -> Result<Vec<Case>> {
+    prepare(opts.dir, &shapes(opts.device))?;
+    with_device(opts.device, Bench(opts))
+}
+
+struct Bench<'a>(&'a Options<'a>);
+
+impl OnDevice for Bench<'_> {
+    type Output = Vec<Case>;
+    fn run<D: SeamDevice>(self, dev: D) -> Result<Vec<Case>> {
+        run_on(dev, self.0)
+    }
+}
+
+fn run_on<D: SeamDevice>(dev: D, opts: &Options) -> Result<Vec<Case>> {
+    let Options {
+        dir,
+        batch_size,
+        only,
+        repeats,
+        device,
+    } = *opts;
     let wanted = |name: &str| only.map_or(true, |o| name.contains(o));
-    prepare(dir)?;
-    let shapes = SHAPES;
     let files = CheckpointFiles::in_dir(dir)?;
-    let m = model::load(Cpu::default(), files, Processing::ALL, None)?;
+    let m = model::load(dev.clone(), files, Processing::ALL, None)?;
     let cfg = m.cfg().clone();
     let load_tokens = |b: usize, s: usize| -> Result<Array2<u32>> {
         let path = dir.join(format!("tokens_{b}x{s}.json"));
@@ -272,9 +344,12 @@ pub fn run(dir: &Path, batch_size: usize, only: Option<&str>, repeats: usize) ->
             serde_json::from_str(&text).map_err(|e| Error::Other(e.to_string()))?;
         Array2::from_shape_vec((b, s), rows.concat()).map_err(|e| Error::Other(e.to_string()))
     };
-    eprintln!("{} threads (rayon)", rayon::current_num_threads());
-    // Warm-up: first-touch page faults on the weights and thread-pool start-up are not
-    // what the cases measure.
+    eprintln!(
+        "device {device}; {} host threads (rayon)",
+        rayon::current_num_threads()
+    );
+    // Warm-up: first-touch page faults on the weights, thread-pool and device start-up are
+    // not what the cases measure.
     m.model.forward(
         &load_tokens(10, 30)?.slice(s![..2, ..]).to_owned(),
         &mut Hooks::default(),
@@ -282,29 +357,45 @@ pub fn run(dir: &Path, batch_size: usize, only: Option<&str>, repeats: usize) ->
     let mut cases = Vec::new();
     let peak = [batch_size * 30, batch_size * 100]
         .into_iter()
-        .map(|m| sgemm_gflops(m, 5))
+        .map(|rows| match device {
+            DeviceKind::Cpu => sgemm_gflops(rows, 5),
+            _ => device_sgemm_gflops(&dev, rows, 20),
+        })
         .fold(0.0, f64::max);
-    eprintln!("  gemm 0.19 sgemm on the forward's shapes: {peak:.1} GFLOP/s");
+    match device {
+        DeviceKind::Cpu => {
+            eprintln!("  gemm 0.19 sgemm on the forward's shapes: {peak:.1} GFLOP/s")
+        }
+        _ => eprintln!("  {device} matmul (dfdx) on the forward's shapes: {peak:.1} GFLOP/s"),
+    }
     cases.push(Case {
         name: SGEMM.into(),
         seconds: 1.0,
         gflop: peak,
         peak_mib: None,
     });
-    for (b, s) in shapes {
+    for (b, s) in shapes(device) {
+        let paper = (b, s) == PAPER;
+        let batch = if paper {
+            batch_size.min(PAPER_BATCH)
+        } else {
+            batch_size
+        };
         let toks = load_tokens(b, s)?;
         let name = format!("forward {b}x{s}");
-        if wanted(&name) {
+        if !paper && wanted(&name) {
             cases.push(time_case(
                 &name,
                 forward_flop(&cfg, b, s) / 1e9,
                 repeats,
                 || {
-                    for start in (0..b).step_by(batch_size) {
-                        let t = toks
-                            .slice(s![start..(start + batch_size).min(b), ..])
-                            .to_owned();
-                        m.model.forward(&t, &mut Hooks::default())?;
+                    for start in (0..b).step_by(batch) {
+                        let t = toks.slice(s![start..(start + batch).min(b), ..]).to_owned();
+                        let out = m.model.forward(&t, &mut Hooks::default())?;
+                        if device != DeviceKind::Cpu {
+                            // Wait for the device (a no-op's worth of work on the CPU).
+                            sync_scalar(out.logits.sum::<(), _>());
+                        }
                     }
                     Ok(())
                 },
@@ -312,7 +403,7 @@ pub fn run(dir: &Path, batch_size: usize, only: Option<&str>, repeats: usize) ->
         }
         for kind in ["source_suppression", "projection_loss"] {
             let name = format!("{kind} sweep {b}x{s}");
-            if !wanted(&name) {
+            if !wanted(&name) || (paper && kind != "source_suppression") {
                 continue;
             }
             // source_suppression does not read the logits, so its pass skips the unembedding.
@@ -323,24 +414,41 @@ pub fn run(dir: &Path, batch_size: usize, only: Option<&str>, repeats: usize) ->
                 0.0
             };
             let flop = (forward_flop(&cfg, b, s) - skipped + sweep_flop(&cfg, kind, b, s)) / 1e9;
-            let reps = if kind == "projection_loss" {
+            let reps = if kind == "projection_loss" || paper {
                 1
             } else {
                 repeats
             };
             cases.push(time_case(&name, flop, reps, || {
-                sweep(&m, kind, &toks, batch_size)
+                sweep(&m, kind, &toks, batch)
             })?);
         }
     }
     Ok(cases)
 }
 
-/// The token files' shapes (sequences x tokens).
+/// The token files' shapes (sequences x tokens) every device runs.
 pub const SHAPES: [(usize, usize); 2] = [(10, 30), (60, 100)];
 
+/// The paper's scale, 500 sequences of 1000 tokens on GPT-2 small: the source_suppression
+/// sweep there runs on devices other than the CPU (hours on a 2-core host).
+pub const PAPER: (usize, usize) = (500, 1000);
+
+/// Sequences per pass at [`PAPER`] scale: the run caches every layer's pattern on the host,
+/// 576 MB per 1000-token sequence for GPT-2 small, so 10 of them take ~6 GB.
+pub const PAPER_BATCH: usize = 10;
+
+/// The shapes benched on `device`.
+pub fn shapes(device: DeviceKind) -> Vec<(usize, usize)> {
+    let mut v = SHAPES.to_vec();
+    if device != DeviceKind::Cpu {
+        v.push(PAPER);
+    }
+    v
+}
+
 /// Writes the random checkpoint and the token files into `dir` unless they are there.
-pub fn prepare(dir: &Path) -> Result<()> {
+pub fn prepare(dir: &Path, shapes: &[(usize, usize)]) -> Result<()> {
     if !dir.join("model.safetensors").is_file() {
         eprintln!(
             "writing a random GPT-2-small-shaped checkpoint to {}",
@@ -348,7 +456,7 @@ pub fn prepare(dir: &Path) -> Result<()> {
         );
         write_random_checkpoint(dir, &SMALL, 0)?;
     }
-    for (b, s) in SHAPES {
+    for &(b, s) in shapes {
         let path = dir.join(format!("tokens_{b}x{s}.json"));
         if !path.is_file() {
             let t = random_tokens(
@@ -377,7 +485,7 @@ pub type Baseline = BTreeMap<String, f64>;
 /// 0.19 and MKL through torch, on the forward's shapes) and against its strongest PyTorch
 /// peer measured on the same machine (the faster of HF's and TL's forward; the one-pass
 /// vectorised sweeps), with the notebook's procedure where it was timed.
-pub fn table(cases: &[Case], baseline: Option<&Baseline>) -> String {
+pub fn table(cases: &[Case], baseline: Option<&Baseline>, device: DeviceKind) -> String {
     let get = |k: &str| baseline.and_then(|b| b.get(k)).copied();
     let ours = cases
         .iter()
@@ -389,14 +497,27 @@ pub fn table(cases: &[Case], baseline: Option<&Baseline>) -> String {
         (a, b) => a.or(b),
     };
     let fmt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |x| format!("{x:.p$}"));
-    let mut out = format!(
-        "sgemm on the forward's shapes ([M, 768] x [768, 2304 | 768 | 3072], [M, 3072] x [3072, 768], \
-         M = batch x seq): gemm 0.19 {} GFLOP/s, MKL (torch) {} GFLOP/s; peak = the faster, {} GFLOP/s\n\n",
-        fmt(ours, 1),
-        fmt(mkl, 1),
-        fmt(peak, 1)
-    );
-    out += "| case | seconds | GFLOP | GFLOP/s | % of sgemm peak | peak MiB | strongest PyTorch peer | peer s | time / peer | notebook s |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    let shapes = "[M, 768] x [768, 2304 | 768 | 3072], [M, 3072] x [3072, 768], M = batch x seq";
+    // A GPU's rates read better in TFLOP/s.
+    let (unit, per) = match device {
+        DeviceKind::Cpu => ("GFLOP", 1.0),
+        _ => ("TFLOP", 1e3),
+    };
+    let mut out = match device {
+        DeviceKind::Cpu => format!(
+            "sgemm on the forward's shapes ({shapes}): gemm 0.19 {} GFLOP/s, MKL (torch) {} \
+             GFLOP/s; peak = the faster, {} GFLOP/s\n\n",
+            fmt(ours, 1),
+            fmt(mkl, 1),
+            fmt(peak, 1)
+        ),
+        _ => format!(
+            "device {device}: matmul (dfdx) on the forward's shapes ({shapes}): {} TFLOP/s; \
+             peak MiB is host memory\n\n",
+            fmt(peak.map(|p| p / per), 2),
+        ),
+    };
+    out += &format!("| case | seconds | {unit} | {unit}/s | % of sgemm peak | peak MiB | strongest PyTorch peer | peer s | time / peer | notebook s |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for c in cases.iter().filter(|c| c.name != SGEMM) {
         let rate = c.gflop / c.seconds;
         let (peer_name, peer) = if let Some(shape) = c.name.strip_prefix("forward ") {
@@ -421,17 +542,18 @@ pub fn table(cases: &[Case], baseline: Option<&Baseline>) -> String {
             get(&c.name)
         };
         out += &format!(
-            "| {} | {:.3} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.3} | {:.1} | {:.prec$} | {} | {} | {} | {} | {} | {} |\n",
             c.name,
             c.seconds,
-            c.gflop,
-            rate,
+            c.gflop / per,
+            rate / per,
             peak.map_or("-".into(), |p| format!("{:.0}%", 100.0 * rate / p)),
             c.peak_mib.map_or("-".into(), |m| format!("{m:.0}")),
             if peer.is_some() { peer_name } else { "-" },
             fmt(peer, 3),
             peer.map_or("-".into(), |p| format!("{:.2}x", c.seconds / p)),
             fmt(notebook, 1),
+            prec = if per > 1.0 { 2 } else { 1 },
         );
     }
     out

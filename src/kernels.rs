@@ -231,6 +231,28 @@ pub fn exp(x: f32) -> f32 {
     er * scale
 }
 
+/// [`exp`] with fused multiply-adds (18 vector operations instead of 29: Rust does not fuse
+/// `a * b + c` by itself), for bodies compiled only where the processor has FMA: elsewhere
+/// `mul_add` is a libm call.
+#[inline(always)]
+pub fn exp_fma(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    const MAGIC: f32 = 12_582_912.0;
+    let y = x.mul_add(LOG2E, MAGIC);
+    let n = y - MAGIC;
+    let ni = (y.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut p = 1.987_569_2e-4f32;
+    p = p.mul_add(r, 1.398_2e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let er = (p * r).mul_add(r, r) + 1.0;
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    er * scale
+}
+
 #[inline(always)]
 fn max_body(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
@@ -370,46 +392,142 @@ simd_dispatch!(
     scale_slice = scale_slice_body(x: &mut [f32], f: f32)
 );
 
+/// projection_loss's three modified logits from a logit `l`, a head's `new @ W_U` (`n`) and
+/// `orig @ W_U` (`o`), divided by the frozen final scale (`* inv`): keep only the projection
+/// (`l + (new - orig)`), only the perpendicular part (`l - new`), or ablate the head's direct
+/// effect (`l - orig`). The one definition both passes below and the target logit use, so
+/// the target is exactly the value the log-sum-exp saw.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn three_variants_body(
+pub fn three_variants(l: f32, n: f32, o: f32, inv: f32) -> [f32; 3] {
+    [l + (n - o) * inv, l - n * inv, l - o * inv]
+}
+
+/// `a.max(b)` without `f32::max`'s NaN handling, so it is one vector instruction (a NaN
+/// logit still reaches the sum of exps, and from there the loss).
+#[inline(always)]
+fn fmax(a: f32, b: f32) -> f32 {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
+
+#[inline(always)]
+fn max3_body(l: &[f32], n: &[f32], o: &[f32], inv: f32) -> [f32; 3] {
+    let w = l.len();
+    let (n, o) = (&n[..w], &o[..w]);
+    let mut lanes = [[f32::NEG_INFINITY; 16]; 3];
+    let (lc, nc, oc) = (l.chunks_exact(16), n.chunks_exact(16), o.chunks_exact(16));
+    let tail = lc.remainder().len();
+    for ((l, n), o) in lc.zip(nc).zip(oc) {
+        for j in 0..16 {
+            let v = three_variants(l[j], n[j], o[j], inv);
+            for x in 0..3 {
+                lanes[x][j] = fmax(lanes[x][j], v[x]);
+            }
+        }
+    }
+    let mut out = [f32::NEG_INFINITY; 3];
+    for j in w - tail..w {
+        let v = three_variants(l[j], n[j], o[j], inv);
+        for x in 0..3 {
+            out[x] = fmax(out[x], v[x]);
+        }
+    }
+    for x in 0..3 {
+        out[x] = lanes[x].iter().copied().fold(out[x], fmax);
+    }
+    out
+}
+
+simd_dispatch!(
+    /// The maxima of projection_loss's three modified logit rows ([`three_variants`] of
+    /// `l`, `n`, `o`), without writing the rows.
+    max3 = max3_body(l: &[f32], n: &[f32], o: &[f32], inv: f32) -> [f32; 3]
+);
+
+#[inline(always)]
+fn sum_exp3_body<const FMA: bool>(
     l: &[f32],
     n: &[f32],
     o: &[f32],
     inv: f32,
-    proj: &mut [f32],
-    perp: &mut [f32],
-    abl: &mut [f32],
-) {
+    m: [f32; 3],
+) -> ([f64; 3], [f32; 3]) {
+    let e = |x: f32| if FMA { exp_fma(x) } else { exp(x) };
     let w = l.len();
-    let (n, o, proj, perp, abl) = (
-        &n[..w],
-        &o[..w],
-        &mut proj[..w],
-        &mut perp[..w],
-        &mut abl[..w],
-    );
-    for j in 0..w {
-        proj[j] = l[j] + (n[j] - o[j]) * inv; // keep only the projection: new - orig
-        perp[j] = l[j] - n[j] * inv; // keep only the perpendicular part: -new
-        abl[j] = l[j] - o[j] * inv; // remove the head's direct effect: -orig
+    let (n, o) = (&n[..w], &o[..w]);
+    let mut lanes = [[0f32; 16]; 3];
+    let mut maxes = [[f32::NEG_INFINITY; 16]; 3];
+    let (lc, nc, oc) = (l.chunks_exact(16), n.chunks_exact(16), o.chunks_exact(16));
+    let tail = lc.remainder().len();
+    for ((l, n), o) in lc.zip(nc).zip(oc) {
+        for j in 0..16 {
+            let v = three_variants(l[j], n[j], o[j], inv);
+            for x in 0..3 {
+                lanes[x][j] += e(v[x] - m[x]);
+                maxes[x][j] = fmax(maxes[x][j], v[x]);
+            }
+        }
     }
+    let mut out = [0f64; 3];
+    let mut mx = [f32::NEG_INFINITY; 3];
+    for j in w - tail..w {
+        let v = three_variants(l[j], n[j], o[j], inv);
+        for x in 0..3 {
+            out[x] += e(v[x] - m[x]) as f64;
+            mx[x] = fmax(mx[x], v[x]);
+        }
+    }
+    for x in 0..3 {
+        out[x] += lanes[x].iter().map(|&s| s as f64).sum::<f64>();
+        mx[x] = maxes[x].iter().copied().fold(mx[x], fmax);
+    }
+    (out, mx)
 }
 
-simd_dispatch!(
-    /// projection_loss's three modified logit rows from the logits `l`, a head's `new @ W_U`
-    /// (`n`) and `orig @ W_U` (`o`), divided by the frozen final scale (`* inv`).
-    #[allow(clippy::too_many_arguments)]
-    three_variants = three_variants_body(
-        l: &[f32],
-        n: &[f32],
-        o: &[f32],
-        inv: f32,
-        proj: &mut [f32],
-        perp: &mut [f32],
-        abl: &mut [f32]
-    )
-);
+/// `sum(exp(row - m))` for each of projection_loss's three modified logit rows
+/// ([`three_variants`]), and the rows' maxima, in one pass: the rows are recomputed from
+/// `l`, `n`, `o` rather than read back (three multiply-adds cost less than writing and
+/// re-reading three rows), and a caller that already holds a running max from earlier
+/// columns needs no separate max pass (see `projection_loss::chunked_losses`). Dispatched by
+/// hand, not through `simd_dispatch!`: the AVX copies use [`exp_fma`], the fallback [`exp`].
+#[inline]
+pub fn sum_exp3(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> ([f64; 3], [f32; 3]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn v4(
+            l: &[f32],
+            n: &[f32],
+            o: &[f32],
+            inv: f32,
+            m: [f32; 3],
+        ) -> ([f64; 3], [f32; 3]) {
+            sum_exp3_body::<true>(l, n, o, inv, m)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn v3(
+            l: &[f32],
+            n: &[f32],
+            o: &[f32],
+            inv: f32,
+            m: [f32; 3],
+        ) -> ([f64; 3], [f32; 3]) {
+            sum_exp3_body::<true>(l, n, o, inv, m)
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the processor has the features v4 is compiled for.
+            return unsafe { v4(l, n, o, inv, m) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: as above, for v3.
+            return unsafe { v3(l, n, o, inv, m) };
+        }
+    }
+    sum_exp3_body::<false>(l, n, o, inv, m)
+}
 
 /// `log(sum(exp(x)))`, shifted by the max for stability.
 #[inline]
@@ -436,6 +554,41 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp(-200.0), (-87.0f32).exp().max(exp(-200.0)));
+    }
+
+    #[test]
+    fn exp_fma_is_accurate() {
+        let mut worst = 0f32;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let rel = ((exp_fma(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn sum_exp3_matches_f64() {
+        let w = 16 * 5 + 7;
+        let f = |i: usize, a: f32| (i as f32 * a).sin() * 4.0;
+        let (l, n, o): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+            (0..w).map(|i| f(i, 0.3)).collect(),
+            (0..w).map(|i| f(i, 0.7)).collect(),
+            (0..w).map(|i| f(i, 1.1)).collect(),
+        );
+        let inv = 0.8;
+        let m = max3(&l, &n, &o, inv);
+        // Shifted by less than the max too (as after earlier columns with smaller values).
+        let shift = [m[0], m[1] - 5.0, m[2] + 3.0];
+        let (got, got_max) = sum_exp3(&l, &n, &o, inv, shift);
+        assert_eq!(got_max, m);
+        for x in 0..3 {
+            let want: f64 = (0..w)
+                .map(|j| ((three_variants(l[j], n[j], o[j], inv)[x] - shift[x]) as f64).exp())
+                .sum();
+            assert!((got[x] - want).abs() < 1e-6 * want, "{} vs {want}", got[x]);
+        }
     }
 
     #[test]

@@ -7,8 +7,10 @@
 # 1. the TransformerLens parity tests on device `cuda` and CPU/GPU agreement (the carried
 #    integration-test binary, `cuda` module);
 # 2. the smoke experiment on `cpu` and `cuda` through the runner, compared table by table;
-# 3. `runner bench --device cuda` and PyTorch (HF GPT2LMHeadModel, eager) on the same GPU, the
-#    same random GPT-2-small-shaped checkpoint and tokens.
+# 3. `runner bench --device cuda` (its cases, plus the paper-scale source_suppression
+#    500x1000) and PyTorch on the same GPU, the same random GPT-2-small-shaped checkpoint and
+#    tokens (scripts/gpu/torch_peer.py: HF GPT2LMHeadModel's eager forward and the one-pass
+#    vectorised source_suppression sweep).
 # Writes $OUT/check.log and $OUT/gpu.json (the figures) and prints a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -60,10 +62,15 @@ def load(name):
 bench, torch_ = load("bench-cuda.json") or [], load("torch-cuda.json") or {}
 fig = {"parity_seconds": parity_s, "status": status, "runner": bench, "torch": torch_}
 json.dump(fig, open(os.path.join(out, "gpu.json"), "w"), indent=1)
-print("| case | runner s | TFLOP/s | PyTorch s | ratio |")
+print("| case | runner s | TFLOP/s | PyTorch s | PyTorch s / runner s |")
 print("|---|---|---|---|---|")
+def peer(name):
+    # runner bench's baseline scheme (src/bench.rs, Baseline), which torch_peer.py writes.
+    if name.startswith("forward "):
+        return torch_.get("hf " + name)
+    return torch_.get("peer " + name)
 for c in bench:
-    t = torch_.get(c.get("name"))
+    t = peer(c.get("name", ""))
     tf = c.get("gflop", 0) / c["seconds"] / 1e3 if c.get("seconds") else 0
     ratio = f"{t / c['seconds']:.2f}x" if t and c.get("seconds") else "-"
     print(f"| {c.get('name')} | {c.get('seconds', 0):.4f} | {tf:.2f} | {t if t else '-'} | {ratio} |")

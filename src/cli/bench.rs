@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::bench;
+use crate::device::{DeviceChoice, DeviceKind};
 use crate::error::Error;
 
 #[derive(clap::Args, Debug)]
@@ -30,14 +31,26 @@ pub struct BenchArgs {
     /// Also write the cases as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where the model runs: `cpu` (the host kernels), `cuda` (a build with `--features
+    /// cuda`; adds the paper-scale source_suppression 500x1000 case), or `auto`.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
 }
 
 pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
     let dir = args.dir.clone().unwrap_or_else(bench::default_dir);
+    // Resolved first: `--device cuda` in a build without CUDA fails here, before any work.
+    let device = args.device.resolve()?;
     let mut baseline_path = args.baseline.clone();
     if let Some(py) = &args.python {
+        if device != DeviceKind::Cpu {
+            return Err(Error::Other(
+                "--python times PyTorch on the CPU; on a GPU, scripts/gpu/torch_peer.py is the peer"
+                    .into(),
+            ));
+        }
         // Checkpoint and tokens first: the script reads the same files.
-        bench::prepare(&dir)?;
+        bench::prepare(&dir, &bench::shapes(device))?;
         let out = dir.join("baseline.json");
         let status = std::process::Command::new(py)
             .arg("bench/transformer_lens_baseline.py")
@@ -64,13 +77,14 @@ pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
         }
         None => None,
     };
-    let cases = bench::run(
-        &dir,
-        args.batch_size.max(1),
-        args.only.as_deref(),
-        args.repeats,
-    )?;
-    print!("{}", bench::table(&cases, baseline.as_ref()));
+    let cases = bench::run(&bench::Options {
+        dir: &dir,
+        batch_size: args.batch_size.max(1),
+        only: args.only.as_deref(),
+        repeats: args.repeats,
+        device,
+    })?;
+    print!("{}", bench::table(&cases, baseline.as_ref(), device));
     if let Some(p) = &args.json {
         crate::output::write_json(p, &cases)?;
     }

@@ -227,8 +227,8 @@ pub fn projection_losses<D: Device<f32>>(
                 Some(uu) => a.matmul(uu.clone()),
                 None => a.matmul(u3.clone()).matmul(p.w_u.clone()),
             };
-            let z_h: T3<D> = z.clone().select(per_token)
-                * inv.clone().broadcast_like::<_, Axis<2>>(&(b, s, dh));
+            let z_h: T3<D> =
+                z.clone().select(per_token) * inv.clone().broadcast_like::<_, Axis<2>>(&(b, s, dh));
             let w_o_h: T2<D> = w_o.clone().select(dev.tensor(h));
             let orig_u: T3<D> = z_h.matmul(w_o_h.matmul(p.w_u.clone()));
             // Each [B, S, V] pass costs memory bandwidth on a GPU: three here, one per

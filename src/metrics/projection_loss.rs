@@ -17,8 +17,8 @@
 //! Only each token's log-sum-exp and target logit are kept: never a [heads, tokens, vocab]
 //! tensor, and at most [S, V] per head in flight.
 
-use ndarray::{s, Array2, Array3, ArrayView1, ArrayView2, Axis};
-use rayon::prelude::*;
+use ndarray::parallel::prelude::*;
+use ndarray::{s, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, Axis};
 
 use super::device;
 use super::ops::{kernels, source_coefficients, unembed_rows, PerTokenLoss};
@@ -71,85 +71,150 @@ pub fn token_losses(
     out
 }
 
-/// Columns of the vocabulary handled at once by [`fused_token_losses`]: two `[S, CHUNK]`
-/// blocks stay in a core's L2 (S = 100: 400 KiB).
-const CHUNK: usize = 512;
+/// Vocabulary columns per step of [`chunked_losses`]: per (sequence, head) the two
+/// `[S - 1, CHUNK]` products, and the sequence's logits and `U_tok @ W_U` columns that every
+/// head of the layer reuses, stay in a core's L2 (S = 100: 4 x 200 KiB).
+pub const CHUNK: usize = 512;
 
-/// [`token_losses`] without the `[S, V]` logit changes: `new @ W_U = lhs @ rhs` and
-/// `orig @ W_U = z @ wou` are made `CHUNK` vocabulary columns at a time, straight into an
-/// online log-sum-exp per row and variant (a running max and sum), so what a head touches per
-/// sequence stays in cache instead of streaming two `[S, V]` matrices through memory.
-///
-/// `logits`: `[S, V]`; `lhs`: `[S, K]` and `rhs`: `[K, V]` (both row-major); `z`: `[S, dh]`
-/// (row stride `z_rs`), `wou`: `[dh, V]`. Single-threaded: callers run one per core.
-#[allow(clippy::too_many_arguments)]
-pub fn fused_token_losses(
-    logits: ArrayView2<f32>,
-    lhs: ArrayView2<f32>,
-    rhs: ArrayView2<f32>,
-    z: ArrayView2<f32>,
-    wou: ArrayView2<f32>,
-    scale: ArrayView1<f32>,
-    tokens: ArrayView1<u32>,
-) -> Array2<f32> {
-    let (s, v) = logits.dim();
-    let rows = s.saturating_sub(1);
-    let mut out = Array2::<f32>::zeros((3, rows));
-    if rows == 0 {
-        return out;
+/// How far a column piece's max may exceed the running max before [`chunked_losses`] shifts
+/// by the new max first: `exp(60)` times the piece's 512 columns stays far inside f32.
+const MAX_JUMP: f32 = 60.0;
+
+/// One layer's operands for [`chunked_losses`] (a group of `G` heads).
+pub struct LayerOperands<'a> {
+    /// `[B, S, V]`.
+    pub logits: ArrayView3<'a, f32>,
+    /// `[B, G, S - 1, K]`: head g's `new @ W_U` for sequence i is `lhs[i, g] @ rhs[i]`; a
+    /// sequence's heads are one `[G * (S - 1), K]` matrix, multiplied by `rhs[i]` at once.
+    pub lhs: ArrayView4<'a, f32>,
+    /// `[B, K, V]`, or `[1, K, V]` shared by every sequence.
+    pub rhs: ArrayView3<'a, f32>,
+    /// `hook_z`, `[B, S, H, dh]`; `heads` picks the group's heads from it.
+    pub z: ArrayView4<'a, f32>,
+    pub heads: &'a [usize],
+    /// The group's `W_O[h]` stacked, `[G * dh, D]`: `orig @ W_U = z_h @ (W_O[h] @ W_U)`.
+    pub w_o: ArrayView2<'a, f32>,
+    /// `[D, V]`.
+    pub w_u: ArrayView2<'a, f32>,
+    /// The frozen final LayerNorm scale, `[B, S]`.
+    pub scale: ArrayView2<'a, f32>,
+    pub tokens: ArrayView2<'a, u32>,
+}
+
+/// The vocabulary's column pieces are split into this many parts, each summed in order by one
+/// worker and the parts joined in order: a fixed split (not rayon's adaptive one), so the
+/// losses are the same bits whatever the scheduling or the number of cores, as sharded and
+/// resumed runs require. 8 parts keep 2 cores balanced; each holds 48 bytes per (head, token)
+/// until the join (9 MiB for 12 heads x 20 x 100 tokens).
+const PARTS: usize = 8;
+
+/// Per (head, sequence, position) and variant: the running max and sum of `exp(x - max)`
+/// over the vocabulary columns seen so far, and the target logit.
+struct LseAcc {
+    m: Vec<[f32; 3]>,
+    sum: Vec<[f64; 3]>,
+    tgt: Vec<[f32; 3]>,
+}
+
+/// One worker's buffers: `W_O[h] @ W_U` for a piece, and the pieces of `new` and `orig`.
+#[derive(Default)]
+struct Scratch {
+    wou: Vec<f32>,
+    new: Vec<f32>,
+    orig: Vec<f32>,
+}
+
+impl LseAcc {
+    fn new(entries: usize) -> Self {
+        LseAcc {
+            m: vec![[f32::NEG_INFINITY; 3]; entries],
+            sum: vec![[0.0; 3]; entries],
+            tgt: vec![[0.0; 3]; entries],
+        }
     }
-    let (k, dh) = (lhs.ncols(), z.ncols());
-    let logits = logits.as_standard_layout();
-    let lhs = lhs.as_standard_layout();
-    let rhs = rhs.as_standard_layout();
-    let wou = wou.as_standard_layout();
-    let (l, lhs_s, rhs_s, wou_s) = (
+
+    /// Joins partial sums over disjoint vocabulary columns (`self`'s before `other`'s).
+    fn merge(mut self, other: LseAcc) -> LseAcc {
+        for e in 0..self.m.len() {
+            for x in 0..3 {
+                let (ma, mb) = (self.m[e][x], other.m[e][x]);
+                let m = ma.max(mb);
+                if m == f32::NEG_INFINITY {
+                    continue;
+                }
+                let rescale = |old: f32| {
+                    if old == m {
+                        1.0
+                    } else {
+                        ((old - m) as f64).exp()
+                    }
+                };
+                self.sum[e][x] = self.sum[e][x] * rescale(ma) + other.sum[e][x] * rescale(mb);
+                self.m[e][x] = m;
+                // Only the columns holding the target wrote it; the others left 0.
+                self.tgt[e][x] += other.tgt[e][x];
+            }
+        }
+        self
+    }
+}
+
+/// Per-token losses `[3, B, S - 1]` (proj, perp, ablation) of each head of the group, without
+/// any `[S, V]` logit change in memory: the vocabulary is cut into [`CHUNK`]-column pieces
+/// spread over the cores; per piece `W_O[h] @ W_U` for the group's heads is one matmul whose
+/// result stays in cache, then per sequence and head `new = lhs @ rhs` and
+/// `orig = z_h @ (W_O[h] @ W_U)` go straight into an online log-sum-exp per row and variant
+/// (a running max and sum; the `PARTS` partial sums joined at the end, in order). Compared with
+/// one task per (head, sequence) over the whole vocabulary, the logits, `rhs` and `W_U` are
+/// read once per layer instead of once per head, and `W_O[h] @ W_U` ([dh, V] per head) is
+/// never stored.
+pub fn chunked_losses(op: &LayerOperands) -> Vec<Array3<f32>> {
+    let (b, s, v) = op.logits.dim();
+    let rows = s.saturating_sub(1);
+    let g = op.heads.len();
+    if rows == 0 || g == 0 || v == 0 {
+        return vec![Array3::<f32>::zeros((3, b, rows)); g];
+    }
+    let (dh, d, k) = (op.z.dim().3, op.w_u.nrows(), op.lhs.dim().3);
+    let hd = op.z.dim().2 * dh;
+    let logits = op.logits.as_standard_layout();
+    let lhs = op.lhs.as_standard_layout();
+    let rhs = op.rhs.as_standard_layout();
+    let z = op.z.as_standard_layout();
+    let w_o = op.w_o.as_standard_layout();
+    let w_u = op.w_u.as_standard_layout();
+    let (l_s, lhs_s, rhs_s, z_s, w_o_s, w_u_s) = (
         logits.as_slice().expect("standard layout"),
         lhs.as_slice().expect("standard layout"),
         rhs.as_slice().expect("standard layout"),
-        wou.as_slice().expect("standard layout"),
+        z.as_slice().expect("standard layout"),
+        w_o.as_slice().expect("standard layout"),
+        w_u.as_slice().expect("standard layout"),
     );
-    let z_rs = z.strides()[0];
-    assert_eq!(z.strides()[1], 1, "z rows are contiguous");
-    let inv: Vec<f32> = scale.iter().map(|x| 1.0 / x).collect();
-    let target: Vec<usize> = (0..rows).map(|q| tokens[q + 1] as usize).collect();
-    // Per row and variant: running max, running sum of exp(x - max), target logit.
-    let mut m = vec![[f32::NEG_INFINITY; 3]; rows];
-    let mut sum = vec![[0f64; 3]; rows];
-    let mut tgt = vec![[0f32; 3]; rows];
-    let chunk = CHUNK;
-    let mut new = vec![0f32; rows * chunk];
-    let mut orig = vec![0f32; rows * chunk];
-    let mut buf = [vec![0f32; chunk], vec![0f32; chunk], vec![0f32; chunk]];
-    for c0 in (0..v).step_by(chunk) {
-        let w = chunk.min(v - c0);
-        // SAFETY: every operand is addressed inside its slice ([rows, k] of lhs, [k, w]
-        // columns c0.. of rhs with row stride v, etc.); `new` and `orig` are unique here.
+    let per_seq_rhs = rhs.dim().0 > 1;
+    let inv: Vec<f32> = (0..b * rows)
+        .map(|e| 1.0 / op.scale[[e / rows, e % rows]])
+        .collect();
+    let target: Vec<usize> = (0..b * rows)
+        .map(|e| op.tokens[[e / rows, e % rows + 1]] as usize)
+        .collect();
+    let n_chunks = v.div_ceil(CHUNK);
+    let step = |scratch: &mut Scratch, acc: &mut LseAcc, c: usize| {
+        let c0 = c * CHUNK;
+        let w = CHUNK.min(v - c0);
+        let Scratch { wou, new, orig } = scratch;
+        let wou = sized(wou, g * dh * w);
+        // SAFETY (the three matmuls): every operand is addressed inside its slice (row
+        // strides V for the column pieces of W_U, rhs and logits; H * dh for z) and the
+        // outputs are this worker's own scratch.
         unsafe {
             kernels::sgemm_strided(
-                rows,
-                k,
+                g * dh,
+                d,
                 w,
-                kernels::MatPtr::row_major(lhs_s.as_ptr(), k),
-                kernels::MatPtr::row_major(rhs_s.as_ptr().add(c0), v),
-                new.as_mut_ptr(),
-                w as isize,
-                1,
-                false,
-                1.0,
-                kernels::Par::One,
-            );
-            kernels::sgemm_strided(
-                rows,
-                dh,
-                w,
-                kernels::MatPtr {
-                    ptr: z.as_ptr(),
-                    rs: z_rs,
-                    cs: 1,
-                },
-                kernels::MatPtr::row_major(wou_s.as_ptr().add(c0), v),
-                orig.as_mut_ptr(),
+                kernels::MatPtr::row_major(w_o_s.as_ptr(), d),
+                kernels::MatPtr::row_major(w_u_s.as_ptr().add(c0), v),
+                wou.as_mut_ptr(),
                 w as isize,
                 1,
                 false,
@@ -157,39 +222,127 @@ pub fn fused_token_losses(
                 kernels::Par::One,
             );
         }
-        for q in 0..rows {
-            let lq = &l[q * v + c0..q * v + c0 + w];
-            let (n, o) = (&new[q * w..(q + 1) * w], &orig[q * w..(q + 1) * w]);
-            let [proj, perp, abl] = &mut buf;
-            kernels::three_variants(lq, n, o, inv[q], proj, perp, abl);
-            let t = target[q];
-            for (x, b) in buf.iter().enumerate() {
-                let b = &b[..w];
-                if (c0..c0 + w).contains(&t) {
-                    tgt[q][x] = b[t - c0];
+        let (new_b, orig_b) = (sized(new, g * rows * w), sized(orig, rows * w));
+        for i in 0..b {
+            let rhs_i = &rhs_s[if per_seq_rhs { i * k * v } else { 0 }..];
+            // Every head's new @ W_U for this sequence in one matmul: the piece of rhs is
+            // packed once, not once per head.
+            unsafe {
+                kernels::sgemm_strided(
+                    g * rows,
+                    k,
+                    w,
+                    kernels::MatPtr::row_major(lhs_s.as_ptr().add(i * g * rows * k), k),
+                    kernels::MatPtr::row_major(rhs_i.as_ptr().add(c0), v),
+                    new_b.as_mut_ptr(),
+                    w as isize,
+                    1,
+                    false,
+                    1.0,
+                    kernels::Par::One,
+                );
+            }
+            for (gi, &h) in op.heads.iter().enumerate() {
+                let new_h = &new_b[gi * rows * w..(gi + 1) * rows * w];
+                unsafe {
+                    kernels::sgemm_strided(
+                        rows,
+                        dh,
+                        w,
+                        kernels::MatPtr::row_major(z_s.as_ptr().add(i * s * hd + h * dh), hd),
+                        kernels::MatPtr::row_major(wou.as_ptr().add(gi * dh * w), w),
+                        orig_b.as_mut_ptr(),
+                        w as isize,
+                        1,
+                        false,
+                        1.0,
+                        kernels::Par::One,
+                    );
                 }
-                let cm = kernels::max(b);
-                if cm > m[q][x] {
-                    // Rescale what was summed under the old max.
-                    let old = m[q][x];
-                    sum[q][x] *= if old == f32::NEG_INFINITY {
-                        0.0
+                for q in 0..rows {
+                    let (t, e) = (i * rows + q, (gi * b + i) * rows + q);
+                    let off = (i * s + q) * v + c0;
+                    let lq = &l_s[off..off + w];
+                    let (nq, oq) = (&new_h[q * w..(q + 1) * w], &orig_b[q * w..(q + 1) * w]);
+                    let (m, sum) = (&mut acc.m[e], &mut acc.sum[e]);
+                    // One pass, shifted by the running max of earlier columns: the max of
+                    // these columns comes out of the same pass, and the sum is rescaled when
+                    // it grew. A separate max pass first only where there is no running max
+                    // yet, or where these columns exceed it by so much that exp(x - max)
+                    // could overflow f32 (e^60 x 512 columns is far from it).
+                    let fresh = m.contains(&f32::NEG_INFINITY);
+                    let (mut add, mut cm) = if fresh {
+                        ([0.0; 3], [f32::INFINITY; 3])
                     } else {
-                        ((old - cm) as f64).exp()
+                        kernels::sum_exp3(lq, nq, oq, inv[t], *m)
                     };
-                    m[q][x] = cm;
+                    if (0..3).any(|x| cm[x] > m[x] + MAX_JUMP) {
+                        let shift = kernels::max3(lq, nq, oq, inv[t]);
+                        for x in 0..3 {
+                            // Rescale what was summed under the old max.
+                            if shift[x] > m[x] {
+                                sum[x] *= if m[x] == f32::NEG_INFINITY {
+                                    0.0
+                                } else {
+                                    ((m[x] - shift[x]) as f64).exp()
+                                };
+                                m[x] = shift[x];
+                            }
+                        }
+                        (add, cm) = kernels::sum_exp3(lq, nq, oq, inv[t], *m);
+                    }
+                    for x in 0..3 {
+                        sum[x] += add[x];
+                        // (A NaN never wins the max; it reaches the loss through the sum.)
+                        if cm[x] > m[x] {
+                            sum[x] *= ((m[x] - cm[x]) as f64).exp();
+                            m[x] = cm[x];
+                        }
+                    }
+                    if (c0..c0 + w).contains(&target[t]) {
+                        let j = target[t] - c0;
+                        acc.tgt[e] = kernels::three_variants(lq[j], nq[j], oq[j], inv[t]);
+                    }
                 }
-                sum[q][x] += kernels::sum_exp_shifted(b, m[q][x]);
             }
         }
-    }
-    for q in 0..rows {
-        for x in 0..3 {
-            out[[x, q]] = m[q][x] + sum[q][x].ln() as f32 - tgt[q][x];
-        }
-    }
-    out
+    };
+    let entries = g * b * rows;
+    let parts = PARTS.min(n_chunks);
+    let accs: Vec<LseAcc> = (0..parts)
+        .into_par_iter()
+        .map_init(Scratch::default, |scratch, p| {
+            let mut acc = LseAcc::new(entries);
+            for c in p * n_chunks / parts..(p + 1) * n_chunks / parts {
+                step(scratch, &mut acc, c);
+            }
+            acc
+        })
+        .collect();
+    let acc = accs
+        .into_iter()
+        .reduce(LseAcc::merge)
+        .expect("at least one part");
+    (0..g)
+        .map(|gi| {
+            Array3::from_shape_fn((3, b, rows), |(x, i, q)| {
+                let e = (gi * b + i) * rows + q;
+                acc.m[e][x] + acc.sum[e][x].ln() as f32 - acc.tgt[e][x]
+            })
+        })
+        .collect()
 }
+
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// The most memory the left sides of `new @ W_U` (`[B, G, S - 1, K]`) may take at once: heads
+/// are taken in groups that fit (all 12 of a GPT-2 layer at 20 x 100 tokens: 9.5 MiB).
+const LHS_BYTES: usize = 128 << 20;
 
 /// Per-token losses `[3, B, S - 1]` for every selected head of one layer.
 #[allow(clippy::too_many_arguments)]
@@ -207,74 +360,71 @@ pub fn layer_losses(
     let pattern = batch.activation::<ndarray::Ix4>(&block_hook(layer, "attn.hook_pattern"))?;
     let logits = batch.activation::<ndarray::Ix3>(LOGITS)?;
     let scale = batch.final_scale()?;
-    let tokens = batch.tokens;
-    let (b, s) = tokens.dim();
+    let (b, s) = batch.tokens.dim();
+    let rows = s.saturating_sub(1);
     let w_o = ctx.params.blocks[layer].attn.w_o.view();
     let w_u = ctx.params.w_u.view();
+    let (dh, d) = (w_o.dim().1, w_o.dim().2);
 
     // coef[b, k] = (r . u) / (u . u), with r . u from the same factorisation as
     // source_suppression; the sign is the intended one, sign(r . u) (docs/metrics.md).
     let r_dot_u = source_coefficients(v, w_o, u_tok);
     let u_sq: Vec<f32> = u_tok.outer_iter().map(|u| u.dot(&u)).collect();
 
-    // W_O[h] @ W_U ([dh, V], 12 MiB for GPT-2) for a group of heads at once, as one
-    // [heads x dh, D] @ [D, V] matmul on all cores (a [dh, D] left side alone is too thin to
-    // keep the cores busy: W_U would stream through memory once per head); then every
-    // (head, sequence) pair of the group is one single-threaded task. Groups of 4 bound
-    // the [dh, V] matrices alive at once (48 MiB for GPT-2 small).
-    let group = 4.max(rayon::current_num_threads());
-    let (dh, d) = (w_o.dim().1, w_o.dim().2);
-    let mut per_task: Vec<((usize, usize), Array2<f32>)> = Vec::with_capacity(heads.len() * b);
-    for h0 in (0..heads.len()).step_by(group) {
-        let hs = h0..(h0 + group).min(heads.len());
-        let mut lhs = Array2::<f32>::zeros((hs.len() * dh, d));
-        for (j, &h) in heads[hs.clone()].iter().enumerate() {
-            lhs.slice_mut(s![j * dh..(j + 1) * dh, ..])
-                .assign(&w_o.index_axis(Axis(0), h));
-        }
-        let wou_all = kernels::matmul(lhs.view(), w_u);
-        let wous: Vec<ArrayView2<f32>> = (0..hs.len())
-            .map(|j| wou_all.slice(s![j * dh..(j + 1) * dh, ..]))
-            .collect();
-        let tasks: Vec<(usize, usize)> = hs.flat_map(|hi| (0..b).map(move |i| (hi, i))).collect();
-        let done: Vec<((usize, usize), Array2<f32>)> = tasks
-            .par_iter()
-            .map(|&(hi, i)| {
-                let h = heads[hi];
-                let mut a = pattern.slice(s![i, h, .., ..]).to_owned(); // [Q, K]
-                for k in 0..s {
-                    let mut coef = r_dot_u[[i, k, h]] / u_sq[i * s + k];
+    // new @ W_U: through the source rows of U_tok @ W_U (S·S·V) for sequences shorter than
+    // d_model, else through d_model space ((pattern ∘ coef) @ U_tok, then @ W_U: S·S·D + S·D·V).
+    let k = if uu.is_some() { s } else { d };
+    let rhs = match uu {
+        Some(uu) => uu.view(),
+        None => w_u.insert_axis(Axis(0)),
+    };
+    let group = (LHS_BYTES / (b * rows * k * 4).max(1)).clamp(1, heads.len().max(1));
+    let mut outs = Vec::with_capacity(heads.len());
+    for hs in heads.chunks(group) {
+        let g = hs.len();
+        let mut lhs = Array4::<f32>::zeros((b, g, rows, k));
+        lhs.view_mut()
+            .into_shape_with_order((b * g, rows, k))
+            .expect("fresh array")
+            .axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(e, mut out)| {
+                let (i, h) = (e / g, hs[e % g]);
+                // pattern ∘ coef: row q, column k scaled by head h's coefficient of source k.
+                let mut a = pattern.slice(s![i, h, ..rows, ..]).to_owned(); // [Q, K]
+                for kk in 0..s {
+                    let mut coef = r_dot_u[[i, kk, h]] / u_sq[i * s + kk];
                     if only_negative && coef >= 0.0 {
                         coef = 0.0;
                     }
-                    a.column_mut(k).mapv_inplace(|p| p * coef);
+                    a.column_mut(kk).mapv_inplace(|p| p * coef);
                 }
-                // new @ W_U: through the source rows of U_tok @ W_U (S·S·V) for sequences
-                // shorter than d_model, else through d_model space (S·S·D + S·D·V).
-                let (lhs, rhs) = match uu {
-                    Some(uu) => (a, uu.index_axis(Axis(0), i)),
-                    None => {
-                        let rows = u_tok.slice(s![i * s..(i + 1) * s, ..]);
-                        (kernels::matmul_par(a.view(), rows, kernels::Par::One), w_u)
-                    }
-                };
-                let l = fused_token_losses(
-                    logits.index_axis(Axis(0), i),
-                    lhs.view(),
-                    rhs,
-                    z.slice(s![i, .., h, ..]),
-                    wous[hi - h0],
-                    scale.row(i),
-                    tokens.row(i),
-                );
-                ((hi, i), l)
-            })
-            .collect();
-        per_task.extend(done);
-    }
-    let mut outs = vec![Array3::<f32>::zeros((3, b, s.saturating_sub(1))); heads.len()];
-    for ((hi, i), l) in per_task {
-        outs[hi].slice_mut(s![.., i, ..]).assign(&l);
+                if uu.is_some() {
+                    out.assign(&a);
+                } else {
+                    let src = u_tok.slice(s![i * s..(i + 1) * s, ..]);
+                    out.assign(&kernels::matmul_par(a.view(), src, kernels::Par::One));
+                }
+            });
+        let mut w_o_rows = Array2::<f32>::zeros((hs.len() * dh, d));
+        for (j, &h) in hs.iter().enumerate() {
+            w_o_rows
+                .slice_mut(s![j * dh..(j + 1) * dh, ..])
+                .assign(&w_o.index_axis(Axis(0), h));
+        }
+        // Re-borrowed views: one lifetime for all (array views are invariant in it).
+        outs.extend(chunked_losses(&LayerOperands {
+            logits: logits.view(),
+            lhs: lhs.view(),
+            rhs: rhs.view(),
+            z: z.view(),
+            heads: hs,
+            w_o: w_o_rows.view(),
+            w_u: w_u.view(),
+            scale: scale.view(),
+            tokens: batch.tokens.view(),
+        }));
     }
     Ok(outs)
 }
@@ -486,42 +636,63 @@ impl Metric for ProjectionLoss {
 mod tests {
     use super::*;
 
-    /// The chunked kernel with its online log-sum-exp equals the plain one over a vocabulary
-    /// that spans several chunks (the goldens' vocabularies fit in one), the max moving
-    /// between chunks.
+    /// The chunked kernel (online log-sum-exp, vocabulary pieces spread over workers and
+    /// joined) equals the plain one over a vocabulary that spans several chunks (the goldens'
+    /// vocabularies fit in one), the max moving between chunks, for two heads picked out of
+    /// three and two sequences, with per-sequence and shared right sides.
     #[test]
-    fn fused_losses_match_plain_losses_across_chunks() {
-        let (s, v, k, dh) = (7, 3 * CHUNK + 37, 5, 4);
+    fn chunked_losses_match_plain_losses_across_chunks() {
+        let (b, s, v, k, dh, nh, d) = (2, 7, 3 * CHUNK + 37, 5, 4, 3, 6);
+        let heads = [2usize, 0];
+        let g = heads.len();
         let f = |i: usize, a: f32| (i as f32 * a).sin() * 3.0;
-        let logits = Array2::from_shape_fn((s, v), |(q, j)| f(q * v + j, 0.37) + j as f32 * 1e-3);
-        let lhs = Array2::from_shape_fn((s, k), |(q, j)| f(q * k + j, 1.3));
-        let rhs = Array2::from_shape_fn((k, v), |(q, j)| f(q * v + j, 0.71));
-        let z = Array2::from_shape_fn((s, dh), |(q, j)| f(q * dh + j, 2.1));
-        let wou = Array2::from_shape_fn((dh, v), |(q, j)| f(q * v + j, 0.19));
-        let scale = ndarray::Array1::from_shape_fn(s, |q| 0.5 + q as f32 * 0.1);
-        let tokens = ndarray::Array1::from_shape_fn(s, |q| ((q * 977) % v) as u32);
-        let want = token_losses(
-            logits.view(),
-            z.dot(&wou).view(),
-            lhs.dot(&rhs).view(),
-            scale.view(),
-            tokens.view(),
-        );
-        let got = fused_token_losses(
-            logits.view(),
-            lhs.view(),
-            rhs.view(),
-            z.view(),
-            wou.view(),
-            scale.view(),
-            tokens.view(),
-        );
-        for (a, b) in got.iter().zip(want.iter()) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        let logits = Array3::from_shape_fn((b, s, v), |(i, q, j)| {
+            f((i * s + q) * v + j, 0.37) + j as f32 * 1e-3
+        });
+        let lhs = Array4::from_shape_fn((b, g, s, k), |(i, a, q, j)| {
+            f(((a * b + i) * s + q) * k + j, 1.3)
+        });
+        let z = Array4::from_shape_fn((b, s, nh, dh), |(i, q, h, e)| {
+            f(((i * s + q) * nh + h) * dh + e, 2.1)
+        });
+        let w_o = Array2::from_shape_fn((g * dh, d), |(r, c)| f(r * d + c, 0.53) * 0.5);
+        let w_u = Array2::from_shape_fn((d, v), |(r, c)| f(r * v + c, 0.19) * 0.5);
+        let scale = Array2::from_shape_fn((b, s), |(i, q)| 0.5 + (i * s + q) as f32 * 0.1);
+        let tokens = Array2::from_shape_fn((b, s), |(i, q)| ((i * 31 + q * 977) % v) as u32);
+        let rhs_seq = Array3::from_shape_fn((b, k, v), |(i, r, c)| f((i * k + r) * v + c, 0.71));
+        let rhs_shared = rhs_seq.slice(s![..1, .., ..]).to_owned();
+        for rhs in [rhs_seq.view(), rhs_shared.view()] {
+            let got = chunked_losses(&LayerOperands {
+                logits: logits.view(),
+                lhs: lhs.slice(s![.., .., ..s - 1, ..]),
+                rhs,
+                z: z.view(),
+                heads: &heads,
+                w_o: w_o.view(),
+                w_u: w_u.view(),
+                scale: scale.view(),
+                tokens: tokens.view(),
+            });
+            let mut checked_big = false;
+            for (gi, &h) in heads.iter().enumerate() {
+                let wou = w_o.slice(s![gi * dh..(gi + 1) * dh, ..]).dot(&w_u);
+                for i in 0..b {
+                    let r = rhs.index_axis(Axis(0), if rhs.dim().0 > 1 { i } else { 0 });
+                    let want = token_losses(
+                        logits.index_axis(Axis(0), i),
+                        z.slice(s![i, .., h, ..]).dot(&wou).view(),
+                        lhs.slice(s![i, gi, .., ..]).dot(&r).view(),
+                        scale.row(i),
+                        tokens.row(i),
+                    );
+                    let got = got[gi].slice(s![.., i, ..]);
+                    for (a, w) in got.iter().zip(want.iter()) {
+                        assert!((a - w).abs() <= 1e-4 * w.abs().max(1.0), "{a} vs {w}");
+                    }
+                    checked_big |= want.iter().any(|&x| x > 1.0);
+                }
+            }
+            assert!(checked_big, "a test whose losses are all ~0 cannot fail");
         }
-        assert!(
-            want.iter().any(|&x| x > 1.0),
-            "a test whose losses are all ~0 cannot fail"
-        );
     }
 }
