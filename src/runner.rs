@@ -458,14 +458,7 @@ fn run_on<D: SeamDevice>(
     } = prepare(dev, spec, opts.quiet)?;
     interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
-    let cfg = loaded.cfg().clone();
-    let ctx = RunContext {
-        cfg: &cfg,
-        params: &loaded.params,
-        heads: &heads,
-        bos: cfg.bos_token_id,
-        tokenizer: loaded.tokenizer.as_ref(),
-    };
+    let ctx = RunContext::of(&loaded, &heads);
 
     // The compute phase: every dataset's batches (a shard's slice of them) through the
     // model and the metrics, with a checkpoint after each batch when every metric can save

@@ -35,17 +35,6 @@ pub struct DeviceTensor<D: Device<f32>> {
 }
 
 impl<D: Device<f32>> DeviceTensor<D> {
-    /// Keeps `t` under its own shape; contiguous tensors are kept as they are (the data is
-    /// shared, not copied), a permuted view is made contiguous once on the device.
-    pub fn new<S: Shape>(t: &Tensor<S, f32, D>) -> Self {
-        let shape: Vec<usize> = t.shape().concrete().into_iter().collect();
-        let n = shape.iter().product();
-        DeviceTensor {
-            data: t.clone().reshape_like(&(n,)),
-            shape,
-        }
-    }
-
     /// Keeps `t` under `shape` (same number of elements): TL shows a LayerNorm scale
     /// `[B, S]` as `[B, S, 1]`.
     pub fn with_shape<S: Shape>(t: &Tensor<S, f32, D>, shape: Vec<usize>) -> Self {

@@ -43,7 +43,21 @@ pub struct RunContext<'a> {
     pub tokenizer: Option<&'a GptTokenizer>,
 }
 
-impl RunContext<'_> {
+impl<'a> RunContext<'a> {
+    /// The context of a run of `model` over `heads` (sorted by (layer, head)).
+    pub fn of<D: crate::seam::SeamDevice>(
+        model: &'a crate::model::LoadedModel<D>,
+        heads: &'a [(usize, usize)],
+    ) -> Self {
+        RunContext {
+            cfg: model.cfg(),
+            params: &model.params,
+            heads,
+            bos: model.cfg().bos_token_id,
+            tokenizer: model.tokenizer.as_ref(),
+        }
+    }
+
     /// The selected heads grouped by layer, in order.
     pub fn heads_by_layer(&self) -> Vec<(usize, Vec<usize>)> {
         let mut out: Vec<(usize, Vec<usize>)> = Vec::new();

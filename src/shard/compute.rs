@@ -39,6 +39,27 @@ fn restore(
     d: usize,
     ck: &Checkpoint,
 ) {
+    merge_states(
+        engine_ctx,
+        metrics,
+        dataset,
+        d,
+        &[("the checkpoint".to_string(), ck)],
+    );
+}
+
+/// Merges dataset `d`'s saved states from `sources` (labelled for errors), in order, into
+/// metrics whose `start_dataset` was just called: a resumed run's one checkpoint, or the
+/// shards' in shard order (so per-sequence rows come out in sequence order). A metric that
+/// failed on the dataset earlier is skipped; one whose state is missing or does not merge
+/// fails there.
+pub(super) fn merge_states(
+    ctx: &crate::metrics::RunContext,
+    metrics: &mut MetricSet,
+    dataset: &Dataset,
+    d: usize,
+    sources: &[(String, &Checkpoint)],
+) {
     for i in 0..metrics.len() {
         if !metrics.is_active(i) {
             continue;
@@ -47,18 +68,21 @@ fn restore(
             metrics.deactivate(i);
             continue;
         }
-        let r = match ck.states.get(&(d, i)) {
-            Some(st) => metrics
-                .get_mut(i)
-                .expect("active metrics are built")
-                .merge_state(engine_ctx, dataset, st),
-            None => Err(Error::Other(format!(
-                "the checkpoint has no state for it on dataset '{}'",
-                dataset.name
-            ))),
-        };
-        if let Err(e) = r {
-            metrics.fail(i, Some(&dataset.name), e);
+        for (label, ck) in sources {
+            let r = match ck.states.get(&(d, i)) {
+                Some(st) => metrics
+                    .get_mut(i)
+                    .expect("active metrics are built")
+                    .merge_state(ctx, dataset, st),
+                None => Err(Error::Other(format!(
+                    "{label} has no state for it on dataset '{}'",
+                    dataset.name
+                ))),
+            };
+            if let Err(e) = r {
+                metrics.fail(i, Some(&dataset.name), e);
+                break;
+            }
         }
     }
 }

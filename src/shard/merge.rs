@@ -234,44 +234,15 @@ impl OnDevice for Merge<'_> {
             metrics.restore_failures(&s.checkpoint.progress.failures);
         }
 
-        let cfg = loaded.cfg().clone();
-        let ctx = RunContext {
-            cfg: &cfg,
-            params: &loaded.params,
-            heads: &heads,
-            bos: cfg.bos_token_id,
-            tokenizer: loaded.tokenizer.as_ref(),
-        };
+        let ctx = RunContext::of(&loaded, &heads);
         let mut computed = Computed::new(shards[0].manifest.hook_points.clone());
         for (d, dataset) in datasets.iter().enumerate() {
             metrics.start_dataset(&ctx, dataset);
-            for i in 0..metrics.len() {
-                if !metrics.is_active(i) {
-                    continue;
-                }
-                if metrics.failed_on(i, &dataset.name) {
-                    metrics.deactivate(i);
-                    continue;
-                }
-                // In shard order: per-sequence rows come out in sequence order.
-                for s in shards {
-                    let r = match s.checkpoint.states.get(&(d, i)) {
-                        Some(st) => metrics
-                            .get_mut(i)
-                            .expect("active metrics are built")
-                            .merge_state(&ctx, dataset, st),
-                        None => Err(Error::Other(format!(
-                            "shard {} has no state for it on dataset '{}'",
-                            s.shard.dir_name(),
-                            dataset.name
-                        ))),
-                    };
-                    if let Err(e) = r {
-                        metrics.fail(i, Some(&dataset.name), e);
-                        break;
-                    }
-                }
-            }
+            let sources: Vec<(String, &Checkpoint)> = shards
+                .iter()
+                .map(|s| (format!("shard {}", s.shard.dir_name()), &s.checkpoint))
+                .collect();
+            super::compute::merge_states(&ctx, &mut metrics, dataset, d, &sources);
             let tables = metrics.finish_dataset(&ctx, dataset);
             // The run's time is the shards' time.
             let mut timings = Timings::default();
