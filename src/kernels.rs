@@ -14,9 +14,13 @@
 
 /// Defines `pub fn $name(args) -> ret` that runs `$body_fn(args)` compiled for AVX-512 or
 /// AVX2+FMA when the running processor has them (checked per call: one cached atomic load),
-/// else as built.
+/// else as built. `$name = $simd_fn / $plain_fn(args)` gives the fallback a body of its own
+/// (e.g. an `exp` without fused multiply-adds).
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $name:ident = $body_fn:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        simd_dispatch!($(#[$meta])* $name = $body_fn / $body_fn($($arg: $ty),*) $(-> $ret)?);
+    };
+    ($(#[$meta:meta])* $name:ident = $body_fn:ident / $plain_fn:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
         $(#[$meta])*
         #[inline]
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
@@ -39,7 +43,7 @@ macro_rules! simd_dispatch {
                     return unsafe { v3($($arg),*) };
                 }
             }
-            $body_fn($($arg),*)
+            $plain_fn($($arg),*)
         }
     };
 }
@@ -487,47 +491,25 @@ fn sum_exp3_body<const FMA: bool>(
     (out, mx)
 }
 
-/// `sum(exp(row - m))` for each of projection_loss's three modified logit rows
-/// ([`three_variants`]), and the rows' maxima, in one pass: the rows are recomputed from
-/// `l`, `n`, `o` rather than read back (three multiply-adds cost less than writing and
-/// re-reading three rows), and a caller that already holds a running max from earlier
-/// columns needs no separate max pass (see `projection_loss::chunked_losses`). Dispatched by
-/// hand, not through `simd_dispatch!`: the AVX copies use [`exp_fma`], the fallback [`exp`].
-#[inline]
-pub fn sum_exp3(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> ([f64; 3], [f32; 3]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn v4(
-            l: &[f32],
-            n: &[f32],
-            o: &[f32],
-            inv: f32,
-            m: [f32; 3],
-        ) -> ([f64; 3], [f32; 3]) {
-            sum_exp3_body::<true>(l, n, o, inv, m)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn v3(
-            l: &[f32],
-            n: &[f32],
-            o: &[f32],
-            inv: f32,
-            m: [f32; 3],
-        ) -> ([f64; 3], [f32; 3]) {
-            sum_exp3_body::<true>(l, n, o, inv, m)
-        }
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the processor has the features v4 is compiled for.
-            return unsafe { v4(l, n, o, inv, m) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: as above, for v3.
-            return unsafe { v3(l, n, o, inv, m) };
-        }
-    }
+#[inline(always)]
+fn sum_exp3_fma(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> ([f64; 3], [f32; 3]) {
+    sum_exp3_body::<true>(l, n, o, inv, m)
+}
+
+#[inline(always)]
+fn sum_exp3_plain(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> ([f64; 3], [f32; 3]) {
     sum_exp3_body::<false>(l, n, o, inv, m)
 }
+
+simd_dispatch!(
+    /// `sum(exp(row - m))` for each of projection_loss's three modified logit rows
+    /// ([`three_variants`]), and the rows' maxima, in one pass: the rows are recomputed from
+    /// `l`, `n`, `o` rather than read back (three multiply-adds cost less than writing and
+    /// re-reading three rows), and a caller that already holds a running max from earlier
+    /// columns needs no separate max pass (see `projection_loss::chunked_losses`). The AVX
+    /// copies use [`exp_fma`], the fallback [`exp`].
+    sum_exp3 = sum_exp3_fma / sum_exp3_plain(l: &[f32], n: &[f32], o: &[f32], inv: f32, m: [f32; 3]) -> ([f64; 3], [f32; 3])
+);
 
 /// `log(sum(exp(x)))`, shifted by the max for stability.
 #[inline]

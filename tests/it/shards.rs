@@ -310,13 +310,7 @@ fn resuming_another_runs_checkpoint_is_refused() {
 #[test]
 fn a_plugin_without_partial_state_is_refused_by_name_when_sharding() {
     let dir = tempfile::tempdir().unwrap();
-    let lib = crate::plugins::library("hg_source_suppression");
-    let spec = write_spec(
-        dir.path(),
-        &tiny(),
-        &corpus(),
-        &format!("[[metric]]\nplugin = \"{}\"\n", lib.display()),
-    );
+    let spec = plugin_spec(dir.path(), "hg_source_suppression");
     for args in [&["--shard", "0/2"][..], &["--resume"][..]] {
         runner()
             .args(["run", "-q"])
@@ -340,13 +334,7 @@ fn a_plugin_without_partial_state_is_refused_by_name_when_sharding() {
 fn a_plugin_with_partial_state_shards_and_resumes_like_a_builtin() {
     // hg_attention_entropy implements ABI version 2's save_state / merge_state.
     let dir = tempfile::tempdir().unwrap();
-    let lib = crate::plugins::library("hg_attention_entropy");
-    let spec = write_spec(
-        dir.path(),
-        &tiny(),
-        &corpus(),
-        &format!("[[metric]]\nplugin = \"{}\"\n", lib.display()),
-    );
+    let spec = plugin_spec(dir.path(), "hg_attention_entropy");
     let whole = dir.path().join("whole");
     run_ok(&spec, &whole, &[]);
     assert!(whole.join("attention_entropy.csv").is_file());
@@ -376,13 +364,7 @@ fn a_plugin_with_partial_state_shards_and_resumes_like_a_builtin() {
 #[test]
 fn a_plugin_built_for_abi_version_1_still_runs_and_is_refused_by_name_when_sharding() {
     let dir = tempfile::tempdir().unwrap();
-    let lib = crate::plugins::library("hg_test_abi_v1");
-    let spec = write_spec(
-        dir.path(),
-        &tiny(),
-        &corpus(),
-        &format!("[[metric]]\nplugin = \"{}\"\n", lib.display()),
-    );
+    let spec = plugin_spec(dir.path(), "hg_test_abi_v1");
     runner()
         .args(["run", "-q", "--shard", "1/2"])
         .arg(&spec)
@@ -397,4 +379,15 @@ fn a_plugin_built_for_abi_version_1_still_runs_and_is_refused_by_name_when_shard
     let t = std::fs::read_to_string(out.join("abi_v1_count.csv")).unwrap();
     // 2 layers x 4 heads, per dataset; every head saw all 10 ioi sequences.
     assert!(t.contains("ioi,1,3,10"), "{t}");
+}
+
+/// A spec in `dir` running the example or test plugin `name` alone on the tiny checkpoint.
+fn plugin_spec(dir: &Path, name: &str) -> PathBuf {
+    let lib = crate::plugins::library(name);
+    write_spec(
+        dir,
+        &tiny(),
+        &corpus(),
+        &format!("[[metric]]\nplugin = \"{}\"\n", lib.display()),
+    )
 }
