@@ -226,6 +226,7 @@ fn sweep<D: SeamDevice>(
         lengths: unpadded_lengths(tokens, cfg.bos_token_id),
         tokens: tokens.clone(),
         ioi: None,
+        answers: None,
     };
     let mut metric = metrics::builtin(kind, &toml::Table::new())?;
     crate::engine::run_metric(&m.model, &ctx, metric.as_mut(), &ds, batch_size)?;

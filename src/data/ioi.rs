@@ -578,6 +578,7 @@ pub fn generate(
         tokens,
         lengths,
         ioi: Some(prompts),
+        answers: None,
     })
 }
 

@@ -31,6 +31,10 @@ pub struct Dataset {
     pub lengths: Vec<usize>,
     /// For `ioi`: the positions and answer of each prompt.
     pub ioi: Option<Vec<IoiPrompt>>,
+    /// Per sequence, the token ids `[correct, wrong]` a logit difference is taken between
+    /// (at position `len_i - 1`, see `docs/metrics.md`): from a `tokens` dataset's
+    /// `answers = FILE`, built in for `ioi` (IO, S). `None`: no logit differences.
+    pub answers: Option<Vec<[u32; 2]>>,
 }
 
 impl Dataset {
@@ -351,6 +355,7 @@ pub fn tokens_from_json(
         tokens,
         lengths,
         ioi: None,
+        answers: None,
     })
 }
 
@@ -398,6 +403,7 @@ fn build_prompts(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
         tokens,
         lengths,
         ioi: None,
+        answers: None,
     })
 }
 

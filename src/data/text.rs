@@ -173,6 +173,7 @@ pub fn build(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
         tokens,
         lengths,
         ioi: None,
+        answers: None,
     })
 }
 

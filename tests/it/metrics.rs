@@ -24,6 +24,7 @@ fn setup(ckpt: &str, tokens: &str) -> (LoadedModel<Cpu>, Dataset) {
         tokens: toks,
         lengths,
         ioi: None,
+        answers: None,
     };
     (loaded, ds)
 }

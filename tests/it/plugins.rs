@@ -96,6 +96,7 @@ fn run(metric: &mut dyn Metric, batch_size: usize) -> hookgraph::Result<Vec<Tabl
         lengths: unpadded_lengths(&tokens, cfg.bos_token_id),
         tokens,
         ioi: None,
+        answers: None,
     };
     hookgraph::engine::run_metric(&loaded.model, &ctx, metric, &dataset, batch_size)
 }

@@ -30,6 +30,7 @@ fn dataset(name: &str, tokens: &str, bos: u32) -> Dataset {
         lengths: unpadded_lengths(&tokens, bos),
         tokens,
         ioi: None,
+        answers: None,
     }
 }
 
