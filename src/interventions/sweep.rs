@@ -129,7 +129,11 @@ impl Metric for Sweep {
     }
 
     fn set_means(&mut self, means: &Means) -> Result<()> {
-        let per_position = matches!(self.plan.kind, Kind::Ablate(Value::MeanPerPosition));
+        let per_position = match self.plan.kind {
+            Kind::Ablate(Value::Mean) => false,
+            Kind::Ablate(Value::MeanPerPosition) => true,
+            _ => return Ok(()),
+        };
         for t in self.plan.datasets.clone() {
             let over = self.plan.mean_dataset(&t).to_string();
             for l in self.layers(self.n_layers) {
