@@ -15,7 +15,8 @@ use super::{Hook, Kind, Plan, Unit, Value};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::means::{MeanRequest, Means};
-use crate::metrics::{BatchView, Metric, RunContext};
+use crate::metrics::state::Array;
+use crate::metrics::{BatchView, Metric, RunContext, State};
 use crate::output::Table;
 
 /// What a dataset's sweep accumulates.
@@ -25,6 +26,34 @@ struct DatasetAcc {
     scores: Vec<Vec<SeqScore>>,
     orig: Vec<SeqScore>,
     source: Vec<SeqScore>,
+    /// Which sequences a batch has scored (shards and resumed runs merge exactly these).
+    seen: Vec<u8>,
+}
+
+fn flat(v: &[SeqScore]) -> impl Iterator<Item = f64> + '_ {
+    v.iter().flat_map(|x| {
+        [
+            x.loss_sum,
+            x.loss_n as f64,
+            x.kl_sum,
+            x.kl_n as f64,
+            x.logit_diff,
+        ]
+    })
+}
+
+fn unflat(v: &[f64], out: &mut [SeqScore], seen: &[u8]) {
+    for ((o, c), &s) in out.iter_mut().zip(v.chunks_exact(5)).zip(seen) {
+        if s != 0 {
+            *o = SeqScore {
+                loss_sum: c[0],
+                loss_n: c[1] as u64,
+                kl_sum: c[2],
+                kl_n: c[3] as u64,
+                logit_diff: c[4],
+            };
+        }
+    }
 }
 
 /// One planned intervention as a metric.
@@ -165,6 +194,7 @@ impl Metric for Sweep {
             units,
             orig: vec![SeqScore::default(); n],
             source: vec![SeqScore::default(); n],
+            seen: vec![0; n],
         });
         Ok(())
     }
@@ -228,6 +258,8 @@ impl Metric for Sweep {
                 clean_lp.push(scratch[..lens[i] * u.v].to_vec());
             }
         }
+
+        acc.seen[batch.start..batch.start + b].fill(1);
 
         // A patch's source run: the same rows of the source dataset, unchanged.
         let mut source_cache = None;
@@ -344,6 +376,51 @@ impl Metric for Sweep {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<State> {
+        let mut st = State::new();
+        let Some(acc) = &self.acc else {
+            // A dataset it does not change: a state all the same, so shards agree.
+            st.put("untouched", Array::U8(vec![1]));
+            return Ok(st);
+        };
+        let scores: Vec<f64> = acc.scores.iter().flat_map(|u| flat(u)).collect();
+        st.put("scores", Array::F64(scores))
+            .put("orig", Array::F64(flat(&acc.orig).collect()))
+            .put("source", Array::F64(flat(&acc.source).collect()))
+            .put("seen", Array::U8(acc.seen.clone()));
+        Ok(st)
+    }
+
+    fn merge_state(&mut self, _ctx: &RunContext, dataset: &Dataset, st: &State) -> Result<()> {
+        let name = self.plan.name.clone();
+        let Some(acc) = self.acc.as_mut() else {
+            return Ok(());
+        };
+        let seen = st.u8(&name, "seen")?;
+        let n = acc.seen.len();
+        let scores = st.f64(&name, "scores")?;
+        if seen.len() != n || scores.len() != acc.units.len() * n * 5 {
+            return Err(Error::Metric {
+                metric: name,
+                msg: format!(
+                    "saved state does not fit dataset '{}' ({} sequences, {} interventions)",
+                    dataset.name,
+                    n,
+                    acc.units.len()
+                ),
+            });
+        }
+        for (u, chunk) in acc.scores.iter_mut().zip(scores.chunks_exact(n * 5)) {
+            unflat(chunk, u, seen);
+        }
+        unflat(st.f64(&name, "orig")?, &mut acc.orig, seen);
+        unflat(st.f64(&name, "source")?, &mut acc.source, seen);
+        for (a, &b) in acc.seen.iter_mut().zip(seen) {
+            *a |= b;
         }
         Ok(())
     }
