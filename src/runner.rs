@@ -394,6 +394,24 @@ pub fn validate(
             p.metrics.planned_tables(i).join(", ")
         );
     }
+    for plan in crate::interventions::plan(spec, cfg, &p.heads, &p.datasets)? {
+        for d in p
+            .datasets
+            .iter()
+            .filter(|d| plan.datasets.contains(&d.name))
+        {
+            let c = plan.cost(cfg, d.n_sequences(), d.seq_len());
+            out += &format!(
+                "  intervention {} on {}: {} interventions, {} passes, {:.3} GFLOP (one full pass per intervention: {:.3} GFLOP)\n",
+                plan.name,
+                d.name,
+                c.units,
+                c.passes,
+                c.flop / 1e9,
+                c.flop_full_passes / 1e9
+            );
+        }
+    }
     for w in &p.weight_metrics {
         out += &format!(
             "  metric {} (from the weights): {}\n",

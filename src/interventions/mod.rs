@@ -476,3 +476,71 @@ fn plan_one(
         index,
     })
 }
+
+/// FLOPs of a forward pass's pieces over `rows` = `b * s` token rows (matmuls only).
+fn layer_flop(cfg: &ModelConfig, b: usize, s: usize) -> (f64, f64) {
+    let (d, m) = (cfg.d_model as f64, cfg.d_mlp as f64);
+    let rows = (b * s) as f64;
+    let attn = 2.0 * rows * d * 3.0 * d
+        + 2.0 * 2.0 * (b * cfg.n_heads * s * s * cfg.d_head) as f64
+        + 2.0 * rows * d * d;
+    let mlp = 2.0 * 2.0 * rows * d * m;
+    (attn, mlp)
+}
+
+/// What a planned intervention costs on one dataset of `n` sequences of `s` tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    /// Interventions (resumed passes, each over the whole dataset).
+    pub units: usize,
+    /// Passes over the dataset: the unchanged one, the source's, the mean pass, the units.
+    pub passes: usize,
+    /// Matmul FLOPs of the sweep as planned (resumed at the unit's layer).
+    pub flop: f64,
+    /// The same sweep as TransformerLens's patching.py runs it: a full pass per unit.
+    pub flop_full_passes: f64,
+}
+
+impl Plan {
+    /// The sweep's cost on a dataset of `n` sequences of `s` tokens.
+    pub fn cost(&self, cfg: &ModelConfig, n: usize, s: usize) -> Cost {
+        let (attn, mlp) = layer_flop(cfg, n, s);
+        let layer = attn + mlp;
+        let unembed = 2.0 * (n * s) as f64 * (cfg.d_model * cfg.d_vocab) as f64;
+        let measure = if self.measures.full_vocab() {
+            unembed
+        } else {
+            0.0
+        };
+        let full = cfg.n_layers as f64 * layer + unembed;
+        let units = self.units(cfg.n_layers, s);
+        let mut flop = full; // the unchanged pass (shared with the metrics)
+        let mut passes = 1;
+        if self.source.is_some() {
+            flop += full - unembed;
+            passes += 1;
+        }
+        if matches!(
+            self.kind,
+            Kind::Ablate(Value::Mean | Value::MeanPerPosition)
+        ) {
+            flop += full - unembed;
+            passes += 1;
+        }
+        for u in &units {
+            let (at, _) = self.hook.resume(u.layer);
+            let rest = match at {
+                ResumeAt::Pre(l) => (cfg.n_layers - l) as f64 * layer,
+                ResumeAt::Mid(l) => mlp + (cfg.n_layers - l - 1) as f64 * layer,
+            };
+            flop += rest + measure;
+        }
+        passes += units.len();
+        Cost {
+            units: units.len(),
+            passes,
+            flop,
+            flop_full_passes: units.len() as f64 * full + full,
+        }
+    }
+}
