@@ -80,3 +80,6 @@ mod tests {
         assert!(!v.contains_key("c"));
     }
 }
+
+/// The git commit the runner was built from ("unknown" outside a git checkout).
+pub const GIT_COMMIT: &str = env!("HOOKGRAPH_GIT_COMMIT");

@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// Write the resume checkpoint at most every SECONDS (default 0: after every batch).
     #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
     pub checkpoint_every: f64,
+    /// Override a key of the spec without editing it (repeatable): `model.batch_size=4`,
+    /// `heads="0.1"`, `dataset.0.n=5` (the first [[dataset]]); the manifest records the
+    /// spec as run.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,6 +86,9 @@ pub enum Command {
         /// The output directory the run would use (default: the spec's).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Override a key of the spec (as `runner run --set`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Merge the shards in RESULTS/shards/ into the results the unsharded run would write.
     Merge {
@@ -121,7 +129,8 @@ pub fn main() -> ExitCode {
             spec,
             device,
             output,
-        }) => run::validate(&spec, device, output),
+            set,
+        }) => run::validate(&spec, device, output, &set),
         Some(Command::Merge {
             results,
             device,
