@@ -1,4 +1,4 @@
-"""`hookgraph ARGS` and `python -m hookgraph ARGS`: the runner, with the same arguments."""
+"""`python -m hookgraph ARGS`: the runner, with the same arguments."""
 
 from __future__ import annotations
 

@@ -56,6 +56,8 @@ def read_table(path: PathLike):
             types[c] = pa.bool_()
     table = pacsv.read_csv(
         path,
+        # GPT-2 has tokens that are newlines: quoted cells may hold them.
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types=types,
             # Only numbers can be missing: text columns keep "", "NaN", "null" as text.
