@@ -78,9 +78,13 @@ pub struct CacheArgs {
     /// (`blocks.0.attn.W_O`, `unembed.W_U`, ...) instead of activations; no forward pass.
     #[arg(long, conflicts_with_all = ["tokens", "prompt", "hooks", "dataset", "effective_embeddings"])]
     pub weights: bool,
-    /// Output file (`.safetensors`), written atomically.
+    /// Output file (`.safetensors`), written atomically. An existing file is replaced only
+    /// with `--force`; the command's own inputs (checkpoint, tokenizer and token files) never.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace `--out` if it exists (never an input of this command, nor a non-regular file).
+    #[arg(long)]
+    pub force: bool,
     /// Directory with the tokenizer files, if not the checkpoint's own.
     #[arg(long, conflicts_with = "spec")]
     pub tokenizer: Option<PathBuf>,
@@ -192,6 +196,24 @@ struct Batch {
     lengths: Vec<usize>,
 }
 
+/// Everything the command reads, which `--out` must never be: the checkpoint directory's
+/// files, the tokenizer directory's, and the token file.
+fn inputs(args: &CacheArgs, src: &Source) -> Vec<PathBuf> {
+    let files = &src.files;
+    let mut v = vec![files.config.clone(), files.weights.clone()];
+    v.extend(args.spec.iter().cloned());
+    for dir in [Some(files.dir.as_path()), src.tokenizer.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            v.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    v.extend(args.tokens.iter().cloned());
+    v
+}
+
 pub fn cache(args: &CacheArgs) -> Result<ExitCode> {
     if args.dataset.is_some() && args.spec.is_none() {
         return Err(Error::Other(
@@ -199,6 +221,7 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode> {
         ));
     }
     let src = Source::of(args)?;
+    crate::outdir::check_out_file(&args.out, &inputs(args, &src), args.force)?;
     if args.effective_embeddings || args.weights {
         return weights(args, &src);
     }
