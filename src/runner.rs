@@ -503,6 +503,11 @@ struct Manifest<'a> {
     hookgraph_version: &'static str,
     crate_versions: BTreeMap<&'static str, String>,
     spec_path: String,
+    /// `--set KEY=VALUE` overrides applied to the spec file (`spec_toml` is the result).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    spec_overrides: &'a [String],
+    /// The runner's git commit (`git describe --always --dirty` when it was built), if known.
+    git_commit: &'static str,
     spec_toml: &'a str,
     spec: &'a crate::spec::Spec,
     model_dir: String,
@@ -927,6 +932,8 @@ pub fn write_results<D: SeamDevice>(
         hookgraph_version: env!("CARGO_PKG_VERSION"),
         crate_versions: crate::build_info::crate_versions(),
         spec_path: spec.path.display().to_string(),
+        spec_overrides: &spec.overrides,
+        git_commit: crate::build_info::GIT_COMMIT,
         spec_toml: &spec.text,
         spec: &spec.spec,
         model_dir: loaded.files.dir.display().to_string(),
