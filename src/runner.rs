@@ -161,12 +161,7 @@ pub(crate) fn prepare<D: SeamDevice>(
         cfg: &cfg,
         spec_dir: &dir,
     };
-    let datasets = spec
-        .spec
-        .datasets
-        .iter()
-        .map(|d| data::build(d, &ctx))
-        .collect::<Result<Vec<_>>>()?;
+    let datasets = data::build_all(spec, &ctx)?;
 
     let mut metrics = MetricSet::new();
     let mut weight_metrics: Vec<WeightEntry> = Vec::new();

@@ -1,4 +1,5 @@
-//! `runner list`: what a spec can name — built-in metrics, plugins found, hook points.
+//! `runner list`: what a spec can name — built-in metrics, plugins found, dataset kinds, hook
+//! points.
 //!
 //! Owns: printing those lists. Must not: load weights (only `config.json` when `--model` is
 //! given, for the hook point names of that model).
@@ -26,6 +27,10 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
         println!("  {:<20}   tables: {}", "", b.tables.join(", "));
     }
     print_plugins();
+    println!("\nDataset kinds ([[dataset]] kind = \"...\"):");
+    for (kind, about) in crate::data::KINDS {
+        println!("  {kind:<20} {about}");
+    }
     match &args.model {
         Some(m) => {
             let files = ModelSource::parse(m).resolve()?;
