@@ -8,6 +8,9 @@ writes to target/bench-gpt2-small/ (run `runner bench` once first), with torch o
 - the plain forward pass (10x30 and 60x100) in TransformerLens and HF's GPT2LMHeadModel;
 - the one-pass vectorised peer of both sweeps (bench/onepass_peer.py: one run_with_cache per
   batch, every head at once, checked against the TransformerLens goldens with `--check`);
+- the intervention cases (bench/tl_patching.py): TransformerLens's `patching.py` sweeps
+  (`get_act_patch_attn_head_out_all_pos`, `get_act_patch_resid_pre`) on 20x16 and 10x100,
+  written as `tl <case>`; `--patching` runs only those;
 - optionally (`--notebook`) the notebook's procedure: `compute_weighted_avg_logit_suppression`
   once per head, 144 hooked forward passes per sweep, imported from
   tests/golden/make_golden.py where it is copied verbatim (with the edits listed there).
@@ -32,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "golden"))
 import make_golden as mg  # noqa: E402  (the notebook's functions and the TL model builder)
 import onepass_peer  # noqa: E402  (bench/onepass_peer.py, next to this file)
+import tl_patching  # noqa: E402  (bench/tl_patching.py, next to this file)
 
 # The forward's matmuls per layer ([M, k] @ [k, n]) with M = batch x seq.
 FORWARD_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
@@ -65,6 +69,8 @@ def main():
     ap.add_argument("--peer-projection-60x100", action="store_true",
                     help="also time the one-pass peer's projection_loss sweep on 60x100 (long)")
     ap.add_argument("--repeats", type=int, default=3, help="each case's best of this many runs")
+    ap.add_argument("--patching", action="store_true",
+                    help="only the intervention cases (TransformerLens's patching.py sweeps)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     # Same cores as `runner bench` (torch may default to fewer under a CPU quota).
@@ -83,7 +89,11 @@ def main():
         out[name] = f_secs
         print(f"{name}: {f_secs:.3f} s (best of {repeats})", flush=True)
 
-    for b, s in [(10, 30), (60, 100)]:
+    # TransformerLens's patching.py sweeps, one hooked pass per intervention: seconds each,
+    # so the best of fewer runs.
+    tl_patching.cases(model, args.dir,
+                      lambda name, f: best_of(f"tl {name}", f, max(1, min(args.repeats, 2))))
+    for b, s in [] if args.patching else [(10, 30), (60, 100)]:
         toks = torch.tensor(json.load(open(os.path.join(args.dir, f"tokens_{b}x{s}.json"))))
         # The plain forward: TL without per-head results (the notebook's sweeps turn them on),
         # and HF's GPT2LMHeadModel, same weights, same batches of 20 as `runner bench`.

@@ -148,6 +148,62 @@ pub fn forward_flop(cfg: &ModelConfig, b: usize, s: usize) -> f64 {
     cfg.n_layers as f64 * per_layer + 2.0 * n * d * v
 }
 
+/// FLOPs of one layer's attention half (QKV, scores, pattern x V, output projection) and
+/// MLP half on `b` sequences of `s` tokens.
+fn layer_halves(cfg: &ModelConfig, b: usize, s: usize) -> (f64, f64) {
+    let (n, d, m) = ((b * s) as f64, cfg.d_model as f64, cfg.d_mlp as f64);
+    (
+        2.0 * n * 4.0 * d * d + 4.0 * (b * s * s) as f64 * d,
+        2.0 * n * 2.0 * d * m,
+    )
+}
+
+/// An intervention case of `runner bench`: which hook is swept, per position or not, and
+/// which measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// `z` (per head) or `resid_pre` (per layer).
+    pub per_head: bool,
+    pub per_position: bool,
+    /// `measure = ["logit_diff"]`: only the answers' unembedding columns at the last
+    /// position, not the whole vocabulary at every position.
+    pub logit_diff_only: bool,
+}
+
+/// FLOPs of an intervention sweep on `b x s` tokens, as done with shared prefixes (each unit
+/// of layer L resumes the unchanged pass: a `z` unit runs layer L's MLP and the layers above,
+/// a `resid_pre` unit layers L and above) and as TransformerLens's `patching.py` does it (a
+/// whole forward pass per unit). Both count the unchanged target pass and the source (or
+/// zero) pass once. Returns (with sharing, without).
+pub fn intervention_flop(cfg: &ModelConfig, b: usize, s: usize, sw: Sweep) -> (f64, f64) {
+    let (attn, mlp) = layer_halves(cfg, b, s);
+    let layer = attn + mlp;
+    let (n, d, v) = ((b * s) as f64, cfg.d_model as f64, cfg.d_vocab as f64);
+    let full_unembed = 2.0 * n * d * v;
+    // logit_diff alone: the two answers' columns at one position per sequence.
+    let unembed = if sw.logit_diff_only {
+        2.0 * b as f64 * d * 2.0
+    } else {
+        full_unembed
+    };
+    let units_per_layer =
+        if sw.per_head { cfg.n_heads } else { 1 } * if sw.per_position { s } else { 1 };
+    let base = 2.0 * forward_flop(cfg, b, s);
+    let mut shared = base;
+    let mut plain = base;
+    for l in 0..cfg.n_layers {
+        let above = (cfg.n_layers - l - 1) as f64 * layer;
+        let rest = if sw.per_head {
+            mlp + above
+        } else {
+            layer + above
+        };
+        shared += units_per_layer as f64 * (rest + unembed);
+        plain += units_per_layer as f64 * (cfg.n_layers as f64 * layer + full_unembed);
+    }
+    (shared, plain)
+}
+
 /// The metric-side FLOPs this implementation performs for the 144-head sweeps.
 pub fn sweep_flop(cfg: &ModelConfig, kind: &str, b: usize, s: usize) -> f64 {
     let (n, d, v, dh) = (
@@ -233,6 +289,126 @@ fn sweep<D: SeamDevice>(
     Ok(())
 }
 
+/// One intervention case, as a spec would declare it: `kind` (`ablate` with `value = "zero"`,
+/// or `patch` from the source tokens) at `hook`, on the `b x s` target tokens with their
+/// answers.
+struct InterventionCase<'a> {
+    kind: &'a str,
+    hook: &'a str,
+    sweep: Sweep,
+}
+
+impl InterventionCase<'_> {
+    /// The case's name in the table and in the baseline (`tl <name>`).
+    fn name(&self, b: usize, s: usize) -> String {
+        let what = match self.kind {
+            "ablate" => "ablate_zero",
+            _ => "patch",
+        };
+        let shape = if self.sweep.per_position {
+            "per-position"
+        } else {
+            "sweep"
+        };
+        let ld = if self.sweep.logit_diff_only {
+            " logit_diff"
+        } else {
+            ""
+        };
+        format!("{what} {} {shape} {b}x{s}{ld}", self.hook)
+    }
+
+    /// The spec of the case, its paths relative to the bench directory.
+    fn spec_text(&self, b: usize, s: usize) -> String {
+        let value = if self.kind == "ablate" {
+            "value = \"zero\"\n"
+        } else {
+            "source = \"source\"\n"
+        };
+        let measure = if self.sweep.logit_diff_only {
+            "measure = [\"logit_diff\"]\n"
+        } else {
+            "measure = [\"loss\", \"kl\", \"logit_diff\"]\n"
+        };
+        format!(
+            "name = \"bench\"\n[model]\npath = \".\"\n\
+             [[dataset]]\nname = \"target\"\nkind = \"tokens\"\npath = \"tokens_{b}x{s}.json\"\nanswers = \"answers_{b}x{s}.json\"\n\
+             [[dataset]]\nname = \"source\"\nkind = \"tokens\"\npath = \"tokens_{b}x{s}_source.json\"\nanswers = \"answers_{b}x{s}.json\"\n\
+             [[intervention]]\nkind = \"{}\"\nhook = \"{}\"\ndataset = \"target\"\nper_position = {}\n{value}{measure}",
+            self.kind, self.hook, self.sweep.per_position
+        )
+    }
+}
+
+/// The intervention cases on `b x s` tokens: the 144-head zero ablation and patch of `z`
+/// with every measure and with `logit_diff` alone, and (on 20x16) the per-position patch of
+/// `resid_pre`.
+fn intervention_cases(b: usize, s: usize) -> Vec<InterventionCase<'static>> {
+    let mut out = Vec::new();
+    for kind in ["ablate", "patch"] {
+        for logit_diff_only in [false, true] {
+            out.push(InterventionCase {
+                kind,
+                hook: "z",
+                sweep: Sweep {
+                    per_head: true,
+                    per_position: false,
+                    logit_diff_only,
+                },
+            });
+        }
+    }
+    if (b, s) == (20, 16) {
+        out.push(InterventionCase {
+            kind: "patch",
+            hook: "resid_pre",
+            sweep: Sweep {
+                per_head: false,
+                per_position: true,
+                logit_diff_only: false,
+            },
+        });
+    }
+    out
+}
+
+/// Runs one intervention case through the engine as a run would: the datasets built and the
+/// intervention planned from a spec (outside the timing), then the unchanged pass, the
+/// source pass and the sweep, resumed from shared prefixes.
+fn run_intervention<D: SeamDevice>(
+    m: &LoadedModel<D>,
+    spec: &crate::spec::LoadedSpec,
+    datasets: &[Dataset],
+    batch_size: usize,
+) -> Result<()> {
+    let cfg = m.cfg();
+    let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
+        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
+        .collect();
+    let ctx = RunContext {
+        cfg,
+        params: &m.params,
+        heads: &heads,
+        bos: cfg.bos_token_id,
+        tokenizer: None,
+    };
+    let plan = crate::interventions::plan(spec, cfg, &heads, datasets)?
+        .pop()
+        .ok_or_else(|| Error::Other("the bench spec plans no intervention".into()))?;
+    let seq_len = datasets[0].seq_len();
+    let mut sweep =
+        crate::interventions::sweep::Sweep::new(plan, datasets, batch_size, seq_len, cfg);
+    crate::engine::run_metric_with_means(
+        &m.model,
+        &ctx,
+        &mut sweep,
+        &datasets[0],
+        datasets,
+        batch_size,
+    )?;
+    Ok(())
+}
+
 /// The forward's matmuls per layer (`[M, k] @ [k, n]`), M = tokens per batch: the fused
 /// QKV, the output projection, the MLP in and out.
 pub const FORWARD_SHAPES: [(usize, usize); 4] = [(768, 2304), (768, 768), (768, 3072), (3072, 768)];
@@ -302,6 +478,8 @@ pub struct Options<'a> {
     pub batch_size: usize,
     /// Only the cases whose name contains this.
     pub only: Option<&'a str>,
+    /// Only the intervention cases.
+    pub interventions_only: bool,
     /// Each case is the best of this many runs (the long cases run once).
     pub repeats: usize,
     pub device: DeviceKind,
@@ -331,6 +509,7 @@ fn run_on<D: SeamDevice>(dev: D, opts: &Options) -> Result<Vec<Case>> {
         dir,
         batch_size,
         only,
+        interventions_only,
         repeats,
         device,
     } = *opts;
@@ -356,7 +535,7 @@ fn run_on<D: SeamDevice>(dev: D, opts: &Options) -> Result<Vec<Case>> {
         &mut Hooks::default(),
     )?;
     let mut cases = Vec::new();
-    let peak = [batch_size * 30, batch_size * 100]
+    let peak = [batch_size * 16, batch_size * 30, batch_size * 100]
         .into_iter()
         .map(|rows| match device {
             DeviceKind::Cpu => sgemm_gflops(rows, 5),
@@ -375,7 +554,37 @@ fn run_on<D: SeamDevice>(dev: D, opts: &Options) -> Result<Vec<Case>> {
         gflop: peak,
         peak_mib: None,
     });
-    for (b, s) in shapes(device) {
+    for (b, s) in PATCH_SHAPES {
+        for case in intervention_cases(b, s) {
+            let name = case.name(b, s);
+            if !wanted(&name) {
+                continue;
+            }
+            let spec =
+                crate::spec::LoadedSpec::from_str(&case.spec_text(b, s), &dir.join("bench.toml"))?;
+            let dctx = crate::data::DataContext {
+                tokenizer: None,
+                cfg: &cfg,
+                spec_dir: dir,
+            };
+            let datasets = crate::data::build_all(&spec, &dctx)?;
+            let (flop, plain) = intervention_flop(&cfg, b, s, case.sweep);
+            eprintln!(
+                "  {name}: {:.1} GFLOP with shared prefixes, {:.1} GFLOP one pass per unit ({:.0}% saved)",
+                flop / 1e9,
+                plain / 1e9,
+                100.0 * (1.0 - flop / plain)
+            );
+            cases.push(time_case(&name, flop / 1e9, repeats, || {
+                run_intervention(&m, &spec, &datasets, batch_size.min(b))
+            })?);
+        }
+    }
+    for (b, s) in if interventions_only {
+        vec![]
+    } else {
+        shapes(device)
+    } {
         let paper = (b, s) == PAPER;
         let batch = if paper {
             batch_size.min(PAPER_BATCH)
@@ -448,6 +657,12 @@ pub fn shapes(device: DeviceKind) -> Vec<(usize, usize)> {
     v
 }
 
+/// The intervention cases' shapes (sequences x tokens): IOI prompts' length and 100-token
+/// text. Each has a target token file, a source file of the same shape (`_source`) and
+/// answers (`answers_BxS.json`, random `[correct, wrong]` pairs); the same list is in
+/// `bench/tl_patching.py`.
+pub const PATCH_SHAPES: [(usize, usize); 2] = [(20, 16), (10, 100)];
+
 /// Writes the random checkpoint and the token files into `dir` unless they are there.
 pub fn prepare(dir: &Path, shapes: &[(usize, usize)]) -> Result<()> {
     if !dir.join("model.safetensors").is_file() {
@@ -469,6 +684,26 @@ pub fn prepare(dir: &Path, shapes: &[(usize, usize)]) -> Result<()> {
             );
             let rows: Vec<Vec<u32>> = t.rows().into_iter().map(|r| r.to_vec()).collect();
             crate::output::write_json(&path, &rows)?;
+        }
+    }
+    for (b, s) in PATCH_SHAPES {
+        let seed = (b * 1000 + s) as u64;
+        for (file, seed) in [
+            (format!("tokens_{b}x{s}.json"), seed),
+            (format!("tokens_{b}x{s}_source.json"), seed + 1),
+        ] {
+            let path = dir.join(file);
+            if !path.is_file() {
+                let t = random_tokens(b, s, SMALL.d_vocab, SMALL.bos_token_id, seed);
+                let rows: Vec<Vec<u32>> = t.rows().into_iter().map(|r| r.to_vec()).collect();
+                crate::output::write_json(&path, &rows)?;
+            }
+        }
+        let path = dir.join(format!("answers_{b}x{s}.json"));
+        if !path.is_file() {
+            let t = random_tokens(b, 3, SMALL.d_vocab, SMALL.bos_token_id, seed + 2);
+            let pairs: Vec<[u32; 2]> = t.rows().into_iter().map(|r| [r[1], r[2]]).collect();
+            crate::output::write_json(&path, &pairs)?;
         }
     }
     Ok(())
@@ -531,6 +766,8 @@ pub fn table(cases: &[Case], baseline: Option<&Baseline>, device: DeviceKind) ->
                 (None, Some(hf)) => ("HF GPT2LMHeadModel forward", Some(hf)),
                 (None, None) => ("-", None),
             }
+        } else if let Some(tl) = get(&format!("tl {}", c.name)) {
+            ("TransformerLens patching.py", Some(tl))
         } else {
             (
                 "one-pass vectorised PyTorch",

@@ -161,7 +161,7 @@ fn names(dir: &Path) -> Result<Vec<(String, std::fs::FileType)>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let e = e.map_err(|e| Error::io(dir, e))?;
-        let t = e.file_type().map_err(|x| Error::io(&e.path(), x))?;
+        let t = e.file_type().map_err(|x| Error::io(e.path(), x))?;
         v.push((e.file_name().to_string_lossy().into_owned(), t));
     }
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -845,9 +845,8 @@ fn swap(
         SWAP_PHASE.store(2, Ordering::SeqCst);
         return Ok(None);
     }
-    let old: PathBuf = if exchange(staged, &target.dir).map_err(|e| {
+    let old: PathBuf = if exchange(staged, &target.dir).inspect_err(|_| {
         let _ = std::fs::remove_dir_all(staged);
-        e
     })? {
         staged.to_path_buf()
     } else {
@@ -1138,10 +1137,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (input, out) = (d.path().join("in"), d.path().join("out"));
         std::fs::write(&input, "x").unwrap();
-        assert!(check_out_file(&out, &[input.clone()], false).is_ok());
+        assert!(check_out_file(&out, std::slice::from_ref(&input), false).is_ok());
         std::fs::write(&out, "y").unwrap();
-        assert!(check_out_file(&out, &[input.clone()], false).is_err());
-        assert!(check_out_file(&out, &[input.clone()], true).is_ok());
+        assert!(check_out_file(&out, std::slice::from_ref(&input), false).is_err());
+        assert!(check_out_file(&out, std::slice::from_ref(&input), true).is_ok());
         std::fs::hard_link(&input, d.path().join("hl")).unwrap();
         let e = check_out_file(&d.path().join("hl"), &[input], true).unwrap_err();
         assert!(e.to_string().contains("which this command reads"), "{e}");

@@ -161,19 +161,7 @@ pub(crate) fn prepare<D: SeamDevice>(
         cfg: &cfg,
         spec_dir: &dir,
     };
-    let datasets = spec
-        .spec
-        .datasets
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            // A dataset that cannot be built is a spec error: give it the dataset's line.
-            data::build(d, &ctx).map_err(|e| match e {
-                Error::Data { .. } => spec.dataset_error(i, "name", e.to_string()),
-                e => e,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let datasets = data::build_all(spec, &ctx)?;
 
     let mut metrics = MetricSet::new();
     let mut weight_metrics: Vec<WeightEntry> = Vec::new();

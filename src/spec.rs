@@ -200,6 +200,28 @@ pub struct DatasetSpec {
     pub prompts: Option<Vec<String>>,
     /// text and prompts: prepend BOS (default true, as TL's `to_tokens`).
     pub prepend_bos: Option<bool>,
+    /// tokens: a JSON file of `[correct_id, wrong_id]` pairs, one per sequence (relative to
+    /// the spec), the answers logit differences are taken between.
+    pub answers: Option<Spanned<PathBuf>>,
+    /// ioi: build this dataset as the corrupted counterpart of the named ioi dataset (its
+    /// seed, templates, places, objects and names; its answers), changed as `corrupt` says.
+    pub counterpart_of: Option<Spanned<String>>,
+    /// ioi, with `counterpart_of`: how the counterpart is corrupted.
+    pub corrupt: Option<Spanned<Corruption>>,
+}
+
+/// How a corrupted counterpart of an ioi dataset differs from its original. Both change only
+/// the subject's second mention (S2), the token the IOI circuit reads to tell IO from S, so
+/// every other token and every position stay the original's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Corruption {
+    /// IO and S swap roles: S2 becomes the IO's name ("Then, John and Mary went to the store.
+    /// Mary gave a drink to"), as the TransformerLens and ARENA IOI notebooks corrupt.
+    Flip,
+    /// S2 becomes a third name, distinct from IO and S ("Then, John and Mary went to the
+    /// store. Kate gave a drink to"): the IOI paper's ABC distribution.
+    Abc,
 }
 
 /// `[[metric]]`: a built-in `kind` or a `plugin`, with options.
@@ -460,6 +482,19 @@ impl LoadedSpec {
             .unwrap_or_default()
     }
 
+    /// Where key `key` of the `index`-th `[[dataset]]` table is written, if it is. Re-parses
+    /// the text: only error paths call this.
+    pub fn dataset_key_span(&self, index: usize, key: &str) -> Option<std::ops::Range<usize>> {
+        toml::from_str::<KeySpans>(&self.text)
+            .ok()?
+            .datasets
+            .into_iter()
+            .nth(index)?
+            .into_keys()
+            .find(|k| k.get_ref() == key)
+            .map(|k| k.span())
+    }
+
     /// An error on the line of key `key` of the `index`-th `[[metric]]` table (falling back to
     /// its `kind` or `plugin` key, then to no location).
     pub fn metric_error(&self, index: usize, key: &str, msg: impl Into<String>) -> Error {
@@ -620,11 +655,13 @@ struct TableSpans {
     datasets: Vec<BTreeMap<Spanned<String>, serde::de::IgnoredAny>>,
 }
 
-/// The keys of each `[[metric]]` table with their spans.
+/// The keys of each `[[metric]]` and `[[dataset]]` table with their spans.
 #[derive(Deserialize)]
 struct KeySpans {
     #[serde(default, rename = "metric")]
     metrics: Vec<BTreeMap<Spanned<String>, serde::de::IgnoredAny>>,
+    #[serde(default, rename = "dataset")]
+    datasets: Vec<BTreeMap<Spanned<String>, serde::de::IgnoredAny>>,
 }
 
 /// Checks that `name` can be a file name on every platform and stays one path component:

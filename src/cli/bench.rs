@@ -28,6 +28,11 @@ pub struct BenchArgs {
     /// figures and ours then come from one run, side by side on the same machine.
     #[arg(long, conflicts_with = "baseline")]
     pub python: Option<PathBuf>,
+    /// Only the intervention cases (zero ablation and patch of every head's `z`, the
+    /// per-position `resid_pre` patch), and with `--python` only TransformerLens's
+    /// `patching.py` peers of them.
+    #[arg(long)]
+    pub interventions: bool,
     /// Also write the cases as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -58,6 +63,7 @@ pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
             .arg(&dir)
             .arg("--out")
             .arg(&out)
+            .args(args.interventions.then_some("--patching"))
             .status()
             .map_err(|e| Error::Other(format!("{}: {e}", py.display())))?;
         if !status.success() {
@@ -81,6 +87,7 @@ pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
         dir: &dir,
         batch_size: args.batch_size.max(1),
         only: args.only.as_deref(),
+        interventions_only: args.interventions,
         repeats: args.repeats,
         device,
     })?;

@@ -1,4 +1,5 @@
-//! `runner list`: what a spec can name — built-in metrics, plugins found, hook points.
+//! `runner list`: what a spec can name — built-in metrics, plugins found, dataset kinds, hook
+//! points.
 //!
 //! Owns: printing those lists. Must not: load weights (only `config.json` when `--model` is
 //! given, for the hook point names of that model), or load a plugin library unless `--load`
@@ -49,6 +50,10 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
         println!("  keys      kind, value, hook, dataset, mean_over, source, per_position, heads, together, measure, name");
     }
     print_plugins(args.load, args.all);
+    println!("\nDataset kinds ([[dataset]] kind = \"...\"):");
+    for (kind, about) in crate::data::KINDS {
+        println!("  {kind:<20} {about}");
+    }
     match &args.model {
         Some(m) => {
             let files = ModelSource::parse(m).resolve()?;

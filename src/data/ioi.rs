@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{err, DataContext, Dataset};
 use crate::error::Result;
-use crate::spec::DatasetSpec;
+use crate::spec::{Corruption, DatasetSpec};
 use crate::tokenizer::{batch_tokens, GptTokenizer};
 
 /// One IOI prompt: its positions and answer.
@@ -42,6 +42,13 @@ pub struct IoiPrompt {
     pub end_pos: usize,
     /// The answer token (the IO name with a leading space).
     pub answer: u32,
+    /// The subject's token (the S name with a leading space): the wrong answer a logit
+    /// difference is taken against.
+    pub s_token: u32,
+    /// The name written at `s2_pos`: `s_name`, except in a corrupted counterpart
+    /// ([`Corruption`]), whose records keep the original's roles (`io_name`, `s_name`,
+    /// `answer`, `s_token`: what its answers are scored by) and name here what changed.
+    pub s2_name: String,
     /// Index into the expanded template list ([`expand_templates`]): the `k` BABA templates
     /// first (`0..k`), then their ABBA versions in the same order (`k..2k`).
     pub template: usize,
@@ -354,6 +361,19 @@ impl Template {
 
     /// The prompt text and the byte offsets of the IO, S1 and S2 names in it.
     pub fn fill(&self, io: &str, s: &str, place: &str, object: &str) -> (String, [usize; 3]) {
+        self.fill_s2(io, s, s, place, object)
+    }
+
+    /// [`fill`](Self::fill) with `s2` written at the subject's second mention (a corrupted
+    /// counterpart's prompt).
+    pub fn fill_s2(
+        &self,
+        io: &str,
+        s: &str,
+        s2: &str,
+        place: &str,
+        object: &str,
+    ) -> (String, [usize; 3]) {
         let mut text = String::new();
         let (mut io_at, mut s_at) = (0, Vec::with_capacity(2));
         for p in &self.pieces {
@@ -365,7 +385,7 @@ impl Template {
                 }
                 Piece::Slot(Slot::B) => {
                     s_at.push(text.len());
-                    text.push_str(s);
+                    text.push_str(if s_at.len() == 1 { s } else { s2 });
                 }
                 Piece::Slot(Slot::Place) => text.push_str(place),
                 Piece::Slot(Slot::Object) => text.push_str(object),
@@ -484,10 +504,40 @@ pub fn check_names(
     Ok(out)
 }
 
-/// Generates the prompts and their tokens: BOS first, right-padded with BOS.
+/// Generates the prompts and their tokens: BOS first, right-padded with BOS. Their answers
+/// are (IO, S) at the last position.
 pub fn generate(
     dataset: &str,
     opts: &IoiOptions,
+    tok: &GptTokenizer,
+    ctx: &DataContext,
+) -> Result<Dataset> {
+    generate_with(dataset, opts, None, tok, ctx)
+}
+
+/// The corrupted counterpart, named `dataset`, of the ioi dataset `opts` describes: the same
+/// draws (template, names, place, object, in the same order from the same seed), with the
+/// subject's second mention changed as `how` says, and the original's answers. Every name
+/// is one token, so the counterpart has the original's shape and positions (the caller
+/// checks the shape against the original it built).
+pub fn generate_corrupted(
+    dataset: &str,
+    opts: &IoiOptions,
+    how: Corruption,
+    tok: &GptTokenizer,
+    ctx: &DataContext,
+) -> Result<Dataset> {
+    generate_with(dataset, opts, Some(how), tok, ctx)
+}
+
+/// The ABC corruption's third names come from their own ChaCha8 stream of the same seed, so
+/// the original's draws (stream 0) are untouched.
+const ABC_STREAM: u64 = 1;
+
+fn generate_with(
+    dataset: &str,
+    opts: &IoiOptions,
+    corrupt: Option<Corruption>,
     tok: &GptTokenizer,
     ctx: &DataContext,
 ) -> Result<Dataset> {
@@ -502,6 +552,12 @@ pub fn generate(
         )));
     }
     let names = check_names(dataset, &opts.names, tok)?;
+    if corrupt == Some(Corruption::Abc) && names.len() < 3 {
+        return Err(e(format!(
+            "corrupt = \"abc\" needs a third name, and `names` has only {} different names",
+            names.len()
+        )));
+    }
     if opts.templates.is_empty() {
         return Err(e("`templates` is empty".into()));
     }
@@ -535,6 +591,8 @@ pub fn generate(
 
     let bos = ctx.cfg.bos_token_id;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut abc_rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    abc_rng.set_stream(ABC_STREAM);
     let draws = if opts.symmetric { opts.n / 2 } else { opts.n };
     // A prompt costs its record, its text and names, its ids and its row of the token
     // matrix: about 512 bytes. Checked before allocating: `Vec::with_capacity` aborts the
@@ -558,7 +616,20 @@ pub fn generate(
             roles.push((s, io));
         }
         for (io, s) in roles {
-            let (p, ids) = make_prompt(dataset, tok, &templates[t], t, io, s, place, object)?;
+            let s2 = match corrupt {
+                None => s,
+                Some(Corruption::Flip) => io,
+                Some(Corruption::Abc) => {
+                    // Uniform over the names that are neither IO nor S.
+                    let k = abc_rng.gen_range(0..names.len() - 2);
+                    names
+                        .iter()
+                        .filter(|n| n.0 != io.0 && n.0 != s.0)
+                        .nth(k)
+                        .unwrap_or(s)
+                }
+            };
+            let (p, ids) = make_prompt(dataset, tok, &templates[t], t, [io, s, s2], place, object)?;
             if ids.len() + 1 > ctx.cfg.n_ctx {
                 return Err(e(format!(
                     "prompt {:?} is {} tokens with BOS, longer than the model's context ({})",
@@ -573,12 +644,13 @@ pub fn generate(
     }
     let tokens = batch_tokens(&encoded, Some(bos), bos, usize::MAX);
     let lengths = encoded.iter().map(|ids| ids.len() + 1).collect();
+    let answers = prompts.iter().map(|p| [p.answer, p.s_token]).collect();
     Ok(Dataset {
         name: dataset.to_string(),
         tokens,
         lengths,
         ioi: Some(prompts),
-        answers: None,
+        answers: Some(answers),
     })
 }
 
@@ -590,19 +662,19 @@ fn pick<'a>(rng: &mut ChaCha8Rng, list: &'a [String]) -> &'a str {
     }
 }
 
-/// One prompt: its text, positions (BOS-prepended) and token ids (without BOS).
-#[allow(clippy::too_many_arguments)]
+/// One prompt: its text, positions (BOS-prepended) and token ids (without BOS); `[io, s,
+/// s2]` are the names and ids of the IO, the subject and the name written at its second
+/// mention (the subject, but for a corrupted counterpart).
 fn make_prompt(
     dataset: &str,
     tok: &GptTokenizer,
     template: &Template,
     index: usize,
-    io: &(String, u32),
-    s: &(String, u32),
+    [io, s, s2]: [&(String, u32); 3],
     place: &str,
     object: &str,
 ) -> Result<(IoiPrompt, Vec<u32>)> {
-    let (text, [io_at, s1_at, s2_at]) = template.fill(&io.0, &s.0, place, object);
+    let (text, [io_at, s1_at, s2_at]) = template.fill_s2(&io.0, &s.0, &s2.0, place, object);
     let ids = tok.encode(&text)?;
     // A name's position is the token count of the text before its leading space, plus the
     // BOS; check that the full encoding really has the name as that token, so a template or a
@@ -626,9 +698,11 @@ fn make_prompt(
     let prompt = IoiPrompt {
         io_pos: pos(io_at, io.1)?,
         s1_pos: pos(s1_at, s.1)?,
-        s2_pos: pos(s2_at, s.1)?,
+        s2_pos: pos(s2_at, s2.1)?,
         end_pos: ids.len(),
         answer: io.1,
+        s_token: s.1,
+        s2_name: s2.0.clone(),
         template: index,
         io_name: io.0.clone(),
         s_name: s.0.clone(),

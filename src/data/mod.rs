@@ -2,11 +2,16 @@
 //!
 //! Owns: turning a [`DatasetSpec`] into a [`Dataset`] of right-padded token ids, for each kind:
 //! `ioi` (generated in-process, [`ioi`]), `text` (a local corpus, [`text`]), `tokens` (a JSON
-//! file of ids) and `prompts` (inline texts); which keys each kind takes; and the checks
-//! every dataset must pass (not empty, no longer than the model's context, ids inside its
-//! vocabulary). Must not: run the model or know about metrics.
+//! file of ids) and `prompts` (inline texts); each dataset's answers (a `tokens` dataset's
+//! `answers` file, built in for `ioi`); corrupted counterparts of `ioi` datasets
+//! (`counterpart_of` + `corrupt`); which keys each kind takes; and the checks every dataset
+//! must pass (not empty, no longer than the model's context, ids inside its vocabulary, one
+//! answer pair per sequence, a counterpart shaped as its original). Must not: run the model
+//! or know about metrics.
 //!
-//! Every user mistake is an [`Error::Data`] naming the dataset; nothing here panics on input.
+//! Every user mistake is an [`Error::Data`] naming the dataset; [`build_all`], which the
+//! runner calls, adds where in the spec it is (`file:line:col`). Nothing here panics on
+//! input.
 
 pub mod ioi;
 pub mod text;
@@ -17,7 +22,7 @@ use ndarray::Array2;
 
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::spec::{DatasetKind, DatasetSpec};
+use crate::spec::{Corruption, DatasetKind, DatasetSpec, LoadedSpec};
 use crate::tokenizer::{batch_tokens, GptTokenizer};
 
 pub use ioi::IoiPrompt;
@@ -149,6 +154,8 @@ pub fn allowed_keys(kind: DatasetKind) -> &'static [&'static str] {
             "places",
             "objects",
             "templates",
+            "counterpart_of",
+            "corrupt",
         ],
         DatasetKind::Text => &[
             "path",
@@ -159,7 +166,7 @@ pub fn allowed_keys(kind: DatasetKind) -> &'static [&'static str] {
             "short",
             "prepend_bos",
         ],
-        DatasetKind::Tokens => &["path", "n"],
+        DatasetKind::Tokens => &["path", "n", "answers"],
         DatasetKind::Prompts => &["prompts", "prepend_bos"],
     }
 }
@@ -190,6 +197,9 @@ fn present_keys(s: &DatasetSpec) -> Vec<&'static str> {
         ("short", s.short.is_some()),
         ("prompts", s.prompts.is_some()),
         ("prepend_bos", s.prepend_bos.is_some()),
+        ("answers", s.answers.is_some()),
+        ("counterpart_of", s.counterpart_of.is_some()),
+        ("corrupt", s.corrupt.is_some()),
     ]
     .into_iter()
     .filter_map(|(k, set)| set.then_some(k))
@@ -221,12 +231,75 @@ pub fn check_keys(spec: &DatasetSpec) -> Result<()> {
             format!("kind = \"{kind}\" needs `{missing}`"),
         ));
     }
+    // A counterpart is its original's draws: it takes nothing else.
+    if spec.counterpart_of.is_some() || spec.corrupt.is_some() {
+        for (k, other) in [("counterpart_of", "corrupt"), ("corrupt", "counterpart_of")] {
+            if present.contains(&k) && !present.contains(&other) {
+                return Err(err(
+                    &spec.name,
+                    format!("`{k}` needs `{other}` (a corrupted counterpart names both its original and how it is corrupted)"),
+                ));
+            }
+        }
+        if let Some(bad) = present.iter().find(|k| !COUNTERPART_KEYS.contains(k)) {
+            return Err(err(
+                &spec.name,
+                format!("`{bad}` does not apply to a corrupted counterpart: it is built from its original's n, seed, names, places, objects and templates (it takes only `counterpart_of` and `corrupt`)"),
+            ));
+        }
+    }
     Ok(())
 }
 
-/// Builds one dataset.
+/// The keys a corrupted counterpart takes (besides `name` and `kind`).
+const COUNTERPART_KEYS: &[&str] = &["counterpart_of", "corrupt"];
+
+/// The corruption as the spec writes it.
+pub fn corruption_name(c: Corruption) -> &'static str {
+    match c {
+        Corruption::Flip => "flip",
+        Corruption::Abc => "abc",
+    }
+}
+
+/// Each dataset kind with its keys and what it makes, for `runner list` (the README's
+/// table says the same at more length).
+pub const KINDS: &[(&str, &str)] = &[
+    (
+        "ioi",
+        "IOI prompts made in-process; keys n, seed, symmetric, names, places, objects, templates; answers built in (IO, S at the last position). A corrupted counterpart of another ioi dataset: counterpart_of = \"NAME\", corrupt = \"flip\" (S2 becomes the IO) | \"abc\" (S2 becomes a third name); same draws, shape and answers as the original",
+    ),
+    (
+        "text",
+        "a local corpus (.jsonl with a `text` field, or .txt); keys path, seq_len, n, shuffle, seed, short, prepend_bos",
+    ),
+    (
+        "tokens",
+        "exact token ids from a JSON list of equal-length lists; keys path, n, answers (a JSON list of [correct_id, wrong_id], one per sequence)",
+    ),
+    ("prompts", "inline texts; keys prompts, prepend_bos"),
+];
+
+/// Builds one dataset with its answers. A corrupted counterpart needs its original: build
+/// it with [`build_all`].
 pub fn build(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
+    let mut ds = build_base(spec, ctx)?;
+    ds.answers = match &spec.answers {
+        Some(path) => Some(load_answers(spec, path.get_ref(), &ds, ctx)?),
+        None => ds.answers,
+    };
+    Ok(ds)
+}
+
+/// One dataset without an answers file.
+fn build_base(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     check_keys(spec)?;
+    if spec.counterpart_of.is_some() {
+        return Err(err(
+            &spec.name,
+            "a corrupted counterpart is built with the spec it belongs to (data::build_all)",
+        ));
+    }
     let ds = match spec.kind {
         DatasetKind::Ioi => ioi::build(spec, ctx)?,
         DatasetKind::Text => text::build(spec, ctx)?,
@@ -235,6 +308,208 @@ pub fn build(spec: &DatasetSpec, ctx: &DataContext) -> Result<Dataset> {
     };
     check_dataset(&ds, ctx.cfg)?;
     Ok(ds)
+}
+
+/// Builds every dataset of `spec`, in the spec's order, originals before their corrupted
+/// counterparts. Every error says where in the spec it belongs: an answers file's on its
+/// `answers` key, a counterpart's on `counterpart_of` or `corrupt`, a file's on `path`,
+/// anything else on the dataset's `kind`. All of it happens before any forward pass.
+pub fn build_all(spec: &LoadedSpec, ctx: &DataContext) -> Result<Vec<Dataset>> {
+    let specs = &spec.spec.datasets;
+    // On the key's line (the dataset's `kind` where the key is not written).
+    let at = |i: usize, key: &str, e: Error| -> Error {
+        let span = spec
+            .dataset_key_span(i, key)
+            .or_else(|| spec.dataset_key_span(i, "kind"))
+            .unwrap_or(0..0);
+        spec.error_at(span, e.to_string())
+    };
+    // On a value.
+    let at_value = |span: std::ops::Range<usize>, e: Error| spec.error_at(span, e.to_string());
+    // The key a plain build error belongs on: the first key its message names, else `path`
+    // when it names the dataset's file, else `kind`.
+    let key_of = |d: &DatasetSpec, e: &Error| -> &'static str {
+        let msg = e.to_string();
+        let named = allowed_keys(DatasetKind::Ioi)
+            .iter()
+            .chain(allowed_keys(DatasetKind::Text))
+            .chain(allowed_keys(DatasetKind::Tokens))
+            .chain(allowed_keys(DatasetKind::Prompts))
+            .filter_map(|k| msg.find(&format!("`{k}`")).map(|at| (at, *k)))
+            .min();
+        if let Some((_, k)) = named {
+            return k;
+        }
+        match &d.path {
+            Some(p) if msg.contains(&resolve(ctx, p.get_ref()).display().to_string()) => "path",
+            _ => "kind",
+        }
+    };
+    let mut built: Vec<Option<Dataset>> = vec![None; specs.len()];
+    for (i, d) in specs.iter().enumerate() {
+        if d.counterpart_of.is_some() || d.corrupt.is_some() {
+            continue;
+        }
+        let mut ds = build_base(d, ctx).map_err(|e| at(i, key_of(d, &e), e))?;
+        if let Some(path) = &d.answers {
+            ds.answers = Some(
+                load_answers(d, path.get_ref(), &ds, ctx).map_err(|e| at_value(path.span(), e))?,
+            );
+        }
+        built[i] = Some(ds);
+    }
+    for (i, d) in specs.iter().enumerate() {
+        if built[i].is_some() {
+            continue;
+        }
+        check_keys(d).map_err(|e| at(i, key_of(d, &e), e))?;
+        let (Some(of), Some(how)) = (&d.counterpart_of, &d.corrupt) else {
+            continue; // check_keys refused it
+        };
+        let e = |msg: String| at_value(of.span(), err(&d.name, msg));
+        let ioi_names = || {
+            specs
+                .iter()
+                .filter(|o| o.kind == DatasetKind::Ioi && o.counterpart_of.is_none())
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let Some(j) = specs.iter().position(|o| o.name == *of.get_ref()) else {
+            return Err(e(format!(
+                "counterpart_of = \"{}\" names no [[dataset]] of this spec (its ioi datasets: {})",
+                of.get_ref(),
+                ioi_names()
+            )));
+        };
+        let original = &specs[j];
+        if original.kind != DatasetKind::Ioi || original.counterpart_of.is_some() {
+            return Err(e(format!(
+                "counterpart_of = \"{}\" must name an ioi dataset that is not itself a counterpart (its ioi datasets: {})",
+                of.get_ref(),
+                ioi_names()
+            )));
+        }
+        let Some(orig) = built[j].as_ref() else {
+            return Err(e(format!("dataset '{}' was not built", original.name)));
+        };
+        let tok = ctx.tokenizer(&d.name).map_err(|x| at(i, "kind", x))?;
+        let opts = ioi::IoiOptions::from_spec(original);
+        let ds = ioi::generate_corrupted(&d.name, &opts, *how.get_ref(), tok, ctx)
+            .and_then(|ds| {
+                check_dataset(&ds, ctx.cfg)?;
+                check_counterpart(&ds, orig)?;
+                Ok(ds)
+            })
+            .map_err(|x| at_value(how.span(), x))?;
+        built[i] = Some(ds);
+    }
+    Ok(built.into_iter().flatten().collect())
+}
+
+/// A counterpart must have its original's shape, lengths and answers (the draws are the
+/// same and every name is one token, so anything else is a bug worth a sentence).
+fn check_counterpart(ds: &Dataset, original: &Dataset) -> Result<()> {
+    if ds.tokens.dim() != original.tokens.dim() || ds.lengths != original.lengths {
+        return Err(err(
+            &ds.name,
+            format!(
+                "the counterpart is {:?} tokens, its original '{}' {:?}: they must have the same shape",
+                ds.tokens.dim(),
+                original.name,
+                original.tokens.dim()
+            ),
+        ));
+    }
+    if ds.answers != original.answers {
+        return Err(err(
+            &ds.name,
+            format!(
+                "the counterpart's answers differ from its original '{}'",
+                original.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a `tokens` dataset's answers file: a JSON list of `[correct_id, wrong_id]`, one
+/// pair per sequence of the token file (the first `n` with `n`), ids inside the vocabulary.
+fn load_answers(
+    spec: &DatasetSpec,
+    path: &Path,
+    ds: &Dataset,
+    ctx: &DataContext,
+) -> Result<Vec<[u32; 2]>> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map_err(|x| err(&spec.name, format!("cannot read {}: {x}", p.display())))
+    };
+    // With `n` the dataset is the token file's first n sequences; the answers file still
+    // holds one pair per sequence of the token file, so a file for another token file (or
+    // shifted by one) cannot pass.
+    let in_file = match (spec.n, &spec.path) {
+        (Some(_), Some(tokens)) => {
+            let rows: Vec<serde::de::IgnoredAny> =
+                serde_json::from_str(&read(&resolve(ctx, tokens.get_ref()))?)
+                    .map_err(|x| err(&spec.name, x.to_string()))?;
+            rows.len()
+        }
+        _ => ds.n_sequences(),
+    };
+    let path = resolve(ctx, path);
+    answers_from_json(
+        &spec.name,
+        &path,
+        &read(&path)?,
+        in_file,
+        ds.n_sequences(),
+        ctx.cfg,
+    )
+}
+
+/// The answers-file reader behind `answers = FILE`: `text` is the file's content, `path`
+/// only names it in errors. Every malformed input is an [`Error::Data`].
+/// `in_file` is the number of sequences of the token file, of which the dataset holds the
+/// first `n_sequences`.
+pub fn answers_from_json(
+    name: &str,
+    path: &Path,
+    text: &str,
+    in_file: usize,
+    n_sequences: usize,
+    cfg: &ModelConfig,
+) -> Result<Vec<[u32; 2]>> {
+    let e = |msg: String| err(name, msg);
+    // u64, so that a too-large id is reported as out of vocabulary rather than as bad JSON.
+    let pairs: Vec<[u64; 2]> = serde_json::from_str(text).map_err(|x| {
+        e(format!(
+            "{}: expected a JSON list of [correct_id, wrong_id] pairs, one per sequence: {x}",
+            path.display()
+        ))
+    })?;
+    if pairs.len() != in_file || pairs.len() < n_sequences {
+        return Err(e(format!(
+            "{}: {} answer pairs for {} sequences (one [correct_id, wrong_id] per sequence of the token file)",
+            path.display(),
+            pairs.len(),
+            in_file
+        )));
+    }
+    pairs[..n_sequences]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if let Some(&id) = p.iter().find(|&&id| id >= cfg.d_vocab as u64) {
+                return Err(e(format!(
+                    "{}: pair {i}: token id {id} is outside the model's vocabulary (d_vocab = {})",
+                    path.display(),
+                    cfg.d_vocab
+                )));
+            }
+            Ok([p[0] as u32, p[1] as u32])
+        })
+        .collect()
 }
 
 /// What every dataset must satisfy to be run, whatever its kind.

@@ -249,7 +249,11 @@ pub fn write_head_heatmaps(
 ) -> (Vec<PathBuf>, Vec<String>) {
     let mut names: Vec<&str> = Vec::new();
     for (_, t) in tables {
-        if t.head_score.is_some() && !names.contains(&t.name.as_str()) {
+        // Intervention tables have pictures of their own (`super::intervention`).
+        if t.head_score.is_some()
+            && !super::intervention::is_intervention_table(t)
+            && !names.contains(&t.name.as_str())
+        {
             names.push(&t.name);
         }
     }

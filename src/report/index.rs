@@ -28,6 +28,8 @@ pub struct RunSummary {
 #[derive(Default)]
 pub struct IndexFiles {
     pub heatmaps: Vec<PathBuf>,
+    /// `[[intervention]]` tables' heatmaps.
+    pub interventions: Vec<PathBuf>,
     pub views: Vec<PathBuf>,
     pub pages: Vec<PathBuf>,
     pub csvs: Vec<PathBuf>,
@@ -104,6 +106,7 @@ pub fn index_html(run: &RunSummary, files: &IndexFiles, notes: &[String]) -> Str
     }
     out.push_str("</table>\n");
     figures(&mut out, "Per-head scores", &files.heatmaps, false);
+    figures(&mut out, "Interventions", &files.interventions, true);
     figures(&mut out, "Per-token views", &files.views, true);
     if !files.pages.is_empty() {
         out.push_str("<h2>Attention patterns</h2>\n<ul>\n");

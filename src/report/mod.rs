@@ -4,6 +4,8 @@
 //! [`output::write_atomic`](crate::output::write_atomic):
 //! - [`heatmap`]: `<table>.svg` for every per-head table (layers x heads, one panel per
 //!   dataset, the notebook's "IOI | Webtext" figure);
+//! - [`intervention`]: `<table>.svg` for every `[[intervention]]` table (layers x heads, or
+//!   layers x positions with the tokens on the axis, as the IOI notebooks draw `recovered`);
 //! - [`views`]: `view_<metric>_<dataset>.svg` per `[[view]]` (the notebook's
 //!   `investigate_a_few_heads`), and checking `[[view]]` entries before a run;
 //! - [`attention`]: `attention_<dataset>.html`, the heads of that dataset's views on its
@@ -20,6 +22,7 @@ pub mod attention;
 pub mod draw;
 pub mod heatmap;
 pub mod index;
+pub mod intervention;
 pub mod prompt;
 pub mod views;
 
@@ -85,6 +88,20 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
         heatmap::write_head_heatmaps(input.out_dir, input.tables, cfg.n_layers, cfg.n_heads);
     out.problems.extend(problems);
 
+    let token_text = |id: u32| match &input.loaded.tokenizer {
+        Some(t) => t.decode_one(id),
+        None => format!("#{id}"),
+    };
+    let (interventions, problems) = intervention::write_intervention_heatmaps(
+        input.out_dir,
+        input.tables,
+        input.datasets,
+        cfg.n_layers,
+        cfg.n_heads,
+        &token_text,
+    );
+    out.problems.extend(problems);
+
     let mut views = match check_views(input.spec, input.heads, cfg.n_layers, cfg.n_heads) {
         Ok(v) => v,
         Err(e) => {
@@ -102,10 +119,6 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
         &mut out.problems,
     );
 
-    let token_text = |id: u32| match &input.loaded.tokenizer {
-        Some(t) => t.decode_one(id),
-        None => format!("#{id}"),
-    };
     let mut pages = Vec::new();
     for dataset in input.datasets {
         let heads = views::heads_on(&views, &dataset.name);
@@ -149,6 +162,7 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
     notes.extend(out.problems.iter().cloned());
     let files = index::IndexFiles {
         heatmaps: heatmaps.clone(),
+        interventions: interventions.clone(),
         views: view_files.clone(),
         pages: pages.clone(),
         csvs: input.csv_files.to_vec(),
@@ -156,6 +170,7 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
         other: vec!["manifest.json".into()],
     };
     out.files.extend(heatmaps);
+    out.files.extend(interventions);
     out.files.extend(view_files);
     out.files.extend(pages);
     match index::write_index(input.out_dir, &summary, &files, &notes) {

@@ -480,3 +480,307 @@ fn ids_outside_the_model_vocabulary_are_rejected() {
     .to_string();
     assert!(e.contains("vocabulary"), "{e}");
 }
+
+// ---------------------------------------------------------------- answers and counterparts
+
+/// A whole spec around `datasets` (its `[[dataset]]` tables), written to `spec.toml` in a
+/// fresh directory with `files` beside it; returns the directory and the datasets built the
+/// way a run builds them (`build_all`), with the GPT-2 tokenizer and `cfg`.
+fn build_spec(
+    datasets: &str,
+    files: &[(&str, &str)],
+    cfg: &ModelConfig,
+) -> (tempfile::TempDir, hookgraph::Result<Vec<Dataset>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "name = \"t\"\n[model]\npath = \"ckpt\"\n{datasets}\n[[metric]]\nkind = \"loss\"\n"
+    );
+    let path = dir.path().join("spec.toml");
+    std::fs::write(&path, &text).unwrap();
+    for (name, body) in files {
+        std::fs::write(dir.path().join(name), body).unwrap();
+    }
+    let spec = hookgraph::spec::LoadedSpec::from_str(&text, &path).unwrap();
+    let tok = gpt2_tok();
+    let ctx = DataContext {
+        tokenizer: Some(&tok),
+        cfg,
+        spec_dir: dir.path(),
+    };
+    let built = hookgraph::data::build_all(&spec, &ctx);
+    (dir, built)
+}
+
+/// `spec.toml:LINE:COL: ...` with the line and column of `needle`'s first character in the
+/// spec text (line 1 is `name = "t"`).
+fn located_at(err: &str, dir: &Path, line: usize, col: usize) {
+    let want = format!("{}:{line}:{col}: ", dir.join("spec.toml").display());
+    assert!(err.starts_with(&want), "want {want:?}, got {err}");
+}
+
+const TOKENS_WITH_ANSWERS: &str = r#"[[dataset]]
+name = "tok"
+kind = "tokens"
+path = "t.json"
+answers = "a.json"
+"#;
+
+#[test]
+fn tokens_answers_are_read_one_pair_per_sequence() {
+    let cfg = tiny_cfg();
+    let toks = ("t.json", "[[511, 5, 6], [511, 7, 8], [511, 9, 10]]");
+    let (_d, built) = build_spec(
+        TOKENS_WITH_ANSWERS,
+        &[toks, ("a.json", "[[1, 2], [3, 4], [510, 0]]")],
+        &cfg,
+    );
+    let ds = built.unwrap();
+    assert_eq!(ds[0].answers, Some(vec![[1, 2], [3, 4], [510, 0]]));
+    // With n, the first n pairs of the file's.
+    let with_n = TOKENS_WITH_ANSWERS.replace("answers =", "n = 2\nanswers =");
+    let (_d, built) = build_spec(
+        &with_n,
+        &[toks, ("a.json", "[[1, 2], [3, 4], [510, 0]]")],
+        &cfg,
+    );
+    assert_eq!(built.unwrap()[0].answers, Some(vec![[1, 2], [3, 4]]));
+    // Without answers: none.
+    let (_d, built) = build_spec(
+        &TOKENS_WITH_ANSWERS.replace("answers = \"a.json\"\n", ""),
+        &[toks],
+        &cfg,
+    );
+    assert_eq!(built.unwrap()[0].answers, None);
+}
+
+#[test]
+fn answers_errors_name_the_spec_line_and_column() {
+    let cfg = tiny_cfg();
+    let toks = ("t.json", "[[511, 5, 6], [511, 7, 8]]");
+    // `answers = "a.json"` is line 8 of the spec; its value starts at column 11.
+    for (answers, want) in [
+        ("[[1, 2]]", "1 answer pairs for 2 sequences"),
+        ("[[1, 2], [3, 4], [5, 6]]", "3 answer pairs for 2 sequences"),
+        (
+            "[[1, 2], [3, 512]]",
+            "pair 1: token id 512 is outside the model's vocabulary",
+        ),
+        (
+            "[[1, 2], [3]]",
+            "expected a JSON list of [correct_id, wrong_id] pairs",
+        ),
+        ("[[1, 2], [3, -4]]", "expected a JSON list"),
+        ("{\"a\": 1}", "expected a JSON list"),
+    ] {
+        let (dir, built) = build_spec(TOKENS_WITH_ANSWERS, &[toks, ("a.json", answers)], &cfg);
+        let e = built.unwrap_err().to_string();
+        located_at(&e, dir.path(), 8, 11);
+        assert!(
+            e.contains("dataset 'tok'") && e.contains(want),
+            "{answers}: {e}"
+        );
+    }
+    // With n, the count is the token file's, not n's.
+    let with_n = TOKENS_WITH_ANSWERS.replace("answers =", "n = 1\nanswers =");
+    let (dir, built) = build_spec(&with_n, &[toks, ("a.json", "[[1, 2]]")], &cfg);
+    let e = built.unwrap_err().to_string();
+    located_at(&e, dir.path(), 9, 11);
+    assert!(e.contains("1 answer pairs for 2 sequences"), "{e}");
+    // A missing file.
+    let (dir, built) = build_spec(TOKENS_WITH_ANSWERS, &[toks], &cfg);
+    let e = built.unwrap_err().to_string();
+    located_at(&e, dir.path(), 8, 11);
+    assert!(e.contains("cannot read") && e.contains("a.json"), "{e}");
+    // answers on another kind: on its own key.
+    let (dir, built) = build_spec(
+        "[[dataset]]\nname = \"p\"\nkind = \"prompts\"\nprompts = [\"x\"]\nanswers = \"a.json\"\n",
+        &[],
+        &cfg,
+    );
+    let e = built.unwrap_err().to_string();
+    located_at(&e, dir.path(), 8, 1);
+    assert!(e.contains("`answers` does not apply"), "{e}");
+}
+
+#[test]
+fn ioi_answers_are_io_then_s() {
+    let ds = ok("kind = \"ioi\"\nn = 8");
+    let answers = ds.answers.as_ref().unwrap();
+    let tok = gpt2_tok();
+    for (i, p) in ds.ioi.as_ref().unwrap().iter().enumerate() {
+        let io = tok.encode(&format!(" {}", p.io_name)).unwrap()[0];
+        let s = tok.encode(&format!(" {}", p.s_name)).unwrap()[0];
+        assert_eq!(answers[i], [io, s], "{}", p.text);
+        assert_eq!(p.s2_name, p.s_name);
+    }
+}
+
+const CLEAN_AND: &str = r#"[[dataset]]
+name = "clean"
+kind = "ioi"
+n = 12
+seed = 3
+"#;
+
+fn counterpart(corrupt: &str) -> String {
+    format!("{CLEAN_AND}[[dataset]]\nname = \"bad\"\nkind = \"ioi\"\ncounterpart_of = \"clean\"\ncorrupt = \"{corrupt}\"\n")
+}
+
+#[test]
+fn flip_swaps_io_and_s_at_the_second_mention() {
+    let cfg = gpt2_cfg(1024);
+    let (_d, built) = build_spec(&counterpart("flip"), &[], &cfg);
+    let ds = built.unwrap();
+    let (clean, flip) = (&ds[0], &ds[1]);
+    assert_eq!(flip.name, "bad");
+    assert_eq!(flip.tokens.dim(), clean.tokens.dim());
+    assert_eq!(flip.lengths, clean.lengths);
+    assert_eq!(flip.answers, clean.answers);
+    let tok = gpt2_tok();
+    for (i, (c, f)) in clean
+        .ioi
+        .as_ref()
+        .unwrap()
+        .iter()
+        .zip(flip.ioi.as_ref().unwrap())
+        .enumerate()
+    {
+        // Same draws and positions; S2 now holds the IO's name, so IO and S swap roles.
+        assert_eq!(
+            (c.io_pos, c.s1_pos, c.s2_pos),
+            (f.io_pos, f.s1_pos, f.s2_pos)
+        );
+        assert_eq!((&f.io_name, &f.s_name), (&c.io_name, &c.s_name));
+        assert_eq!(f.s2_name, c.io_name);
+        for p in 0..clean.seq_len() {
+            let (a, b) = (clean.tokens[[i, p]], flip.tokens[[i, p]]);
+            if p == c.s2_pos {
+                assert_eq!((a, b), (c.s_token, c.answer), "{} / {}", c.text, f.text);
+            } else {
+                assert_eq!(a, b, "position {p}: {} / {}", c.text, f.text);
+            }
+        }
+        // The text says the same as the tokens.
+        assert_eq!(
+            tok.encode(&f.text).unwrap()[..],
+            flip.tokens.row(i).to_vec()[1..f.end_pos + 1]
+        );
+    }
+}
+
+#[test]
+fn abc_writes_a_third_name_distinct_from_both() {
+    let cfg = gpt2_cfg(1024);
+    let (_d, built) = build_spec(&counterpart("abc"), &[], &cfg);
+    let ds = built.unwrap();
+    let (clean, abc) = (&ds[0], &ds[1]);
+    assert_eq!(abc.tokens.dim(), clean.tokens.dim());
+    assert_eq!(abc.lengths, clean.lengths);
+    assert_eq!(abc.answers, clean.answers);
+    let mut thirds = std::collections::BTreeSet::new();
+    for (i, (c, a)) in clean
+        .ioi
+        .as_ref()
+        .unwrap()
+        .iter()
+        .zip(abc.ioi.as_ref().unwrap())
+        .enumerate()
+    {
+        assert_ne!(a.s2_name, c.io_name);
+        assert_ne!(a.s2_name, c.s_name);
+        thirds.insert(a.s2_name.clone());
+        let c_id = gpt2_tok().encode(&format!(" {}", a.s2_name)).unwrap()[0];
+        for p in 0..clean.seq_len() {
+            let want = if p == c.s2_pos {
+                c_id
+            } else {
+                clean.tokens[[i, p]]
+            };
+            assert_eq!(abc.tokens[[i, p]], want, "position {p}: {}", a.text);
+        }
+    }
+    // Drawn, not one fixed name.
+    assert!(thirds.len() > 3, "{thirds:?}");
+    // Reproducible: the same spec, the same third names.
+    let (_d, again) = build_spec(&counterpart("abc"), &[], &cfg);
+    assert_eq!(again.unwrap()[1].tokens, abc.tokens);
+    // With three names the third is the one left: never IO or S.
+    let three = counterpart("abc").replace(
+        "seed = 3",
+        "seed = 3\nnames = [\"Mary\", \"John\", \"Kate\"]",
+    );
+    let (_d, built) = build_spec(&three, &[], &cfg);
+    let ds = built.unwrap();
+    for p in ds[1].ioi.as_ref().unwrap() {
+        let mut all = vec![p.io_name.as_str(), p.s_name.as_str(), p.s2_name.as_str()];
+        all.sort();
+        assert_eq!(all, ["John", "Kate", "Mary"], "{}", p.text);
+    }
+}
+
+#[test]
+fn counterpart_errors_name_the_spec_line_and_column() {
+    let cfg = gpt2_cfg(1024);
+    // Lines: 1-3 run and model, 4-8 clean, 9 [[dataset]], 10 name, 11 kind,
+    // 12 counterpart_of, 13 corrupt.
+    let cases = [
+        (
+            counterpart("flip").replace("= \"clean\"\ncorrupt", "= \"nope\"\ncorrupt"),
+            (12, 18),
+            "names no [[dataset]]",
+        ),
+        (
+            counterpart("flip").replace("corrupt = \"flip\"\n", ""),
+            (12, 1),
+            "`counterpart_of` needs `corrupt`",
+        ),
+        (
+            counterpart("flip").replace("counterpart_of = \"clean\"\n", ""),
+            (12, 1),
+            "`corrupt` needs `counterpart_of`",
+        ),
+        (
+            counterpart("flip").replace(
+                "kind = \"ioi\"\ncounterpart_of",
+                "kind = \"ioi\"\nseed = 4\ncounterpart_of",
+            ),
+            (12, 1),
+            "`seed` does not apply to a corrupted counterpart",
+        ),
+        (
+            counterpart("flip").replace("counterpart_of = \"clean\"", "counterpart_of = \"bad\""),
+            (12, 18),
+            "not itself a counterpart",
+        ),
+        (
+            counterpart("flip").replace(
+                "kind = \"ioi\"\ncounterpart_of",
+                "kind = \"tokens\"\ncounterpart_of",
+            ),
+            (12, 1),
+            "`counterpart_of` does not apply to kind = \"tokens\"",
+        ),
+    ];
+    for (text, (line, col), want) in cases {
+        let (dir, built) = build_spec(&text, &[], &cfg);
+        let e = built.unwrap_err().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+        located_at(&e, dir.path(), line, col);
+    }
+    // An unknown corruption is a parse error with its location.
+    let text = counterpart("xyz");
+    let dir = tempfile::tempdir().unwrap();
+    let full =
+        format!("name = \"t\"\n[model]\npath = \"ckpt\"\n{text}\n[[metric]]\nkind = \"loss\"\n");
+    let e = hookgraph::spec::LoadedSpec::from_str(&full, &dir.path().join("spec.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":13:11:") && e.contains("flip"), "{e}");
+    // ABC with two names: no third.
+    let two = CLEAN_AND.replace("seed = 3", "seed = 3\nnames = [\"Mary\", \"John\"]");
+    let text = counterpart("abc").replace(CLEAN_AND, &two);
+    let (dir, built) = build_spec(&text, &[], &cfg);
+    let e = built.unwrap_err().to_string();
+    assert!(e.contains("needs a third name"), "{e}");
+    located_at(&e, dir.path(), 14, 11);
+}

@@ -1096,6 +1096,7 @@ fn demo_results() {
         },
         &report::index::IndexFiles {
             heatmaps,
+            interventions: Vec::new(),
             views: view_files,
             pages: vec![page_path],
             csvs,
@@ -1244,4 +1245,179 @@ fn a_wide_view_puts_its_colour_bar_on_the_left() {
     );
     let (left, right, width) = bar_side(&view(60));
     assert!(left && !right && width > 1400.0, "wide: bar on the left");
+}
+
+// ---------------------------------------------------------------- intervention heatmaps
+
+/// An intervention table of one dataset as `[[intervention]]` writes it: keys `layer,head`
+/// (or `layer,pos`) and the patching columns, `recovered` spread over [-0.4, 1.1].
+fn synthetic_patch_table(name: &str, key: &str, width: usize) -> Table {
+    let mut t = Table::new(
+        name,
+        &[
+            "layer",
+            key,
+            "loss_orig",
+            "loss",
+            "increase",
+            "kl",
+            "logit_diff_orig",
+            "logit_diff",
+            "logit_diff_source",
+            "recovered",
+        ],
+    );
+    for l in 0..12usize {
+        for c in 0..width {
+            let i = (l * width + c) as f64;
+            let rec = if (l, c) == (9, 9) {
+                1.1
+            } else {
+                0.4 * ((i * 0.7371).sin() * (i * 0.1913).cos()).powi(3)
+            };
+            let ld = -2.0 + rec * 4.0;
+            t.push(vec![
+                Value::Int(l as i64),
+                Value::Int(c as i64),
+                Value::Float(3.0),
+                Value::Float(3.1),
+                Value::Float(0.1),
+                Value::Float(0.01),
+                Value::Float(-2.0),
+                Value::Float(ld as f32 as f64),
+                Value::Float(2.0),
+                Value::Float(rec as f32 as f64),
+            ]);
+        }
+    }
+    t
+}
+
+/// The heads picture of a patching table: `recovered` per head, one panel per dataset,
+/// every cell's label equal to the table (the CSV's number), a scale symmetric around 0
+/// reaching at least 1 (full recovery), and the title naming what is shown. Set
+/// `HOOKGRAPH_PICTURES=DIR` to keep the SVGs.
+#[test]
+fn intervention_heatmap_shows_recovered_per_head() {
+    use report::intervention::{self, Layout, Shown};
+    let keep = std::env::var_os("HOOKGRAPH_PICTURES").map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = keep.unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = synthetic_patch_table("patch_z", "head", 12);
+    assert!(intervention::is_intervention_table(&t));
+    assert_eq!(Layout::of(&t).unwrap(), Layout::Heads);
+    assert_eq!(
+        intervention::shown_value(&t),
+        Some(Shown::Column("recovered".into()))
+    );
+    let tables = vec![("flipped".to_string(), &t)];
+    let (files, problems) =
+        intervention::write_intervention_heatmaps(&dir, &tables, &[], 12, 12, &|id| {
+            format!("#{id}")
+        });
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(files, vec![dir.join("patch_z.svg")]);
+    let texts = svg_texts(&files[0]);
+    let cells: Vec<_> = texts.iter().filter(|t| t.0 == "monospace").collect();
+    assert_eq!(cells.len(), 144);
+    let rec = t.col("recovered").unwrap();
+    for (c, row) in cells.iter().zip(&t.rows) {
+        let v = row[rec].as_f64().unwrap();
+        assert!(label_matches(&c.3, v), "label {} for {v}", c.3);
+    }
+    assert!(
+        texts.iter().any(|t| t.3 == "patch_z: recovered per head"),
+        "{texts:?}"
+    );
+    let ticks = bar_ticks(&texts);
+    let top = ticks.iter().fold(0.0f64, |m, t| m.max(*t));
+    assert!(ticks.iter().all(|t| ticks.contains(&-t)), "{ticks:?}");
+    assert!(top >= 1.0, "{ticks:?}");
+
+    // The same table as its CSV holds it (a dataset column, two datasets): two panels.
+    let mut both = Table::new("patch_z", &[]);
+    both.columns = std::iter::once("dataset".to_string())
+        .chain(t.columns.iter().cloned())
+        .collect();
+    for d in ["a", "b"] {
+        for r in &t.rows {
+            both.push(
+                std::iter::once(Value::Str(d.into()))
+                    .chain(r.iter().cloned())
+                    .collect(),
+            );
+        }
+    }
+    let parts = intervention::split_by_dataset(&both, "x");
+    assert_eq!(parts.len(), 2);
+    assert_eq!((parts[0].0.as_str(), parts[1].0.as_str()), ("a", "b"));
+    assert_eq!(parts[1].1.rows, t.rows);
+    let svg =
+        intervention::draw_table("patch_z", &parts, &[], 12, 12, &|id| id.to_string()).unwrap();
+    assert_eq!(svg.matches("font-family=\"monospace\"").count(), 288);
+}
+
+/// The positions picture (`resid_pre` with `per_position`): layers x positions, the
+/// dataset's first sequence's tokens under the columns (a leading space as `·`, BOS as
+/// `<bos>`), every cell labelled.
+#[test]
+fn intervention_heatmap_shows_tokens_on_the_positions_axis() {
+    use report::intervention;
+    let keep = std::env::var_os("HOOKGRAPH_PICTURES").map(PathBuf::from);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = keep.unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut t = synthetic_patch_table("patch_resid_pre", "pos", 6);
+    t.name = "patch_resid_pre".into();
+    let tokens = ndarray::array![[511u32, 5, 6, 7, 8, 9], [511, 5, 6, 7, 511, 511]];
+    let ds = Dataset {
+        name: "clean".into(),
+        lengths: unpadded_lengths(&tokens, 511),
+        tokens,
+        ioi: None,
+        answers: None,
+    };
+    let words = ["", " When", " Mary", " and", " John", " went"];
+    let text = |id: u32| {
+        if id == 511 {
+            ENDOFTEXT.to_string()
+        } else {
+            words[id as usize - 4].to_string()
+        }
+    };
+    let tables = vec![("clean".to_string(), &t)];
+    let (files, problems) =
+        intervention::write_intervention_heatmaps(&dir, &tables, &[ds], 12, 12, &text);
+    assert!(problems.is_empty(), "{problems:?}");
+    let texts = svg_texts(&files[0]);
+    for want in ["0 <bos>", "1 ·When", "2 ·Mary", "5 ·went"] {
+        assert!(texts.iter().any(|t| t.3 == want), "{want}: {texts:?}");
+    }
+    assert_eq!(texts.iter().filter(|t| t.0 == "monospace").count(), 12 * 6);
+    assert!(texts
+        .iter()
+        .any(|t| t.3 == "patch_resid_pre: recovered per layer and position"));
+}
+
+/// An ablation table without patching columns shows the loss increase; with
+/// `measure = ["logit_diff"]` alone, the change of the logit difference.
+#[test]
+fn intervention_heatmap_picks_the_value_to_show() {
+    use report::intervention::{shown_value, Shown};
+    let t = Table::new(
+        "ablate_zero_z",
+        &["layer", "head", "loss_orig", "loss", "increase", "kl"],
+    );
+    assert_eq!(shown_value(&t), Some(Shown::Column("increase".into())));
+    let t = Table::new("x", &["layer", "head", "logit_diff_orig", "logit_diff"]);
+    assert_eq!(shown_value(&t), Some(Shown::LogitDiffChange));
+    let mut t = Table::new("x", &["layer", "logit_diff_orig", "logit_diff"]);
+    t.push(vec![Value::Int(0), Value::Float(1.0), Value::Float(0.25)]);
+    t.push(vec![Value::Int(1), Value::Float(1.0), Value::Float(1.5)]);
+    let svg =
+        report::intervention::draw_table("x", &[("d".into(), t)], &[], 2, 4, &|id| id.to_string())
+            .unwrap();
+    assert!(svg.contains("-0.750") && svg.contains("0.500"), "{svg}");
+    assert!(svg.contains("logit_diff change per layer"));
 }
