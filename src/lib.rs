@@ -22,6 +22,7 @@ pub mod interrupt;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod outdir;
 pub mod output;
 pub mod report;
 pub mod runner;

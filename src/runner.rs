@@ -165,7 +165,14 @@ pub(crate) fn prepare<D: SeamDevice>(
         .spec
         .datasets
         .iter()
-        .map(|d| data::build(d, &ctx))
+        .enumerate()
+        .map(|(i, d)| {
+            // A dataset that cannot be built is a spec error: give it the dataset's line.
+            data::build(d, &ctx).map_err(|e| match e {
+                Error::Data { .. } => spec.dataset_error(i, "name", e.to_string()),
+                e => e,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
 
     let mut metrics = MetricSet::new();
@@ -435,6 +442,11 @@ pub struct WeightRecord {
 
 #[derive(Serialize)]
 struct Manifest<'a> {
+    /// [`crate::outdir::FORMAT`]: what marks a directory as hookgraph's results.
+    format: &'static str,
+    format_version: u32,
+    /// The run these results are of (what a resume or a merge checks).
+    identity: &'a Identity,
     hookgraph_version: &'static str,
     crate_versions: BTreeMap<&'static str, String>,
     spec_path: String,
@@ -460,6 +472,23 @@ struct Manifest<'a> {
     merged_shards: Option<usize>,
 }
 
+/// The files a run reads: the spec, the checkpoint, the tokenizer directory, dataset files.
+fn run_inputs<D: SeamDevice>(spec: &LoadedSpec, loaded: &LoadedModel<D>) -> Vec<PathBuf> {
+    let mut v = vec![
+        spec.path.clone(),
+        loaded.files.config.clone(),
+        loaded.files.weights.clone(),
+    ];
+    v.extend(spec.spec.model.tokenizer.iter().map(|t| spec.resolve(t)));
+    v.extend(
+        spec.spec
+            .datasets
+            .iter()
+            .filter_map(|d| d.path.as_ref().map(|p| spec.resolve(p.get_ref()))),
+    );
+    v
+}
+
 fn run_on<D: SeamDevice>(
     dev: D,
     kind: DeviceKind,
@@ -470,7 +499,8 @@ fn run_on<D: SeamDevice>(
     // The output directory first: a run that cannot write its results should not compute
     // them. (The write phase swaps a staging directory into place; see `write_results`.)
     let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
-    Target::check(&out_dir)?;
+    // One writer per output directory, taken before anything is computed.
+    let _lock = crate::outdir::lock_for_run(&out_dir, opts.shard)?;
     let Prepared {
         loaded,
         heads,
@@ -478,6 +508,8 @@ fn run_on<D: SeamDevice>(
         mut metrics,
         mut weight_metrics,
     } = prepare(dev, spec, opts.quiet)?;
+    // No run writes over what it reads.
+    crate::outdir::check_inputs_outside(&Target::check(&out_dir)?, &run_inputs(spec, &loaded))?;
     interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let ctx = RunContext::of(&loaded, &heads);
@@ -598,6 +630,7 @@ fn run_on<D: SeamDevice>(
             load_seconds,
             weights_sha256,
             merged_shards: None,
+            identity,
         },
         &mut metrics,
         computed,
@@ -709,6 +742,8 @@ pub struct WriteInput<'a, D: SeamDevice> {
     pub weights_sha256: String,
     /// How many shards a merge combined (`None` for a run).
     pub merged_shards: Option<usize>,
+    /// The run's identity, recorded in the manifest.
+    pub identity: Identity,
 }
 
 /// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
@@ -830,6 +865,9 @@ pub fn write_results<D: SeamDevice>(
     }
 
     let manifest = Manifest {
+        format: crate::outdir::FORMAT,
+        format_version: crate::outdir::FORMAT_VERSION,
+        identity: &w.identity,
         hookgraph_version: env!("CARGO_PKG_VERSION"),
         crate_versions: crate::build_info::crate_versions(),
         spec_path: spec.path.display().to_string(),

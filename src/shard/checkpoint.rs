@@ -296,7 +296,13 @@ impl Recorder {
     /// large state (per-position rows of many heads) on a fast device trades the work a
     /// resume repeats (at most `seconds`) for the time spent writing.
     pub fn with_min_interval(mut self, seconds: f64) -> Self {
-        self.min_interval = std::time::Duration::from_secs_f64(seconds.max(0.0));
+        // Never a panic for a library caller: NaN or a negative is every batch, a value past
+        // what a Duration holds is never (the CLI refuses both, and more than a day).
+        self.min_interval = if seconds.is_nan() || seconds <= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::try_from_secs_f64(seconds).unwrap_or(std::time::Duration::MAX)
+        };
         self
     }
 

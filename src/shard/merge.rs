@@ -190,6 +190,11 @@ fn verify_state_files(sdir: &Path, shard: Shard, manifest: &ShardManifest) -> Re
 
 /// Merges the shards under `results_dir` and writes the results there.
 pub fn merge(results_dir: &Path, opts: &MergeOptions) -> Result<RunReport> {
+    // The only writer from here to the swap (no shard may be running); a missing directory
+    // is `find_shards`' error, with nothing created for it.
+    let _lock = (results_dir.is_dir() || crate::outdir::swap_parked(results_dir))
+        .then(|| crate::outdir::Lock::acquire(results_dir, crate::outdir::LockMode::Exclusive))
+        .transpose()?;
     let shards = find_shards(results_dir)?;
     let first = &shards[0].manifest;
     // The path as the shards were given it when it still names the same file from here
@@ -375,6 +380,7 @@ impl OnDevice for Merge<'_> {
                 load_seconds,
                 weights_sha256,
                 merged_shards: Some(shards.len()),
+                identity: ident.clone(),
             },
             &mut metrics,
             computed,

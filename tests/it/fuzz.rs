@@ -1,8 +1,9 @@
 //! Property tests ("fuzzing") of the readers of untrusted files: the spec parser, the
-//! checkpoint loader (`config.json` and `model.safetensors`), the token-file reader, and the
-//! shard state a resumed run or a merge reads back (the checkpoint file with its progress
-//! record, `shard.json`, and each built-in's saved state). Each
-//! must turn any input into a value or an error, never a panic or an abort.
+//! checkpoint loader (`config.json` and `model.safetensors`), the token-file reader, the
+//! output directory's readers (manifest marker, checkpoint header, lock file), and the shard
+//! state a resumed run or a merge reads back (the checkpoint file with its progress record,
+//! `shard.json`, and each built-in's saved state). Each must turn any input into a value or
+//! an error, never a panic or an abort.
 //!
 //! In `cargo test` each target runs a few cases (fast); `scripts/fuzz.sh` runs each for about
 //! a minute (`HOOKGRAPH_FUZZ_SECONDS`, `PROPTEST_CASES` per round). Inputs are random text
@@ -397,6 +398,92 @@ fn fuzz_token_reader_on_random_text() {
         ),
         |(t, n)| exercise_tokens(&t, n),
     );
+}
+
+// ---- the output directory's readers: the manifest marker, checkpoint headers, lock files ----
+
+/// A results manifest's head as a run writes it (pretty JSON, one key per line).
+const MANIFEST: &str = r#"{
+  "format": "hookgraph-results",
+  "format_version": 1,
+  "identity": {
+    "runner_version": "0.1.0",
+    "spec_sha256": "00ff"
+  },
+  "hookgraph_version": "0.1.0",
+  "files": [
+    "loss.csv",
+    "index.html"
+  ],
+  "total_seconds": 1.5
+}"#;
+
+#[test]
+fn fuzz_outdir_manifest_reader_on_edited_manifests() {
+    use hookgraph::outdir::read_manifest_head;
+    assert_eq!(
+        read_manifest_head(MANIFEST.as_bytes()).unwrap().files.len(),
+        2
+    );
+    fuzz(edits(), |e| {
+        let text = apply(MANIFEST, &e, ':');
+        if let Ok(head) = read_manifest_head(text.as_bytes()) {
+            // Whatever passes names only plain files inside the directory.
+            for f in &head.files {
+                prop_assert!(
+                    hookgraph::output::file_in(Path::new("/r"), f).is_ok(),
+                    "{f}"
+                );
+            }
+            prop_assert!(!head.identity.is_empty());
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_outdir_readers_on_random_bytes() {
+    use hookgraph::outdir::{is_checkpoint_header, read_lock_pid, read_manifest_head};
+    fuzz(prop::collection::vec(any::<u8>(), 0..300), |b| {
+        let _ = read_manifest_head(&b);
+        let _ = is_checkpoint_header(&b);
+        let _ = read_lock_pid(&b);
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_outdir_checkpoint_header_on_edited_headers() {
+    use hookgraph::outdir::is_checkpoint_header;
+    let progress = r#"{"format":1,"identity":{"spec_sha256":"ab"},"shard":{"index":0,"count":1}}"#;
+    let header = serde_json::json!({"__metadata__": {"hookgraph_progress": progress}}).to_string();
+    let file = |h: &str, len: Option<u64>| {
+        let mut b = len.unwrap_or(h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h.as_bytes());
+        b
+    };
+    assert!(is_checkpoint_header(&file(&header, None)));
+    let lens = prop_oneof![
+        Just(None),
+        any::<u64>().prop_map(Some),
+        (0u64..400).prop_map(Some)
+    ];
+    fuzz((edits(), lens), |(e, len)| {
+        let _ = is_checkpoint_header(&file(&apply(&header, &e, ':'), len));
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_outdir_lock_reader() {
+    use hookgraph::outdir::read_lock_pid;
+    assert_eq!(read_lock_pid(b"pid 42\n"), Some(42));
+    fuzz("(pid |\\PC|[0-9]|\n| ){0,80}", |t| {
+        if let Some(p) = read_lock_pid(t.as_bytes()) {
+            prop_assert!(p > 0);
+        }
+        Ok(())
+    });
 }
 
 // ---- shard state: the checkpoint file, shard.json, and the metrics' saved states ---------

@@ -17,6 +17,7 @@ mod hooks;
 mod hub;
 mod hub_download;
 mod metrics;
+mod outdir;
 mod parity;
 mod plugins;
 mod reliability;

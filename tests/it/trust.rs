@@ -524,7 +524,10 @@ fn item5_weights_that_shrink_while_loading_are_an_error_not_a_signal() {
             // Truncate the file under the loader to half (whole pages: the header stays
             // readable, the tensor data past it is gone), then let it go on. A memory map
             // dies of SIGBUS on the first page past the new end.
-            let f = std::fs::OpenOptions::new().write(true).open(&weights).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&weights)
+                .unwrap();
             let len = f.metadata().unwrap().len();
             f.set_len(len / 2 / 4096 * 4096).unwrap();
             let st = std::process::Command::new("kill")
