@@ -413,10 +413,16 @@ fn cfg_of(case: &Case) -> PathBuf {
 #[test]
 fn item5_a_shard_count_beyond_the_data_is_refused_before_compute() {
     let case = case_with_model();
+    // Refused as an argument, before anything is touched.
     let (code, stderr) = case.run(&["--shard", "0/18446744073709551615"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("more than hookgraph accepts"), "{stderr}");
+    assert!(!case.out.exists());
+    // More shards than sequences: refused at planning, before compute; no shard state.
+    let (code, stderr) = case.run(&["--shard", "0/5"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("use N <= 3"), "{stderr}");
-    assert!(!case.out.join("shards").exists());
+    assert!(!case.out.join("shards/0-of-5").exists());
     // A merge finding a directory that claims such a split neither hangs nor allocates.
     std::fs::create_dir_all(case.out.join("shards/0-of-18446744073709551615")).unwrap();
     let t = std::time::Instant::now();
