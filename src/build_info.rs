@@ -12,6 +12,9 @@ mod built_info {
     include!(concat!(env!("OUT_DIR"), "/built.rs"));
 }
 
+/// The git commit the runner was built from ("unknown" outside a git checkout).
+pub const GIT_COMMIT: &str = env!("HOOKGRAPH_GIT_COMMIT");
+
 /// The crates whose versions can change results.
 pub const RESULT_CRATES: &[&str] = &[
     "dfdx",

@@ -336,6 +336,41 @@ pub(crate) fn prepare<D: SeamDevice>(
             ));
         }
     }
+    // The interventions: planned (checked against the model and the datasets) now, run as
+    // metrics whose batches resume the unchanged pass.
+    let plans = crate::interventions::plan(spec, &cfg, &heads, &datasets)?;
+    let owner_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let seq_len = datasets.iter().map(Dataset::seq_len).max().unwrap_or(1);
+    for p in plans {
+        let iv = &spec.spec.interventions[p.index];
+        let span = iv.name.as_ref().map_or(iv.kind.span(), |n| n.span());
+        if let Some(&j) = owners.get(&p.name) {
+            return Err(spec.error_at(
+                span,
+                format!(
+                    "[[intervention]] table '{}' is also written by metric '{}': give the intervention a different `name`",
+                    p.name, owner_names[j]
+                ),
+            ));
+        }
+        let name = p.name.clone();
+        let sweep = crate::interventions::sweep::Sweep::new(
+            p,
+            &datasets,
+            spec.spec.model.batch_size,
+            seq_len,
+            &cfg,
+        );
+        metrics.add_named(
+            name.clone(),
+            Box::new(sweep),
+            TableNames {
+                own: name.clone(),
+                given: name.clone(),
+                declared: vec![name],
+            },
+        );
+    }
     Ok(Prepared {
         loaded,
         heads,
@@ -387,6 +422,24 @@ pub fn validate(
             "  metric {name}: {}\n",
             p.metrics.planned_tables(i).join(", ")
         );
+    }
+    for plan in crate::interventions::plan(spec, cfg, &p.heads, &p.datasets)? {
+        for d in p
+            .datasets
+            .iter()
+            .filter(|d| plan.datasets.contains(&d.name))
+        {
+            let c = plan.cost(cfg, d.n_sequences(), d.seq_len());
+            out += &format!(
+                "  intervention {} on {}: {} interventions, {} passes, {:.3} GFLOP (one full pass per intervention: {:.3} GFLOP)\n",
+                plan.name,
+                d.name,
+                c.units,
+                c.passes,
+                c.flop / 1e9,
+                c.flop_full_passes / 1e9
+            );
+        }
     }
     for w in &p.weight_metrics {
         out += &format!(
@@ -450,6 +503,11 @@ struct Manifest<'a> {
     hookgraph_version: &'static str,
     crate_versions: BTreeMap<&'static str, String>,
     spec_path: String,
+    /// `--set KEY=VALUE` overrides applied to the spec file (`spec_toml` is the result).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    spec_overrides: &'a [String],
+    /// The runner's git commit (`git describe --always --dirty` when it was built), if known.
+    git_commit: &'static str,
     spec_toml: &'a str,
     spec: &'a crate::spec::Spec,
     model_dir: String,
@@ -519,6 +577,9 @@ fn run_on<D: SeamDevice>(
     // its state.
     let batch_size = spec.spec.model.batch_size;
     let engine = Engine::new(&loaded.model, &ctx, &metrics, batch_size)?;
+    // The mean passes (mean ablations, metrics that subtract a mean): once per dataset
+    // named, before any dataset's batches.
+    engine.run_mean_passes(&mut metrics, &datasets)?;
     let weights_sha256 = checkpoint::sha256_file(&loaded.files.weights)?;
     let identity = Identity {
         runner_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -871,6 +932,8 @@ pub fn write_results<D: SeamDevice>(
         hookgraph_version: env!("CARGO_PKG_VERSION"),
         crate_versions: crate::build_info::crate_versions(),
         spec_path: spec.path.display().to_string(),
+        spec_overrides: &spec.overrides,
+        git_commit: crate::build_info::GIT_COMMIT,
         spec_toml: &spec.text,
         spec: &spec.spec,
         model_dir: loaded.files.dir.display().to_string(),

@@ -33,8 +33,11 @@ pub struct Spec {
     /// Optional when every metric is computed from the weights alone (`ov_circuit`, ...).
     #[serde(rename = "dataset", default)]
     pub datasets: Vec<DatasetSpec>,
-    #[serde(rename = "metric")]
+    #[serde(rename = "metric", default)]
     pub metrics: Vec<MetricSpec>,
+    /// Ablations and patches, each swept and measured (`docs/metrics.md` §interventions).
+    #[serde(rename = "intervention", default)]
+    pub interventions: Vec<InterventionSpec>,
     /// Per-token views of chosen heads (pictures).
     #[serde(rename = "view", default)]
     pub views: Vec<ViewSpec>,
@@ -213,6 +216,36 @@ pub struct MetricSpec {
     pub options: toml::Table,
 }
 
+/// `[[intervention]]`: an ablation or a patch, swept over heads, layers or positions. Every
+/// key keeps its span: the plan (`crate::interventions::plan`) checks them against the model
+/// and the datasets and points at the key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterventionSpec {
+    /// `ablate` or `patch`.
+    pub kind: Spanned<String>,
+    /// ablate: `zero`, `mean` or `mean_per_position`.
+    pub value: Option<Spanned<String>>,
+    /// `z`, `result`, `attn_out`, `mlp_out`, `resid_pre` or `resid_post`.
+    pub hook: Spanned<String>,
+    /// The run it changes (default: every dataset).
+    pub dataset: Option<Spanned<String>>,
+    /// ablate + mean: whose mean replaces (default: the dataset changed).
+    pub mean_over: Option<Spanned<String>>,
+    /// patch: whose activations are written in, row i into row i.
+    pub source: Option<Spanned<String>>,
+    /// One intervention per position as well.
+    pub per_position: Option<Spanned<bool>>,
+    /// z/result: the heads swept (default: the run's heads).
+    pub heads: Option<Spanned<Vec<String>>>,
+    /// z/result: all listed heads in one intervention.
+    pub together: Option<Spanned<bool>>,
+    /// Any of `loss`, `kl`, `logit_diff` (default: all, logit_diff when there are answers).
+    pub measure: Option<Spanned<Vec<String>>>,
+    /// The table's name (default `ablate_<value>_<hook>` / `patch_<hook>`).
+    pub name: Option<Spanned<String>>,
+}
+
 /// `[[view]]`: a per-token picture of some heads on one metric.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -232,6 +265,55 @@ pub struct LoadedSpec {
     pub spec: Spec,
     pub path: PathBuf,
     pub text: String,
+    /// The `--set KEY=VALUE` overrides applied to the file's text (`text` is the result).
+    pub overrides: Vec<String>,
+}
+
+/// The spec text with each `KEY=VALUE` set: `KEY` is a dotted path (`model.batch_size`,
+/// `dataset.0.n` for the first `[[dataset]]`), `VALUE` a TOML value (`4`, `"cpu"`,
+/// `["1.0"]`; a bare word is taken as a string). The result is re-serialized TOML, so
+/// errors in what the overrides set point into it (the manifest records it as run).
+pub fn apply_overrides(text: &str, overrides: &[String]) -> Result<String> {
+    let bad = |s: &str, why: String| Error::Other(format!("--set {s}: {why}"));
+    let mut doc: toml::Table =
+        toml::from_str(text).map_err(|e| Error::Other(format!("spec: {}", e.message())))?;
+    for s in overrides {
+        let (key, raw) = s
+            .split_once('=')
+            .ok_or_else(|| bad(s, "expected KEY=VALUE".into()))?;
+        let (key, raw) = (key.trim(), raw.trim());
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad(s, format!("'{key}' is not a dotted key")));
+        }
+        let mut at: &mut toml::Value = doc
+            .entry(parts[0])
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        for (i, p) in parts.iter().enumerate().skip(1) {
+            let here = parts[..i].join(".");
+            at = match at {
+                toml::Value::Table(t) => t
+                    .entry(*p)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new())),
+                toml::Value::Array(a) => {
+                    let n = a.len();
+                    let idx: usize = p
+                        .parse()
+                        .map_err(|_| bad(s, format!("'{here}' is a list: index it by number")))?;
+                    a.get_mut(idx).ok_or_else(|| {
+                        bad(s, format!("'{here}' has {n} entries, no index {idx}"))
+                    })?
+                }
+                _ => return Err(bad(s, format!("'{here}' is not a table"))),
+            };
+        }
+        *at = value;
+    }
+    toml::to_string(&doc).map_err(|e| Error::Other(format!("--set: {e}")))
 }
 
 /// 1-based line and column of a byte offset.
@@ -249,6 +331,19 @@ impl LoadedSpec {
         Self::from_str(&text, path)
     }
 
+    /// Reads a spec file and applies `--set KEY=VALUE` overrides ([`apply_overrides`]).
+    pub fn from_file_with(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        if overrides.is_empty() {
+            return Self::from_str(&text, path);
+        }
+        // The file itself must parse: its errors point at its own lines.
+        Self::from_str(&text, path)?;
+        let mut loaded = Self::from_str(&apply_overrides(&text, overrides)?, path)?;
+        loaded.overrides = overrides.to_vec();
+        Ok(loaded)
+    }
+
     /// Parses spec text; `path` is used for errors and relative paths.
     pub fn from_str(text: &str, path: &Path) -> Result<Self> {
         let spec: Spec = toml::from_str(text).map_err(|e| {
@@ -264,6 +359,7 @@ impl LoadedSpec {
             spec,
             path: path.to_path_buf(),
             text: text.to_string(),
+            overrides: Vec::new(),
         };
         loaded.check_shape()?;
         Ok(loaded)
@@ -446,11 +542,12 @@ impl LoadedSpec {
             }
         }
         // Weight metrics (ov_circuit, qk_circuit) read no activations; any other needs data.
-        let needs_data = s.metrics.iter().any(|m| {
-            m.kind
-                .as_ref()
-                .map_or(true, |k| !crate::metrics::is_weight_metric(k.get_ref()))
-        });
+        let needs_data = !s.interventions.is_empty()
+            || s.metrics.iter().any(|m| {
+                m.kind
+                    .as_ref()
+                    .map_or(true, |k| !crate::metrics::is_weight_metric(k.get_ref()))
+            });
         if s.datasets.is_empty() && needs_data {
             return Err(self.error(
                 "at least one [[dataset]] is needed (only weight metrics such as ov_circuit and qk_circuit run without one)",
@@ -466,8 +563,8 @@ impl LoadedSpec {
                 ));
             }
         }
-        if s.metrics.is_empty() {
-            return Err(self.error("at least one [[metric]] is needed"));
+        if s.metrics.is_empty() && s.interventions.is_empty() {
+            return Err(self.error("at least one [[metric]] or [[intervention]] is needed"));
         }
         for (i, m) in s.metrics.iter().enumerate() {
             match (&m.kind, &m.plugin) {
@@ -623,6 +720,45 @@ prompts = ["hi"]
 [[metric]]
 kind = "loss"
 "#;
+
+    #[test]
+    fn overrides_set_keys_tables_and_list_entries() {
+        let sets = [
+            "model.batch_size=4",
+            "heads=[\"1.2\"]",
+            "dataset.0.prompts=[\"a\", \"b\"]",
+            "model.device=cpu",
+        ]
+        .map(String::from);
+        let text = apply_overrides(OK, &sets).unwrap();
+        let s = LoadedSpec::from_str(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(s.spec.model.batch_size, 4);
+        assert_eq!(s.check_heads(2, 3).unwrap(), vec![(1, 2)]);
+        assert_eq!(
+            s.spec.datasets[0].prompts.as_deref(),
+            Some(&["a".to_string(), "b".to_string()][..])
+        );
+        assert_eq!(s.spec.model.device, crate::device::DeviceChoice::Cpu);
+        // Untouched keys stay.
+        assert_eq!(s.spec.model.path.as_deref(), Some(Path::new("ckpt")));
+    }
+
+    #[test]
+    fn bad_overrides_say_which_and_why() {
+        let err = |set: &str| {
+            apply_overrides(OK, &[set.to_string()])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("model.batch_size").contains("KEY=VALUE"));
+        assert!(err("dataset.3.n=1").contains("has 1 entries, no index 3"));
+        assert!(err("dataset.x.n=1").contains("index it by number"));
+        assert!(err("name.x=1").contains("'name' is not a table"));
+        // A key the spec does not know is the spec's usual error, after the override.
+        let text = apply_overrides(OK, &["model.batchsize=2".to_string()]).unwrap();
+        let e = LoadedSpec::from_str(&text, Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("batchsize"), "{e}");
+    }
 
     #[test]
     fn parses_and_expands_heads() {

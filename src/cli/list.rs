@@ -33,6 +33,21 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
         }
         println!("  {:<20}   tables: {}", "", b.tables.join(", "));
     }
+    {
+        use crate::interventions::{HOOKS, KINDS, MEASURES, VALUES};
+        println!("\nInterventions ([[intervention]]):");
+        println!("  kind      {}", KINDS.join(" | "));
+        println!("  value     {} (kind = \"ablate\")", VALUES.join(" | "));
+        println!(
+            "  hook      {} (z, result: one per head; the others: one per layer)",
+            HOOKS.join(" | ")
+        );
+        println!(
+            "  measure   {} (default: all; logit_diff needs answers)",
+            MEASURES.join(" | ")
+        );
+        println!("  keys      kind, value, hook, dataset, mean_over, source, per_position, heads, together, measure, name");
+    }
     print_plugins(args.load, args.all);
     match &args.model {
         Some(m) => {

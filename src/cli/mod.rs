@@ -64,6 +64,11 @@ pub struct RunArgs {
         allow_negative_numbers = true
     )]
     pub checkpoint_every: f64,
+    /// Override a key of the spec without editing it (repeatable): `model.batch_size=4`,
+    /// `heads="0.1"`, `dataset.0.n=5` (the first [[dataset]]); the manifest records the
+    /// spec as run.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 impl RunArgs {
@@ -74,7 +79,7 @@ impl RunArgs {
 
     /// Whether at most `--device` and `--output` were given.
     fn only_device_output(&self) -> bool {
-        self.shard.is_none() && !self.resume && self.checkpoint_every == 0.0
+        self.shard.is_none() && !self.resume && self.checkpoint_every == 0.0 && self.set.is_empty()
     }
 
     /// Options given after the subcommand win; those given before fill the rest.
@@ -85,6 +90,9 @@ impl RunArgs {
         self.resume |= before.resume;
         if self.checkpoint_every == 0.0 {
             self.checkpoint_every = before.checkpoint_every;
+        }
+        if self.set.is_empty() {
+            self.set = before.set;
         }
     }
 }
@@ -123,6 +131,9 @@ pub enum Command {
         /// The output directory the run would use (default: the spec's).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Override a key of the spec (as `runner run --set`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Merge the shards in RESULTS/shards/ into the results the unsharded run would write.
     Merge {
@@ -174,7 +185,7 @@ pub fn main() -> ExitCode {
                 Cli::command()
                     .error(
                         clap::error::ErrorKind::ArgumentConflict,
-                        "run options (--device, --output, --shard, --resume, --checkpoint-every) before this subcommand do not apply to it; put them after it if it takes them",
+                        "run options (--device, --output, --shard, --resume, --checkpoint-every, --set) before this subcommand do not apply to it; put them after it if it takes them",
                     )
                     .exit();
             }
@@ -186,7 +197,8 @@ pub fn main() -> ExitCode {
             spec,
             device,
             output,
-        }) => run::validate(&spec, device, output),
+            set,
+        }) => run::validate(&spec, device, output, &set),
         Some(Command::Merge { results, device }) => run::merge(&results, device, quiet),
         Some(Command::List(args)) => list::list(&args),
         Some(Command::Cache(args)) => cache::cache(&args),

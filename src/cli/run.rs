@@ -16,7 +16,7 @@ use crate::runner::{self, RunOptions};
 use crate::spec::LoadedSpec;
 
 pub fn run(spec_path: &Path, args: &RunArgs, quiet: bool) -> crate::Result<ExitCode> {
-    let spec = LoadedSpec::from_file(spec_path)?;
+    let spec = LoadedSpec::from_file_with(spec_path, &args.set)?;
     crate::interrupt::install()?;
     let output = args.output.clone().unwrap_or_else(|| spec.output_dir());
     let result = runner::run(
@@ -107,8 +107,9 @@ pub fn validate(
     spec_path: &Path,
     device: Option<DeviceChoice>,
     output: Option<PathBuf>,
+    set: &[String],
 ) -> crate::Result<ExitCode> {
-    let spec = LoadedSpec::from_file(spec_path)?;
+    let spec = LoadedSpec::from_file_with(spec_path, set)?;
     print!("{}", runner::validate(&spec, device, output.as_deref())?);
     Ok(ExitCode::SUCCESS)
 }

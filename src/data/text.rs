@@ -33,8 +33,21 @@ pub fn read_documents(dataset: &str, path: &Path) -> Result<Vec<String>> {
             ),
         ));
     }
-    let content = std::fs::read_to_string(path)
-        .map_err(|e| err(dataset, format!("cannot read {}: {e}", path.display())))?;
+    let content = std::fs::read_to_string(path).map_err(|e| {
+        // The web-text specs' corpus is fetched, not shipped: say how to get it.
+        let hint = if e.kind() == std::io::ErrorKind::NotFound
+            && path.file_name().is_some_and(|n| n == "webtext.jsonl")
+        {
+            " (make it with `python3 scripts/fetch_webtext.py`, which needs internet; \
+             `runner experiments/smoke.toml` runs offline)"
+        } else {
+            ""
+        };
+        err(
+            dataset,
+            format!("cannot read {}: {e}{hint}", path.display()),
+        )
+    })?;
     let docs = if ext == "jsonl" {
         parse_jsonl(&content)
             .map_err(|(line, msg)| err(dataset, format!("{}:{line}: {msg}", path.display())))?

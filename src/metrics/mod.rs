@@ -93,6 +93,9 @@ pub struct BatchView<'a> {
     /// `[batch, seq]`.
     pub tokens: ArrayView2<'a, u32>,
     pub cache: &'a ActivationCache,
+    /// The model, for metrics that run passes of their own (interventions: resumed passes,
+    /// a patch's source run). `None` where a caller hands a cache alone.
+    pub model: Option<&'a dyn crate::model::Passes>,
 }
 
 impl<'a> BatchView<'a> {
@@ -146,6 +149,19 @@ pub trait Metric {
         let _ = (ctx, dataset, state);
         Err(no_state(self.name()))
     }
+
+    /// The means over datasets it reads ([`crate::means`]): the engine runs these mean
+    /// passes once, before the datasets, and hands the results to [`Self::set_means`].
+    fn mean_requests(&self, ctx: &RunContext) -> Vec<crate::means::MeanRequest> {
+        let _ = ctx;
+        vec![]
+    }
+
+    /// Receives the means [`Self::mean_requests`] asked for (called before any dataset).
+    fn set_means(&mut self, means: &crate::means::Means) -> Result<()> {
+        let _ = means;
+        Ok(())
+    }
 }
 
 /// The error of a metric without partial state.
@@ -178,6 +194,12 @@ impl<M: Metric + ?Sized> Metric for &mut M {
     }
     fn merge_state(&mut self, ctx: &RunContext, dataset: &Dataset, state: &State) -> Result<()> {
         (**self).merge_state(ctx, dataset, state)
+    }
+    fn mean_requests(&self, ctx: &RunContext) -> Vec<crate::means::MeanRequest> {
+        (**self).mean_requests(ctx)
+    }
+    fn set_means(&mut self, means: &crate::means::Means) -> Result<()> {
+        (**self).set_means(means)
     }
 }
 

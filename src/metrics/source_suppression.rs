@@ -226,7 +226,15 @@ impl Metric for SourceSuppression {
         .undefined_as_nan("value");
         let mut per_pos = Table::new(
             "source_suppression_per_position",
-            &["layer", "head", "seq", "pos", "token", "value"],
+            &[
+                "layer",
+                "head",
+                "seq",
+                "pos",
+                "token",
+                "token_text",
+                "value",
+            ],
         );
         let text = ctx.token_texts(&self.tokens);
         for (&(l, h), st) in ctx.heads.iter().zip(&self.heads) {
@@ -257,6 +265,8 @@ impl Metric for SourceSuppression {
                     h.into(),
                     (i / self.seq_len).into(),
                     (i % self.seq_len).into(),
+                    // The id, as in loss.csv, and its text for reading.
+                    Value::Int(i64::from(tok)),
                     text[&tok].as_str().into(),
                     v.into(),
                 ]);

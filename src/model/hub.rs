@@ -162,8 +162,10 @@ fn not_found_message(name: &str, repo: &str, env: &HubEnv, cause: &str) -> Strin
         "model '{name}' is not in the HuggingFace cache ({}) and could not be downloaded ({cause}). \
          Download config.json, model.safetensors, vocab.json and merges.txt from \
          {}/{repo} (e.g. `huggingface-cli download {repo}` on a machine with \
-         internet, then copy its cache folder to {}), or put them in a directory and pass that \
-         instead (`--model DIR`, or `path = \"DIR\"` under [model])",
+         internet, then copy its cache folder to {}), or put them in a directory and set \
+         `path = \"DIR\"` under [model] in the spec instead of `name` (`runner cache \
+         --model DIR`). To try hookgraph offline now: `runner experiments/smoke.toml` runs a \
+         tiny GPT-2 shipped in the repository",
         env.cache.display(),
         env.endpoint,
         env.cache

@@ -1,12 +1,14 @@
-//! Attention pattern pages (CircuitsVis's `attention_patterns`): for chosen heads and one
-//! sequence, a self-contained HTML page with a head selector, the selected head's pattern as
-//! a heatmap, and the tokens; hovering a token (or a heatmap row) highlights its attention
-//! row and colours every token by how much the hovered one attends to it.
+//! Attention pattern pages (CircuitsVis's `attention_patterns`): for chosen heads and the
+//! view's first sequences, a self-contained HTML page with a sequence selector, a head
+//! selector, the selected head's pattern as a heatmap, and the tokens; hovering a token (or
+//! a heatmap row) highlights its attention row and colours every token by how much the
+//! hovered one attends to it.
 //!
-//! Owns: one small forward pass of its own (one sequence, caching only
+//! Owns: small forward passes of its own (one per sequence shown, caching only
 //! `blocks.L.attn.hook_pattern` of the layers shown) and the page, `attention_<dataset>.html`.
-//! The pass is separate from the run's hook graph on purpose: the metrics' single pass per
-//! batch stays exactly what the metrics declared, and one sequence costs next to nothing.
+//! The passes are separate from the run's hook graph on purpose: the metrics' single pass
+//! per batch stays exactly what the metrics declared, and a few sequences cost next to
+//! nothing.
 //! Must not: touch the run's cache or metrics. The page fetches nothing: CSS, script and
 //! data are inline, so it opens from disk, offline, anywhere.
 
@@ -62,10 +64,25 @@ pub fn attention_patterns<D: SeamDevice>(
 #[derive(Serialize)]
 struct PageData<'a> {
     title: &'a str,
-    tokens: &'a [String],
     heads: Vec<String>,
+    sequences: Vec<SequenceData<'a>>,
+}
+
+#[derive(Serialize)]
+struct SequenceData<'a> {
+    /// Which sequence of the dataset (its row).
+    index: usize,
+    tokens: &'a [String],
     /// `patterns[head][dest][src]`, rounded to 4 decimals to keep the page small.
     patterns: Vec<Vec<Vec<f32>>>,
+}
+
+/// One sequence of an attention page: its row in the dataset, its tokens (display text, one
+/// per position) and each head's `[dest, src]` pattern.
+pub struct PageSequence {
+    pub index: usize,
+    pub tokens: Vec<String>,
+    pub patterns: Vec<Array2<f32>>,
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -94,32 +111,41 @@ pub fn script_json<T: Serialize>(value: &T) -> Result<String> {
         .replace('&', "\\u0026"))
 }
 
-/// The page: `tokens` (display text, one per position), each head's `[dest, src]` pattern.
+/// The page: for each sequence, its tokens and each head's `[dest, src]` pattern.
 pub fn attention_html(
     title: &str,
-    tokens: &[String],
     heads: &[(usize, usize)],
-    patterns: &[Array2<f32>],
+    sequences: &[PageSequence],
 ) -> Result<String> {
-    let n = tokens.len();
-    if heads.len() != patterns.len() || patterns.iter().any(|p| p.dim() != (n, n)) {
-        return Err(Error::Other(format!(
-            "attention page: {} heads, {} patterns, {n} tokens do not match",
-            heads.len(),
-            patterns.len()
-        )));
+    if sequences.is_empty() {
+        return Err(Error::Other("attention page: no sequences".into()));
     }
+    for sq in sequences {
+        let n = sq.tokens.len();
+        if heads.len() != sq.patterns.len() || sq.patterns.iter().any(|p| p.dim() != (n, n)) {
+            return Err(Error::Other(format!(
+                "attention page, sequence {}: {} heads, {} patterns, {n} tokens do not match",
+                sq.index,
+                heads.len(),
+                sq.patterns.len()
+            )));
+        }
+    }
+    let round = |p: &Array2<f32>| -> Vec<Vec<f32>> {
+        p.rows()
+            .into_iter()
+            .map(|r| r.iter().map(|&x| (x * 1e4).round() / 1e4).collect())
+            .collect()
+    };
     let data = PageData {
         title,
-        tokens,
         heads: heads.iter().map(|(l, h)| format!("{l}.{h}")).collect(),
-        patterns: patterns
+        sequences: sequences
             .iter()
-            .map(|p| {
-                p.rows()
-                    .into_iter()
-                    .map(|r| r.iter().map(|&x| (x * 1e4).round() / 1e4).collect())
-                    .collect()
+            .map(|sq| SequenceData {
+                index: sq.index,
+                tokens: &sq.tokens,
+                patterns: sq.patterns.iter().map(round).collect(),
             })
             .collect(),
     };
@@ -129,8 +155,9 @@ pub fn attention_html(
          <title>{title}</title>\n<style>\n{CSS}</style>\n</head>\n<body>\n\
          <h1>{title}</h1>\n\
          <p class=\"note\">Rows are destination tokens (queries), columns are source tokens \
-         (keys); each row sums to 1. Pick a head; hover a token or a row to see where it \
-         attends.</p>\n\
+         (keys); each row sums to 1. Pick a sequence and a head; hover a token or a row to see \
+         where it attends.</p>\n\
+         <div id=\"seqs\" role=\"tablist\" aria-label=\"sequences\"></div>\n\
          <div id=\"heads\" role=\"tablist\" aria-label=\"heads\"></div>\n\
          <h2>Tokens</h2>\n<div id=\"tokens\"></div>\n\
          <h2 id=\"pattern-title\">Pattern</h2>\n\
@@ -143,28 +170,37 @@ pub fn attention_html(
     ))
 }
 
-/// Makes `attention_<dataset>.html` for `heads` on the dataset's first sequence (without its
-/// right padding).
+/// Makes `attention_<dataset>.html` for `heads` on the dataset's first `sequences`
+/// sequences (each without its right padding).
 pub fn write_attention_page<D: SeamDevice>(
     out_dir: &Path,
     model: &HookedGpt2<D>,
     dataset: &crate::data::Dataset,
     heads: &[(usize, usize)],
+    sequences: usize,
     token_text: &dyn Fn(u32) -> String,
 ) -> Result<PathBuf> {
     if dataset.n_sequences() == 0 {
         return Err(Error::Other(format!("dataset {} is empty", dataset.name)));
     }
-    let len = dataset
-        .lengths
-        .first()
-        .copied()
-        .unwrap_or(dataset.seq_len());
-    let ids: Vec<u32> = dataset.tokens.row(0).iter().take(len).copied().collect();
-    let patterns = attention_patterns(model, &ids, heads)?;
-    let tokens: Vec<String> = ids.iter().map(|&t| token_text(t)).collect();
-    let title = format!("Attention patterns: dataset {}, sequence 0", dataset.name);
-    let html = attention_html(&title, &tokens, heads, &patterns)?;
+    let shown = sequences.clamp(1, dataset.n_sequences());
+    let pages = (0..shown)
+        .map(|seq| {
+            let len = dataset
+                .lengths
+                .get(seq)
+                .copied()
+                .unwrap_or(dataset.seq_len());
+            let ids: Vec<u32> = dataset.tokens.row(seq).iter().take(len).copied().collect();
+            Ok(PageSequence {
+                index: seq,
+                patterns: attention_patterns(model, &ids, heads)?,
+                tokens: ids.iter().map(|&t| token_text(t)).collect(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let title = format!("Attention patterns: dataset {}", dataset.name);
+    let html = attention_html(&title, heads, &pages)?;
     let path = out_dir.join(format!(
         "attention_{}.html",
         super::file_part(&dataset.name)
@@ -178,6 +214,10 @@ h1 { font-size: 20px; margin: 0 0 6px; }
 h2 { font-size: 15px; margin: 18px 0 6px; }
 .note { color: #555; font-size: 13px; max-width: 60em; }
 #heads { display: flex; flex-wrap: wrap; gap: 8px; }
+#seqs { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 10px; }
+#seqs button { padding: 4px 8px; border: 2px solid #ccc; border-radius: 6px; background: #fff;
+  cursor: pointer; font: 13px system-ui, sans-serif; }
+#seqs button[aria-selected="true"] { border-color: #2166ac; background: #eef4fb; }
 #heads button { display: flex; flex-direction: column; align-items: center; gap: 4px;
   padding: 6px; border: 2px solid #ccc; border-radius: 6px; background: #fff;
   cursor: pointer; font: 13px monospace; }
@@ -204,7 +244,9 @@ h2 { font-size: 15px; margin: 18px 0 6px; }
 const JS: &str = r##"(function () {
   "use strict";
   var data = JSON.parse(document.getElementById("data").textContent);
-  var n = data.tokens.length;
+  var seq = null;
+  var n = 0;
+  var currentSeq = 0;
   var current = 0;
   var focus = -1;
 
@@ -219,86 +261,114 @@ const JS: &str = r##"(function () {
   function show(t) {
     return t.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
   }
+  function clear(el) {
+    while (el.firstChild) { el.removeChild(el.firstChild); }
+  }
 
-  var headsEl = document.getElementById("heads");
-  var buttons = data.heads.map(function (name, i) {
+  var seqsEl = document.getElementById("seqs");
+  var seqButtons = data.sequences.map(function (sq, s) {
     var b = document.createElement("button");
     b.type = "button";
     b.setAttribute("role", "tab");
-    b.title = "head " + name;
-    var c = document.createElement("canvas");
-    c.width = n;
-    c.height = n;
-    var ctx = c.getContext("2d");
-    if (ctx) {
-      for (var q = 0; q < n; q++) {
-        for (var k = 0; k < n; k++) {
-          ctx.fillStyle = colour(data.patterns[i][q][k]);
-          ctx.fillRect(k, q, 1, 1);
-        }
-      }
-    }
-    var label = document.createElement("span");
-    label.textContent = name;
-    b.appendChild(c);
-    b.appendChild(label);
-    b.addEventListener("click", function () { select(i); });
-    headsEl.appendChild(b);
+    b.textContent = "sequence " + sq.index;
+    b.title = sq.tokens.join("");
+    b.addEventListener("click", function () { selectSeq(s); });
+    seqsEl.appendChild(b);
     return b;
   });
 
+  var headsEl = document.getElementById("heads");
   var tokensEl = document.getElementById("tokens");
-  var spans = data.tokens.map(function (t, i) {
-    var s = document.createElement("span");
-    s.textContent = show(t);
-    s.title = i + ": " + JSON.stringify(t);
-    s.addEventListener("mouseenter", function () { setFocus(i); });
-    s.addEventListener("mouseleave", function () { setFocus(-1); });
-    tokensEl.appendChild(s);
-    return s;
-  });
-
   var grid = document.getElementById("grid");
-  var thead = document.createElement("thead");
-  var hr = document.createElement("tr");
-  hr.appendChild(document.createElement("th"));
-  data.tokens.forEach(function (t) {
-    var th = document.createElement("th");
-    th.textContent = show(t);
-    hr.appendChild(th);
-  });
-  thead.appendChild(hr);
-  grid.appendChild(thead);
-  var tbody = document.createElement("tbody");
+  var buttons = [];
+  var spans = [];
   var rows = [];
   var cells = [];
-  for (var q = 0; q < n; q++) {
-    var tr = document.createElement("tr");
-    var th = document.createElement("th");
-    th.textContent = show(data.tokens[q]);
-    tr.appendChild(th);
-    var row = [];
-    for (var k = 0; k < n; k++) {
-      var td = document.createElement("td");
-      tr.appendChild(td);
-      row.push(td);
+
+  // Builds the head thumbnails, the tokens and the grid of sequence `s`.
+  function build(s) {
+    seq = data.sequences[s];
+    n = seq.tokens.length;
+    clear(headsEl);
+    buttons = data.heads.map(function (name, i) {
+      var b = document.createElement("button");
+      b.type = "button";
+      b.setAttribute("role", "tab");
+      b.title = "head " + name;
+      var c = document.createElement("canvas");
+      c.width = n;
+      c.height = n;
+      var ctx = c.getContext("2d");
+      if (ctx) {
+        for (var q = 0; q < n; q++) {
+          for (var k = 0; k < n; k++) {
+            ctx.fillStyle = colour(seq.patterns[i][q][k]);
+            ctx.fillRect(k, q, 1, 1);
+          }
+        }
+      }
+      var label = document.createElement("span");
+      label.textContent = name;
+      b.appendChild(c);
+      b.appendChild(label);
+      b.addEventListener("click", function () { select(i); });
+      headsEl.appendChild(b);
+      return b;
+    });
+
+    clear(tokensEl);
+    spans = seq.tokens.map(function (t, i) {
+      var sp = document.createElement("span");
+      sp.textContent = show(t);
+      sp.title = i + ": " + JSON.stringify(t);
+      sp.addEventListener("mouseenter", function () { setFocus(i); });
+      sp.addEventListener("mouseleave", function () { setFocus(-1); });
+      tokensEl.appendChild(sp);
+      return sp;
+    });
+
+    clear(grid);
+    var thead = document.createElement("thead");
+    var hr = document.createElement("tr");
+    hr.appendChild(document.createElement("th"));
+    seq.tokens.forEach(function (t) {
+      var th = document.createElement("th");
+      th.textContent = show(t);
+      hr.appendChild(th);
+    });
+    thead.appendChild(hr);
+    grid.appendChild(thead);
+    var tbody = document.createElement("tbody");
+    rows = [];
+    cells = [];
+    for (var q = 0; q < n; q++) {
+      var tr = document.createElement("tr");
+      var th = document.createElement("th");
+      th.textContent = show(seq.tokens[q]);
+      tr.appendChild(th);
+      var row = [];
+      for (var k = 0; k < n; k++) {
+        var td = document.createElement("td");
+        tr.appendChild(td);
+        row.push(td);
+      }
+      (function (q) {
+        tr.addEventListener("mouseenter", function () { setFocus(q); });
+        tr.addEventListener("mouseleave", function () { setFocus(-1); });
+      })(q);
+      tbody.appendChild(tr);
+      rows.push(tr);
+      cells.push(row);
     }
-    (function (q) {
-      tr.addEventListener("mouseenter", function () { setFocus(q); });
-      tr.addEventListener("mouseleave", function () { setFocus(-1); });
-    })(q);
-    tbody.appendChild(tr);
-    rows.push(tr);
-    cells.push(row);
+    grid.appendChild(tbody);
   }
-  grid.appendChild(tbody);
 
   function paintTokens() {
-    var p = data.patterns[current];
-    spans.forEach(function (s, k) {
-      s.classList.toggle("focus", k === focus);
-      s.style.background = focus >= 0 && k <= focus ? colour(p[focus][k]) : "";
-      s.style.color = focus >= 0 && k <= focus && p[focus][k] > 0.55 ? "#fff" : "";
+    var p = seq.patterns[current];
+    spans.forEach(function (sp, k) {
+      sp.classList.toggle("focus", k === focus);
+      sp.style.background = focus >= 0 && k <= focus ? colour(p[focus][k]) : "";
+      sp.style.color = focus >= 0 && k <= focus && p[focus][k] > 0.55 ? "#fff" : "";
     });
     rows.forEach(function (r, q) { r.classList.toggle("focus", q === focus); });
   }
@@ -309,33 +379,44 @@ const JS: &str = r##"(function () {
   function select(i) {
     current = i;
     buttons.forEach(function (b, j) { b.setAttribute("aria-selected", j === i ? "true" : "false"); });
-    document.getElementById("pattern-title").textContent = "Pattern of head " + data.heads[i];
-    var p = data.patterns[i];
+    document.getElementById("pattern-title").textContent =
+      "Pattern of head " + data.heads[i] + ", sequence " + seq.index;
+    var p = seq.patterns[i];
     for (var q = 0; q < n; q++) {
       for (var k = 0; k < n; k++) {
         var td = cells[q][k];
         td.style.background = k <= q ? colour(p[q][k]) : "#fafafa";
-        td.title = k <= q ? JSON.stringify(data.tokens[q]) + " \u2192 " +
-          JSON.stringify(data.tokens[k]) + ": " + p[q][k].toFixed(3) : "";
+        td.title = k <= q ? JSON.stringify(seq.tokens[q]) + " \u2192 " +
+          JSON.stringify(seq.tokens[k]) + ": " + p[q][k].toFixed(3) : "";
       }
     }
     paintTokens();
   }
-  // `#head=1&token=5` (or `token=last`) opens with that head selected and that token
-  // focused: for links, and for scripts/check_pages.py, which renders the hover state so.
+  function selectSeq(s) {
+    currentSeq = s;
+    seqButtons.forEach(function (b, j) { b.setAttribute("aria-selected", j === s ? "true" : "false"); });
+    focus = -1;
+    build(s);
+    select(Math.min(current, data.heads.length - 1));
+  }
+  // `#seq=2&head=1&token=5` (or `token=last`) opens with that sequence (its place in the
+  // selector) and head selected and that token focused: for links, and for
+  // scripts/check_pages.py, which renders the hover state so.
   function fromHash() {
     var params = {};
     location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
       var i = kv.indexOf("=");
       if (i > 0) { params[kv.slice(0, i)] = kv.slice(i + 1); }
     });
+    var s = params.seq === "last" ? data.sequences.length - 1 : parseInt(params.seq, 10);
+    if (s >= 0 && s < data.sequences.length && s !== currentSeq) { selectSeq(s); }
     var head = parseInt(params.head, 10);
     if (head >= 0 && head < data.heads.length) { select(head); }
     var token = params.token === "last" ? n - 1 : parseInt(params.token, 10);
     if (token >= 0 && token < n) { setFocus(token); }
   }
-  if (data.heads.length > 0) {
-    select(0);
+  if (data.heads.length > 0 && data.sequences.length > 0) {
+    selectSeq(0);
     fromHash();
     window.addEventListener("hashchange", fromHash);
   }

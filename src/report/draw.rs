@@ -11,6 +11,7 @@
 //! Every figure is drawn with plotters' SVG backend: plotters escapes text itself, and the
 //! cleaning here only replaces characters XML cannot carry at all (control characters).
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -167,6 +168,69 @@ impl NumberFormat {
             s
         }
     }
+}
+
+/// A cell's hover text: an invisible box over the cell carrying an SVG `<title>`, so a
+/// browser shows the exact value and its key under the cursor (plotly's `imshow` does the
+/// same). Pixel coordinates of the whole figure.
+#[derive(Debug, Clone)]
+pub struct Hover {
+    pub top_left: (i32, i32),
+    pub bottom_right: (i32, i32),
+    pub title: String,
+}
+
+impl Hover {
+    /// The box of the data rectangle `[(x0, y0), (x1, y1)]` of `chart`.
+    pub fn over<DB: DrawingBackend>(
+        chart: &ChartContext<DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+        rect: [(f64, f64); 2],
+        title: String,
+    ) -> Self {
+        let (a, b) = (chart.backend_coord(&rect[0]), chart.backend_coord(&rect[1]));
+        Hover {
+            top_left: (a.0.min(b.0), a.1.min(b.1)),
+            bottom_right: (a.0.max(b.0), a.1.max(b.1)),
+            title,
+        }
+    }
+}
+
+/// Escapes text for SVG element content and attribute values.
+pub fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in clean_text(s).chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Adds the hover boxes to a finished SVG, on top of everything (a box filled with opacity 0
+/// still takes the pointer, so its `<title>` shows).
+pub fn add_hovers(svg: &mut String, hovers: &[Hover]) -> Result<()> {
+    let end = svg
+        .rfind("</svg>")
+        .ok_or_else(|| Error::Other("internal error: SVG without </svg>".into()))?;
+    let mut g = String::from("<g class=\"hover\" fill=\"#000\" fill-opacity=\"0\">\n");
+    for h in hovers {
+        let (x0, y0) = h.top_left;
+        let (x1, y1) = h.bottom_right;
+        g.push_str(&format!(
+            "<rect x=\"{x0}\" y=\"{y0}\" width=\"{}\" height=\"{}\"><title>{}</title></rect>\n",
+            x1 - x0,
+            y1 - y0,
+            xml_escape(&h.title)
+        ));
+    }
+    g.push_str("</g>\n");
+    svg.insert_str(end, &g);
+    Ok(())
 }
 
 /// A table cell as a figure shows it: the number the CSV holds (its text, parsed back, so

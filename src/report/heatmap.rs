@@ -132,6 +132,7 @@ pub fn head_heatmap_svg(title: &str, score: &str, grids: &[HeadGrid]) -> Result<
     );
 
     let mut svg = String::new();
+    let mut hovers = Vec::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         root.fill(&WHITE).map_err(draw::svg_err)?;
@@ -144,15 +145,24 @@ pub fn head_heatmap_svg(title: &str, score: &str, grids: &[HeadGrid]) -> Result<
         let (panels, rest) = root.split_horizontally(grids.len() as u32 * panel_w);
         let (bar, _) = rest.split_horizontally(bar_w);
         for (area, grid) in panels.split_evenly((1, grids.len())).iter().zip(grids) {
-            draw_panel(area, grid, zmax, fmt)?;
+            hovers.extend(draw_panel(area, grid, zmax, fmt, score)?);
         }
         draw::colour_bar(&bar, zmax, score, MARGIN, MARGIN + X_LABEL)?;
         root.present().map_err(draw::svg_err)?;
     }
+    draw::add_hovers(&mut svg, &hovers)?;
     Ok(svg)
 }
 
-fn draw_panel(area: &Area, grid: &HeadGrid, zmax: f64, fmt: draw::NumberFormat) -> Result<()> {
+/// Draws one dataset's grid; returns every cell's hover box (value and key, the value as the
+/// CSV holds it).
+fn draw_panel(
+    area: &Area,
+    grid: &HeadGrid,
+    zmax: f64,
+    fmt: draw::NumberFormat,
+    score: &str,
+) -> Result<Vec<draw::Hover>> {
     let (n_layers, n_heads) = (grid.cells.len(), grid.cells[0].len());
     // Cells are centred on integers, so integer ticks label them; layers go down the page
     // (layer 0 on top, as `imshow` shows a matrix), hence the negated y axis.
@@ -215,7 +225,18 @@ fn draw_panel(area: &Area, grid: &HeadGrid, zmax: f64, fmt: draw::NumberFormat) 
             )
         }))
         .map_err(draw::svg_err)?;
-    Ok(())
+    let hovers = (0..n_layers)
+        .flat_map(|l| (0..n_heads).map(move |h| (l, h)))
+        .map(|(l, h)| {
+            let value = match &grid.cells[l][h] {
+                Some(v) => format!("{score} = {v}"),
+                None => "not selected".to_string(),
+            };
+            let title = format!("{}: layer {l}, head {h} ({l}.{h}): {value}", grid.dataset);
+            draw::Hover::over(&chart, rect(l, h), title)
+        })
+        .collect();
+    Ok(hovers)
 }
 
 /// Writes `<table>.svg` for every per-head table in `tables` (all datasets of a table in

@@ -7,7 +7,7 @@
 //! - [`views`]: `view_<metric>_<dataset>.svg` per `[[view]]` (the notebook's
 //!   `investigate_a_few_heads`), and checking `[[view]]` entries before a run;
 //! - [`attention`]: `attention_<dataset>.html`, the heads of that dataset's views on its
-//!   first sequence (CircuitsVis's `attention_patterns`), from one small forward pass;
+//!   first sequences, one at a time (CircuitsVis's `attention_patterns`), from small forward passes;
 //! - [`index`]: `index.html`, linking all of it;
 //! - [`prompt`]: TL's `test_prompt` (used by `runner prompt`, not by runs).
 //!
@@ -112,11 +112,19 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
         if heads.is_empty() {
             continue;
         }
+        // As many sequences as the dataset's views show.
+        let sequences = views
+            .iter()
+            .filter(|v| v.dataset == dataset.name)
+            .map(|v| v.sequences)
+            .max()
+            .unwrap_or(1);
         match attention::write_attention_page(
             input.out_dir,
             &input.loaded.model,
             dataset,
             &heads,
+            sequences,
             &token_text,
         ) {
             Ok(p) => pages.push(p),

@@ -349,6 +349,8 @@ pub struct ViewData {
     panels: Vec<Panel>,
     /// `labels[seq][pos]`, already through [`token_label`].
     labels: Vec<Vec<String>>,
+    /// `texts[seq][pos]`: the whole token text, for the cell's hover title.
+    texts: Vec<Vec<String>>,
     /// `pad[seq][pos]`: right padding, drawn grey.
     pad: Vec<Vec<bool>>,
 }
@@ -367,7 +369,9 @@ pub fn view_data(
         column(table, "pos")?,
         column(table, "value")?,
     );
-    let tok = table.col("token");
+    // The token's text: `token_text` (beside the id in `token`); older tables had the text
+    // in `token`.
+    let tok = table.col("token_text").or_else(|| table.col("token"));
     let mut n_seq = 0;
     let mut n_pos = 0;
     for row in &table.rows {
@@ -389,6 +393,7 @@ pub fn view_data(
         })
         .collect();
     let mut labels = vec![vec![String::new(); n_pos]; n_seq];
+    let mut texts = vec![vec![String::new(); n_pos]; n_seq];
     let mut is_bos = vec![vec![false; n_pos]; n_seq];
     for row in &table.rows {
         let seq = index_of(table, row, s)?;
@@ -403,6 +408,7 @@ pub fn view_data(
         panel.values[seq][pos] = Some(row[v].as_f64().unwrap_or(f64::NAN));
         if let Some(Value::Str(t)) = tok.and_then(|c| row.get(c)) {
             labels[seq][pos] = token_label(t);
+            texts[seq][pos] = t.clone();
             is_bos[seq][pos] = t == ENDOFTEXT;
         }
     }
@@ -430,6 +436,7 @@ pub fn view_data(
     Ok(ViewData {
         panels,
         labels,
+        texts,
         pad,
     })
 }
@@ -469,32 +476,48 @@ pub fn view_svg(view: &ResolvedView, data: &ViewData) -> Result<String> {
         view.metric, view.dataset, n_seq
     );
     let bar_w = draw::colour_bar_width(zmax, "value");
-    let title_w = MARGIN + Y_LABEL + draw::text_px(&title, 18.0) + MARGIN;
+    // A figure wider than a browser window would put the colour bar off-screen on the
+    // right: then it goes on the left, where the reading starts.
+    let bar_left = panel_w + bar_w > VIEWPORT_PX;
+    let title_x = MARGIN + Y_LABEL + if bar_left { bar_w } else { 0 };
+    let title_w = title_x + draw::text_px(&title, 18.0) + MARGIN;
     let size = ((panel_w + bar_w).max(title_w), TITLE + n * panel_h);
     let mut svg = String::new();
+    let mut hovers = Vec::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         root.fill(&WHITE).map_err(draw::svg_err)?;
         let (top, root) = root.split_vertically(TITLE);
-        draw::left_text(&top, &title, (MARGIN + Y_LABEL) as i32, 10, 18.0)?;
-        let (panels, rest) = root.split_horizontally(panel_w);
-        let (bar, _) = rest.split_horizontally(bar_w);
+        draw::left_text(&top, &title, title_x as i32, 10, 18.0)?;
+        let (panels, bar) = if bar_left {
+            let (bar, rest) = root.split_horizontally(bar_w);
+            (rest.split_horizontally(panel_w).0, bar)
+        } else {
+            let (panels, rest) = root.split_horizontally(panel_w);
+            (panels, rest.split_horizontally(bar_w).0)
+        };
         for (area, panel) in panels
             .split_evenly((data.panels.len(), 1))
             .iter()
             .zip(&data.panels)
         {
-            draw_panel(area, panel, data, zmax)?;
+            hovers.extend(draw_panel(area, panel, data, zmax)?);
         }
         // One colour bar for all panels (they share the scale), from the top of the first
         // grid to the bottom of the last.
         draw::colour_bar(&bar, zmax, "value", MARGIN, MARGIN + X_LABEL)?;
         root.present().map_err(draw::svg_err)?;
     }
+    draw::add_hovers(&mut svg, &hovers)?;
     Ok(svg)
 }
 
-fn draw_panel(area: &Area, panel: &Panel, data: &ViewData, zmax: f64) -> Result<()> {
+/// The width of a browser window the views are drawn for: wider, the colour bar goes left.
+pub const VIEWPORT_PX: u32 = 1400;
+
+/// Draws one head's panel; returns every cell's hover box (head, sequence, position,
+/// token and value).
+fn draw_panel(area: &Area, panel: &Panel, data: &ViewData, zmax: f64) -> Result<Vec<draw::Hover>> {
     let (n_seq, n_pos) = (panel.values.len(), panel.values[0].len());
     draw::left_text(
         area,
@@ -556,7 +579,23 @@ fn draw_panel(area: &Area, panel: &Panel, data: &ViewData, zmax: f64) -> Result<
                 }),
         )
         .map_err(draw::svg_err)?;
-    Ok(())
+    let (l, h) = panel.head;
+    let hovers = cells
+        .iter()
+        .map(|&(s, p)| {
+            let value = match panel.values[s][p] {
+                _ if data.pad[s][p] => "padding".to_string(),
+                Some(v) => format!("value = {v}"),
+                None => "no value".to_string(),
+            };
+            let title = format!(
+                "head {l}.{h}, sequence {s}, position {p}, token {:?}: {value}",
+                data.texts[s][p]
+            );
+            draw::Hover::over(&chart, rect(s, p), title)
+        })
+        .collect();
+    Ok(hovers)
 }
 
 /// Draws every view to `view_<metric>_<dataset>.svg`. A view whose table was not written

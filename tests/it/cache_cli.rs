@@ -39,7 +39,12 @@ fn compare_all(file: &TensorFile, golden: &str) {
 }
 
 fn names(file: &TensorFile) -> BTreeSet<String> {
-    file.f32.keys().chain(file.i64.keys()).cloned().collect()
+    file.f32
+        .keys()
+        .chain(file.i64.keys())
+        .chain(file.bool.keys())
+        .cloned()
+        .collect()
 }
 
 fn set(v: &[&str]) -> BTreeSet<String> {
@@ -65,11 +70,19 @@ fn cache_writes_asked_points_logits_and_tokens_matching_tl() {
             "ln_final.hook_scale",
             "logits",
             "tokens",
+            "lengths",
+            "mask",
         ])
     );
     compare_all(&file, "a_processed.safetensors");
     check_tokens(&file);
     assert_eq!(file.f32["ln_final.hook_scale"].shape(), &[3, 12, 1]);
+    // A token file says nothing about padding: every position is a real token.
+    assert_eq!(file.i64["lengths"].as_slice().unwrap(), &[12, 12, 12]);
+    assert!(file.bool["mask"].iter().all(|&m| m));
+    assert_eq!(file.bool["mask"].shape(), &[3, 12]);
+    let sha = &file.metadata["weights_sha256"];
+    assert_eq!(sha.len(), 64, "{sha}");
     for flag in [
         "fold_ln",
         "center_writing_weights",
@@ -98,7 +111,7 @@ fn no_processing_matches_unprocessed_tl() {
     let file = cache_a(&out, &hooks, &["--no-processing"]);
     assert_eq!(
         names(&file).len(),
-        hooks.len() + 1 + 2,
+        hooks.len() + 1 + 2 + 2, // the glob's second layer; logits, tokens; lengths, mask
         "{:?}",
         names(&file)
     );
@@ -119,7 +132,7 @@ fn single_switches_change_only_their_step() {
         &["logits"],
         &["--no-fold-ln", "--no-fold-value-biases"],
     );
-    assert_eq!(names(&file), set(&["logits", "tokens"]));
+    assert_eq!(names(&file), set(&["logits", "tokens", "lengths", "mask"]));
     compare_all(&file, "a_processed.safetensors");
     let m = &file.metadata;
     assert_eq!(
@@ -307,10 +320,201 @@ fn prompts_are_batched_with_bos_and_right_padding() {
         toks.as_slice().unwrap(),
         [first, second].concat().as_slice()
     );
+    // The second prompt is 6 tokens with BOS; the rest is BOS padding, which `mask` tells
+    // apart from a real BOS.
+    assert_eq!(file.i64["lengths"].as_slice().unwrap(), &[11, 6]);
+    let mask = &file.bool["mask"];
+    for (s, len) in [(0, 11), (1, 6)] {
+        for p in 0..11 {
+            assert_eq!(mask[[s, p]], p < len, "mask[{s}, {p}]");
+        }
+    }
     assert_eq!(file.f32["logits"].shape(), &[2, 11, 50257]);
     assert_eq!(
         file.f32["blocks.0.attn.hook_pattern"].shape(),
         &[2, 4, 11, 11]
     );
     assert!(file.f32["logits"].iter().all(|x| x.is_finite()));
+}
+
+/// `--spec SPEC --dataset NAME`: the dataset the run builds (IOI prompts made in-process),
+/// in the spec's batches, with its lengths and padding; the spec's model and processing.
+#[test]
+fn spec_dataset_caches_the_batches_a_run_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("s.toml");
+    let root = root();
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "s"
+[model]
+path = "{model}"
+batch_size = 3
+center_unembed = false
+
+[[dataset]]
+name = "web"
+kind = "text"
+path = "{corpus}"
+n = 5
+seq_len = 16
+short = "pad"
+
+[[metric]]
+kind = "loss"
+"#,
+            model = root.join("experiments/checkpoints/tiny-gpt2").display(),
+            corpus = root.join("tests/fixtures/corpus/web.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("web.safetensors");
+    let hooks = ["blocks.0.attn.hook_pattern", "blocks.1.hook_resid_post"];
+    runner()
+        .args(["cache", "--spec"])
+        .arg(&spec)
+        .args(["--dataset", "web", "--device", "cpu", "--hooks"])
+        .args(hooks)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let file = read_tensor_file(&out);
+    let (tokens, lengths, mask) = (
+        &file.i64["tokens"],
+        &file.i64["lengths"],
+        &file.bool["mask"],
+    );
+    assert_eq!(tokens.shape(), &[5, 16]);
+    assert_eq!(file.f32["blocks.0.attn.hook_pattern"].shape()[0], 5);
+    assert_eq!(file.f32["logits"].shape()[..2], [5, 16]);
+    // Some sequence is padded (short = "pad"), with BOS, and the mask says so.
+    assert!(lengths.iter().any(|&l| l < 16), "{lengths:?}");
+    for s in 0..5 {
+        for p in 0..16 {
+            let real = (p as i64) < lengths[s];
+            assert_eq!(mask[[s, p]], real);
+            if !real {
+                assert_eq!(tokens[[s, p]], 50256);
+            }
+        }
+    }
+    let m = &file.metadata;
+    assert_eq!(m["dataset"], "web");
+    assert_eq!(m["batch_size"], "3");
+    assert_eq!(m["center_unembed"], "false", "the spec's processing");
+    assert_eq!(m["fold_ln"], "true");
+
+    // Batches of 3 joined equal one pass over the same tokens (what a token file gives).
+    let ids: Vec<Vec<i64>> = tokens
+        .outer_iter()
+        .map(|r| r.iter().copied().collect())
+        .collect();
+    let tok_file = dir.path().join("t.json");
+    std::fs::write(&tok_file, serde_json::to_string(&ids).unwrap()).unwrap();
+    let whole = dir.path().join("whole.safetensors");
+    runner()
+        .args(["cache", "--model", "experiments/checkpoints/tiny-gpt2"])
+        .args(["--no-center-unembed", "--device", "cpu", "--tokens"])
+        .arg(&tok_file)
+        .arg("--hooks")
+        .args(hooks)
+        .arg("--out")
+        .arg(&whole)
+        .assert()
+        .success();
+    let whole = read_tensor_file(&whole);
+    for name in hooks.iter().chain(&["logits"]) {
+        assert_close(name, &file.f32[*name], &whole.f32[*name], 1e-5, 1e-6);
+    }
+
+    // A dataset the spec does not have is named, with the ones it has.
+    let err = cache_fails(
+        &[
+            "--spec",
+            spec.to_str().unwrap(),
+            "--dataset",
+            "ioi",
+            "--hooks",
+            "logits",
+        ],
+        1,
+    );
+    assert!(
+        err.contains("--dataset ioi") && err.contains("web"),
+        "{err}"
+    );
+    // --dataset needs --spec; processing switches belong in the spec.
+    let err = cache_fails(
+        &["--model", "x", "--dataset", "web", "--hooks", "logits"],
+        1,
+    );
+    assert!(err.contains("--spec SPEC"), "{err}");
+    cache_fails(
+        &[
+            "--spec",
+            spec.to_str().unwrap(),
+            "--dataset",
+            "web",
+            "--no-fold-ln",
+            "--hooks",
+            "logits",
+        ],
+        2,
+    );
+}
+
+/// `--weights`: the processed parameters under TransformerLens state-dict names, equal to
+/// TL's processed state dict (the goldens' `weights.*`), with the processing in the metadata.
+#[test]
+fn weights_are_tl_processed_state_dict() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w.safetensors");
+    runner()
+        .args([
+            "cache",
+            "--model",
+            "tests/fixtures/ckpt_a",
+            "--weights",
+            "--out",
+        ])
+        .arg(&out)
+        .assert()
+        .success();
+    let file = read_tensor_file(&out);
+    let gold = load_golden("a_processed.safetensors");
+    let want: BTreeSet<String> = gold
+        .keys()
+        .filter_map(|k| k.strip_prefix("weights."))
+        .map(str::to_string)
+        .collect();
+    assert!(want.contains("blocks.0.attn.W_O"), "{want:?}");
+    assert_eq!(
+        names(&file),
+        want,
+        "exactly TL's processed names (no ln weights once folded)"
+    );
+    for name in &want {
+        assert_close(
+            name,
+            &file.f32[name],
+            &gold[&format!("weights.{name}")],
+            RTOL,
+            ATOL,
+        );
+    }
+    assert_eq!(file.metadata["fold_ln"], "true");
+    assert_eq!(file.metadata["weights_sha256"].len(), 64);
+    // Unprocessed: the LayerNorm weights are there again.
+    let raw = dir.path().join("raw.safetensors");
+    runner()
+        .args(["cache", "--model", "tests/fixtures/ckpt_a", "--weights"])
+        .args(["--no-processing", "--out"])
+        .arg(&raw)
+        .assert()
+        .success();
+    let raw = read_tensor_file(&raw);
+    assert!(raw.f32.contains_key("blocks.0.ln1.w") && raw.f32.contains_key("ln_final.b"));
+    assert_eq!(raw.metadata["fold_ln"], "false");
 }

@@ -89,10 +89,12 @@ pub fn assert_close(name: &str, ours: &ArrayD<f32>, theirs: &ArrayD<f32>, rtol: 
     }
 }
 
-/// The tensors of any safetensors file: F32 ones as f32, I64 ones as i64, and the metadata.
+/// The tensors of any safetensors file: F32 ones as f32, I64 ones as i64, BOOL ones as
+/// bool, and the metadata.
 pub struct TensorFile {
     pub f32: HashMap<String, ArrayD<f32>>,
     pub i64: HashMap<String, ArrayD<i64>>,
+    pub bool: HashMap<String, ArrayD<bool>>,
     pub metadata: HashMap<String, String>,
 }
 
@@ -103,6 +105,7 @@ pub fn read_tensor_file(path: &Path) -> TensorFile {
     let mut out = TensorFile {
         f32: HashMap::new(),
         i64: HashMap::new(),
+        bool: HashMap::new(),
         metadata: meta.metadata().clone().unwrap_or_default(),
     };
     for (k, v) in st.tensors() {
@@ -121,6 +124,11 @@ pub fn read_tensor_file(path: &Path) -> TensorFile {
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
                     .collect();
                 out.i64.insert(k, ArrayD::from_shape_vec(shape, d).unwrap());
+            }
+            safetensors::Dtype::BOOL => {
+                let d = v.data().iter().map(|&b| b != 0).collect();
+                out.bool
+                    .insert(k, ArrayD::from_shape_vec(shape, d).unwrap());
             }
             other => panic!("{}: {k} has dtype {other:?}", path.display()),
         }

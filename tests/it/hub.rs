@@ -99,9 +99,14 @@ fn offline_with_empty_cache_says_what_to_download_and_where() {
         "merges.txt",
         "https://huggingface.co/gpt2",
         &cache.join("models--gpt2").display().to_string(),
+        // A key that exists, and what runs offline now.
+        "`path = \"DIR\"` under [model]",
+        "experiments/smoke.toml",
     ] {
         assert!(err.contains(want), "lacks {want:?}: {err}");
     }
+    // `runner run` and `validate` have no --model flag: only `runner cache` is told of it.
+    assert!(!err.contains("(`--model DIR`"), "{err}");
     assert!(!out.exists());
 }
 

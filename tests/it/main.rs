@@ -16,6 +16,7 @@ mod fuzz;
 mod hooks;
 mod hub;
 mod hub_download;
+mod interventions;
 mod metrics;
 mod outdir;
 mod parity;

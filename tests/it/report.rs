@@ -117,11 +117,13 @@ fn run_report(extra: &str) -> Run {
             start: 0,
             tokens: ds.tokens.view(),
             cache: &cache,
+            model: None,
         };
         metric.batch(&ctx, &view).unwrap();
         for mut t in metric.finish_dataset(&ctx, ds).unwrap() {
             // Without a tokenizer the metric writes empty token texts; give them some.
-            if let (Some(tok), Some(s), Some(p)) = (t.col("token"), t.col("seq"), t.col("pos")) {
+            if let (Some(tok), Some(s), Some(p)) = (t.col("token_text"), t.col("seq"), t.col("pos"))
+            {
                 for row in &mut t.rows {
                     let (Value::Int(s), Value::Int(p)) = (&row[s], &row[p]) else {
                         panic!("seq/pos are integers")
@@ -641,27 +643,37 @@ fn attention_page_holds_the_forward_pass_patterns() {
     let data: serde_json::Value = serde_json::from_str(&html[start..end]).unwrap();
     assert_eq!(data["heads"], serde_json::json!(["1.2", "0.1"]));
     let ds = &run.datasets[0];
-    let n = ds.lengths[0];
-    let tokens: Vec<u32> = ds.tokens.row(0).iter().take(n).copied().collect();
-    let want =
-        attention::attention_patterns(&run.loaded.model, &tokens, &[(1, 2), (0, 1)]).unwrap();
-    for (i, w) in want.iter().enumerate() {
-        for q in 0..n {
-            let row = data["patterns"][i][q].as_array().unwrap();
-            assert_eq!(row.len(), n);
-            let sum: f64 = row.iter().map(|v| v.as_f64().unwrap()).sum();
-            assert!((sum - 1.0).abs() < 1e-3, "row {q} sums to {sum}");
-            for k in 0..n {
-                assert!((row[k].as_f64().unwrap() - w[[q, k]] as f64).abs() < 1e-4);
+    // Every sequence the view shows, each with its own pass.
+    let seqs = data["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), 2, "the view's `sequences = 2`");
+    for (s, sq) in seqs.iter().enumerate() {
+        assert_eq!(sq["index"], s);
+        let n = ds.lengths[s];
+        assert_eq!(sq["tokens"].as_array().unwrap().len(), n);
+        let tokens: Vec<u32> = ds.tokens.row(s).iter().take(n).copied().collect();
+        let want =
+            attention::attention_patterns(&run.loaded.model, &tokens, &[(1, 2), (0, 1)]).unwrap();
+        for (i, w) in want.iter().enumerate() {
+            for q in 0..n {
+                let row = sq["patterns"][i][q].as_array().unwrap();
+                assert_eq!(row.len(), n);
+                let sum: f64 = row.iter().map(|v| v.as_f64().unwrap()).sum();
+                assert!((sum - 1.0).abs() < 1e-3, "row {q} sums to {sum}");
+                for k in 0..n {
+                    assert!((row[k].as_f64().unwrap() - w[[q, k]] as f64).abs() < 1e-4);
+                }
             }
         }
     }
     // Markup in token text cannot end the script early.
     let page = attention::attention_html(
         "t",
-        &["</script><b>".to_string()],
         &[(0, 0)],
-        &[Array2::from_elem((1, 1), 1.0)],
+        &[attention::PageSequence {
+            index: 0,
+            tokens: vec!["</script><b>".to_string()],
+            patterns: vec![Array2::from_elem((1, 1), 1.0)],
+        }],
     )
     .unwrap();
     assert_eq!(page.matches("</script>").count(), 2);
@@ -1060,10 +1072,13 @@ fn demo_results() {
         })
         .collect();
     let page = attention::attention_html(
-        "Attention patterns: dataset IOI, sequence 0",
-        &texts[0],
+        "Attention patterns: dataset IOI",
         &heads,
-        &patterns,
+        &[attention::PageSequence {
+            index: 0,
+            tokens: texts[0].clone(),
+            patterns,
+        }],
     )
     .unwrap();
     let page_path = shaped.join("attention_IOI.html");
@@ -1090,4 +1105,143 @@ fn demo_results() {
     )
     .unwrap();
     eprintln!("wrote {} and {}", tiny.display(), shaped.display());
+}
+
+/// The `<title>`s of an SVG's hover boxes, with each box's (x, y, width, height).
+fn svg_hovers(svg: &str) -> Vec<(String, [f64; 4])> {
+    let doc = roxmltree::Document::parse(svg).expect("the SVG is well-formed XML");
+    doc.descendants()
+        .filter(|n| n.has_tag_name("title"))
+        .map(|t| {
+            let r = t.parent_element().unwrap();
+            assert!(r.has_tag_name("rect"), "a <title> inside a hover box");
+            let num = |a: &str| r.attribute(a).unwrap().parse::<f64>().unwrap();
+            (
+                t.text().unwrap_or_default().to_string(),
+                [num("x"), num("y"), num("width"), num("height")],
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_heatmap_and_view_cell_has_a_title_with_its_value_and_key() {
+    let run = run_report(VIEW);
+    // Heatmap: one title per (dataset, layer, head), holding the CSV's exact value.
+    let svg = std::fs::read_to_string(run.dir.path().join("source_suppression.svg")).unwrap();
+    let hovers = svg_hovers(&svg);
+    let cfg = run.loaded.cfg();
+    assert_eq!(hovers.len(), 2 * cfg.n_layers * cfg.n_heads);
+    let mut csv = csv::Reader::from_path(run.dir.path().join("source_suppression.csv")).unwrap();
+    for rec in csv.records() {
+        let rec = rec.unwrap();
+        let want = format!(
+            "{}: layer {l}, head {h} ({l}.{h}): score = {}",
+            &rec[0],
+            &rec[3],
+            l = &rec[1],
+            h = &rec[2]
+        );
+        assert!(
+            hovers.iter().any(|(t, _)| *t == want),
+            "no title {want:?} in {:?}",
+            &hovers[..3]
+        );
+    }
+    // Boxes are cells: positive size, none overlapping another.
+    for (i, (_, a)) in hovers.iter().enumerate() {
+        assert!(a[2] > 0.0 && a[3] > 0.0);
+        for (_, b) in &hovers[i + 1..] {
+            let apart = a[0] + a[2] <= b[0]
+                || b[0] + b[2] <= a[0]
+                || a[1] + a[3] <= b[1]
+                || b[1] + b[3] <= a[1];
+            assert!(apart, "{a:?} overlaps {b:?}");
+        }
+    }
+    // View: one title per (head, sequence, position) with the token and the value.
+    let svg =
+        std::fs::read_to_string(run.dir.path().join("view_source_suppression_ioi.svg")).unwrap();
+    let hovers = svg_hovers(&svg);
+    let ds = &run.datasets[0];
+    assert_eq!(hovers.len(), 2 * 2 * ds.seq_len(), "2 heads x 2 sequences");
+    let bos = cfg.bos_token_id;
+    let tok = fake_text(ds.tokens[[1, 2]], bos);
+    let want = format!("head 0.1, sequence 1, position 2, token {tok:?}: value = ");
+    assert!(
+        hovers.iter().any(|(t, _)| t.starts_with(&want)),
+        "{want:?} not in {:?}",
+        hovers.iter().map(|h| &h.0).collect::<Vec<_>>()
+    );
+    if ds.lengths[0] < ds.seq_len() {
+        let last = ds.seq_len() - 1;
+        assert!(hovers.iter().any(|(t, _)| t
+            .starts_with(&format!("head 1.2, sequence 0, position {last},"))
+            && t.ends_with("padding")));
+    }
+}
+
+#[test]
+fn a_wide_view_puts_its_colour_bar_on_the_left() {
+    let view = |n_pos: usize| {
+        let mut t = Table::new(
+            "source_suppression_per_position",
+            &[
+                "layer",
+                "head",
+                "seq",
+                "pos",
+                "token",
+                "token_text",
+                "value",
+            ],
+        );
+        for p in 0..n_pos {
+            t.push(vec![
+                Value::Int(0),
+                Value::Int(0),
+                Value::Int(0),
+                Value::Int(p as i64),
+                Value::Int(p as i64),
+                format!(" w{p}").into(),
+                Value::Float((p as f64 * 0.3).sin()),
+            ]);
+        }
+        let v = views::ResolvedView {
+            metric: "source_suppression".into(),
+            dataset: "d".into(),
+            heads: vec![(0, 0)],
+            sequences: 1,
+        };
+        views::view_svg(&v, &views::view_data(&v, &t, None).unwrap()).unwrap()
+    };
+    // The colour bar's caption ("value") is left of the first cell or right of the last.
+    let bar_side = |svg: &str| {
+        let doc = roxmltree::Document::parse(svg).unwrap();
+        let hovers = svg_hovers(svg);
+        let first = hovers.iter().map(|h| h.1[0]).fold(f64::MAX, f64::min);
+        let last = hovers
+            .iter()
+            .map(|h| h.1[0] + h.1[2])
+            .fold(f64::MIN, f64::max);
+        let caption = doc
+            .descendants()
+            .find(|n| n.has_tag_name("text") && n.text().is_some_and(|t| t.trim() == "value"))
+            .expect("the colour bar's caption");
+        let x: f64 = caption.attribute("x").unwrap().parse().unwrap();
+        let width: f64 = doc
+            .root_element()
+            .attribute("width")
+            .unwrap()
+            .parse()
+            .unwrap();
+        (x < first, x > last, width)
+    };
+    let (left, right, width) = bar_side(&view(20));
+    assert!(
+        !left && right && width <= 1400.0,
+        "narrow: bar on the right"
+    );
+    let (left, right, width) = bar_side(&view(60));
+    assert!(left && !right && width > 1400.0, "wide: bar on the left");
 }

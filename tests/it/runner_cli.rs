@@ -208,6 +208,73 @@ fn empty_dataset_is_an_error() {
 }
 
 #[test]
+fn missing_webtext_says_how_to_make_it() {
+    let spec = format!(
+        r#"
+name = "web"
+output = "@OUT@"
+[model]
+path = "{}"
+[[dataset]]
+name = "web"
+kind = "text"
+path = "data/webtext.jsonl"
+seq_len = 8
+[[metric]]
+kind = "loss"
+"#,
+        root().join("experiments/checkpoints/tiny-gpt2").display()
+    );
+    fails_with(
+        &spec,
+        &[
+            "dataset 'web'",
+            "webtext.jsonl",
+            "python3 scripts/fetch_webtext.py",
+            "experiments/smoke.toml",
+        ],
+    );
+}
+
+#[test]
+fn overrides_set_spec_keys_and_the_manifest_records_them() {
+    let (_d, path, out) = spec_in_tempdir(TOKENS_SPEC);
+    runner()
+        .arg(&path)
+        .args([
+            "-q",
+            "--set",
+            "heads=[\"1.*\"]",
+            "--set",
+            "model.batch_size=2",
+        ])
+        .assert()
+        .success();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        m["spec_overrides"],
+        serde_json::json!(["heads=[\"1.*\"]", "model.batch_size=2"])
+    );
+    assert_eq!(m["spec"]["model"]["batch_size"], 2);
+    assert_eq!(m["heads"], 4, "layer 1's heads only");
+    // The runner's commit, so a result says which code made it.
+    let commit = m["git_commit"].as_str().unwrap();
+    assert!(commit == "unknown" || commit.len() == 40, "{commit}");
+    // A bad override is an error before anything runs.
+    let a = runner()
+        .arg(&path)
+        .args(["-q", "--set", "dataset.4.n=1"])
+        .assert()
+        .code(1);
+    let err = String::from_utf8_lossy(&a.get_output().stderr).into_owned();
+    assert!(
+        err.contains("--set dataset.4.n=1") && err.contains("no index 4"),
+        "{err}"
+    );
+}
+
+#[test]
 fn ioi_name_that_is_not_one_token_is_an_error() {
     let spec = format!(
         r#"

@@ -391,3 +391,70 @@ fn plugin_spec(dir: &Path, name: &str) -> PathBuf {
         &format!("[[metric]]\nplugin = \"{}\"\n", lib.display()),
     )
 }
+
+/// Intervention tables: 3 shards merged equal the unsharded run, and so does another
+/// batch size (every sequence's scores are kept apart and pooled in sequence order).
+#[test]
+fn intervention_tables_merge_across_shards_and_ignore_the_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec_text = |batch: usize| {
+        format!(
+            r#"name = "iv"
+heads = "all"
+[model]
+path = "{model}"
+device = "cpu"
+batch_size = {batch}
+[[dataset]]
+name = "web"
+kind = "text"
+path = "{corpus}"
+n = 6
+seq_len = 12
+short = "drop"
+[[dataset]]
+name = "web2"
+kind = "text"
+path = "{corpus}"
+n = 6
+seq_len = 12
+short = "drop"
+shuffle = true
+seed = 5
+[[intervention]]
+kind = "ablate"
+value = "mean"
+hook = "z"
+[[intervention]]
+kind = "patch"
+hook = "resid_pre"
+dataset = "web"
+source = "web2"
+per_position = true
+"#,
+            model = tiny().display(),
+            corpus = corpus().display(),
+        )
+    };
+    let write = |name: &str, batch: usize| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, spec_text(batch)).unwrap();
+        p
+    };
+    let spec = write("iv.toml", 2);
+    let whole = dir.path().join("whole");
+    run_ok(&spec, &whole, &[]);
+    let sharded = dir.path().join("sharded");
+    for i in 0..3 {
+        run_ok(&spec, &sharded, &["--shard", &format!("{i}/3")]);
+    }
+    runner()
+        .args(["merge", "-q"])
+        .arg(&sharded)
+        .assert()
+        .success();
+    assert_same_results(&whole, &sharded);
+    let other = dir.path().join("batch5");
+    run_ok(&write("iv5.toml", 5), &other, &[]);
+    assert_same_results(&whole, &other);
+}

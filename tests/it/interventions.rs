@@ -1,0 +1,252 @@
+//! Interventions against TransformerLens (`tests/golden/make_intervention_golden.py`: one
+//! `run_with_hooks` pass per intervention, the `patching.py` procedure): every kind, every
+//! hook, per position and together, on two checkpoints with padded sequences, through the
+//! host kernels and through dfdx's tensor ops, at several batch sizes.
+
+use crate::common::*;
+use dfdx::prelude::Cpu;
+use hookgraph::data::{unpadded_lengths, Dataset};
+use hookgraph::engine::run_metric_with_means;
+use hookgraph::interventions::{self, sweep::Sweep};
+use hookgraph::metrics::RunContext;
+use hookgraph::model::{self, CheckpointFiles, HookedGpt2, LoadedModel, Processing};
+use hookgraph::output::Table;
+use hookgraph::seam::SeamDevice;
+use hookgraph::spec::LoadedSpec;
+use ndarray::Array2;
+use serde_json::Value as J;
+
+fn datasets(g: &J, bos: u32) -> Vec<Dataset> {
+    let mut out = Vec::new();
+    for (name, toks) in g["tokens"].as_object().unwrap() {
+        let rows: Vec<Vec<u32>> = serde_json::from_value(toks.clone()).unwrap();
+        let (n, s) = (rows.len(), rows[0].len());
+        let tokens = Array2::from_shape_vec((n, s), rows.into_iter().flatten().collect()).unwrap();
+        let answers: Vec<[u32; 2]> = serde_json::from_value(g["answers"][name].clone()).unwrap();
+        out.push(Dataset {
+            name: name.clone(),
+            lengths: unpadded_lengths(&tokens, bos),
+            tokens,
+            ioi: None,
+            answers: Some(answers),
+        });
+    }
+    out
+}
+
+/// The spec text of one golden case (its keys as `[[intervention]]` keys).
+pub fn case_toml(spec: &J, datasets: &[Dataset]) -> String {
+    let mut t = String::from("name = \"t\"\n[model]\npath = \"m\"\n");
+    for d in datasets {
+        t += &format!(
+            "[[dataset]]\nname = \"{}\"\nkind = \"tokens\"\npath = \"x.json\"\n",
+            d.name
+        );
+    }
+    t += "[[intervention]]\n";
+    for (k, v) in spec.as_object().unwrap() {
+        t += &format!("{k} = {v}\n");
+    }
+    if spec.get("dataset").is_none() {
+        t += "dataset = \"clean\"\n";
+    }
+    t
+}
+
+fn run_case<D: SeamDevice>(
+    model: &HookedGpt2<D>,
+    loaded: &LoadedModel<Cpu>,
+    spec: &J,
+    ds: &[Dataset],
+    batch_size: usize,
+) -> Table {
+    let text = case_toml(spec, ds);
+    let loaded_spec = LoadedSpec::from_str(&text, std::path::Path::new("t.toml")).unwrap();
+    let heads: Vec<(usize, usize)> = {
+        let c = loaded.cfg();
+        (0..c.n_layers)
+            .flat_map(|l| (0..c.n_heads).map(move |h| (l, h)))
+            .collect()
+    };
+    let ctx = RunContext::of(loaded, &heads);
+    let plans = interventions::plan(&loaded_spec, loaded.cfg(), &heads, ds).unwrap();
+    let plan = plans.into_iter().next().unwrap();
+    let target = ds.iter().find(|d| d.name == plan.datasets[0]).unwrap();
+    let mut sweep = Sweep::new(plan, ds, batch_size, target.seq_len(), loaded.cfg());
+    let mut tables = run_metric_with_means(model, &ctx, &mut sweep, target, ds, batch_size)
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    tables.remove(0)
+}
+
+fn check_table(what: &str, t: &Table, rows: &[J]) {
+    assert_eq!(t.rows.len(), rows.len(), "{what}: rows");
+    for (r, g) in t.rows.iter().zip(rows) {
+        for (k, v) in g.as_object().unwrap() {
+            let c = t
+                .col(k)
+                .unwrap_or_else(|| panic!("{what}: no column {k} in {:?}", t.columns));
+            match v {
+                J::String(s) => assert_eq!(&r[c].to_string(), s, "{what}: {k}"),
+                _ => {
+                    let want = v.as_f64().unwrap();
+                    let got = r[c].as_f64().unwrap();
+                    // `increase` and `recovered` are differences: compare them through their parts
+                    // (checked here) rather than relative to a small difference.
+                    let tol = ATOL as f64 + RTOL as f64 * want.abs();
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{what}: row {g}: {k} = {got}, TL {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn check_ckpt(ckpt: &str) {
+    let files = CheckpointFiles::in_dir(&fixture(&format!("ckpt_{ckpt}"))).unwrap();
+    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let generic =
+        HookedGpt2::new_generic(Cpu::default(), loaded.cfg().clone(), &loaded.params).unwrap();
+    let text = std::fs::read_to_string(golden_path(&format!("interventions_{ckpt}.json"))).unwrap();
+    let g: J = serde_json::from_str(&text).unwrap();
+    let ds = datasets(&g, loaded.cfg().bos_token_id);
+    for case in g["cases"].as_array().unwrap() {
+        let rows = case["rows"].as_array().unwrap();
+        let spec = &case["spec"];
+        for bs in [1, 3] {
+            let t = run_case(&loaded.model, &loaded, spec, &ds, bs);
+            check_table(&format!("{ckpt} host bs={bs} {spec}"), &t, rows);
+        }
+        let t = run_case(&generic, &loaded, spec, &ds, 2);
+        check_table(&format!("{ckpt} dfdx {spec}"), &t, rows);
+    }
+}
+
+#[test]
+fn interventions_match_transformer_lens_on_a() {
+    check_ckpt("a");
+}
+
+#[test]
+fn interventions_match_transformer_lens_on_b() {
+    check_ckpt("b");
+}
+
+/// A write at `hook_result` reaches the model on both paths (it used to be dropped): zeroing
+/// head h's result equals zeroing its z (attn_out = sum of results + b_O, TL's
+/// use_attn_result), and differs from the unchanged run.
+#[test]
+fn result_writes_reach_attn_out_on_both_paths() {
+    use hookgraph::hooks::{HookFilter, Hooks};
+    use ndarray::{ArrayD, Axis};
+    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
+    let m = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let generic = HookedGpt2::new_generic(Cpu::default(), m.cfg().clone(), &m.params).unwrap();
+    let toks = load_tokens(&golden_path("tokens_a.json"));
+    let zero_head = |point: &str| {
+        let mut h = Hooks::caching(HookFilter::none());
+        h.add_writer(
+            point.to_string(),
+            Box::new(|a: &mut ArrayD<f32>| a.index_axis_mut(Axis(2), 1).fill(0.0)),
+        );
+        h
+    };
+    for (what, model) in [("host", &m.model), ("dfdx", &generic)] {
+        let by_result = model
+            .logits_host(&toks, &mut zero_head("blocks.0.attn.hook_result"))
+            .unwrap();
+        let by_z = model
+            .logits_host(&toks, &mut zero_head("blocks.0.attn.hook_z"))
+            .unwrap();
+        let plain = model.logits_host(&toks, &mut Hooks::default()).unwrap();
+        assert_close(
+            what,
+            &by_result.clone().into_dyn(),
+            &by_z.into_dyn(),
+            RTOL,
+            ATOL,
+        );
+        let moved = (&by_result - &plain)
+            .mapv(f32::abs)
+            .fold(0f32, |a, &b| a.max(b));
+        assert!(
+            moved > 1e-2,
+            "{what}: the result write did not reach the logits ({moved})"
+        );
+    }
+}
+
+fn plan_error(extra: &str, ds: &[Dataset], cfg: &hookgraph::model::ModelConfig) -> String {
+    let text = format!(
+        "name = \"t\"\n[model]\npath = \"m\"\n[[dataset]]\nname = \"clean\"\nkind = \"tokens\"\npath = \"x.json\"\n[[intervention]]\n{extra}"
+    );
+    let spec = match LoadedSpec::from_str(&text, std::path::Path::new("t.toml")) {
+        Ok(s) => s,
+        Err(e) => return e.to_string(),
+    };
+    let heads = vec![(0, 0)];
+    match interventions::plan(&spec, cfg, &heads, ds) {
+        Ok(_) => panic!("planned without error:\n{extra}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Bad input is found at plan time, before any forward pass, with the key's line and column.
+#[test]
+fn bad_interventions_point_at_the_key() {
+    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
+    let m = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let g: J = serde_json::from_str(
+        &std::fs::read_to_string(golden_path("interventions_a.json")).unwrap(),
+    )
+    .unwrap();
+    let ds = datasets(&g, m.cfg().bos_token_id);
+    let mut no_answers = ds.clone();
+    no_answers.iter_mut().for_each(|d| d.answers = None);
+    let cfg = m.cfg();
+    // (the [[intervention]] lines, the data, the expected location and words)
+    let cases: Vec<(&str, &[Dataset], &str, &str)> = vec![
+        ("kind = \"ablate\"\nvalue = \"zero\"\nhook = \"q\"\n", &ds, "t.toml:11:8", "not one of"),
+        ("kind = \"ablate\"\nvalue = \"zero\"\nhook = \"z\"\nheads = [\"2.0\"]\n", &ds, "t.toml:12:9", "heads"),
+        ("kind = \"ablate\"\nvalue = \"zero\"\nhook = \"z\"\nheads = [\"0.4\"]\n", &ds, "t.toml:12:9", "heads"),
+        ("kind = \"patch\"\nhook = \"z\"\nsource = \"other\"\ndataset = \"clean\"\n", &ds, "t.toml:11:10", "shapes must match"),
+        ("kind = \"ablate\"\nvalue = \"mean\"\nhook = \"z\"\nmean_over = \"nope\"\n", &ds, "t.toml:12:13", "no dataset is named 'nope'"),
+        ("kind = \"ablate\"\nvalue = \"zero\"\nhook = \"z\"\nmeasure = [\"logit_diff\"]\n", &no_answers, "t.toml:12:11", "needs answers"),
+        ("kind = \"ablate\"\nvalue = \"zero\"\nhook = \"resid_pre\"\ndataset = \"clean\"\nper_position = true\n", &ds, "t.toml:13:16", "one length"),
+        ("kind = \"ablate\"\nvalue = \"zero\"\nhook = \"z\"\nsauce = 1\n", &ds, "t.toml:12:1", "sauce"),
+        ("kind = \"ablate\"\nvalue = \"half\"\nhook = \"z\"\n", &ds, "t.toml:10:9", "not one of"),
+        ("kind = \"patch\"\nhook = \"z\"\n", &ds, "t.toml:9:8", "needs `source`"),
+        ("kind = \"ablate\"\nvalue = \"zero\"\nhook = \"z\"\nheads = [\"0.0\", \"1.1\"]\ntogether = true\n", &ds, "t.toml:13:12", "one layer"),
+    ];
+    for (extra, data, at, words) in cases {
+        let e = plan_error(extra, data, cfg);
+        assert!(
+            e.contains(at) && e.contains(words),
+            "{extra}\n-> {e}\n(want {at} ... {words})"
+        );
+    }
+    // Answers of another length or outside the vocabulary.
+    let mut short = ds.clone();
+    short.iter_mut().for_each(|d| {
+        d.answers.as_mut().unwrap().pop();
+    });
+    let e = plan_error(
+        "kind = \"ablate\"\nvalue = \"zero\"\nhook = \"z\"\n",
+        &short,
+        cfg,
+    );
+    assert!(e.contains("t.toml:9:8") && e.contains("answers for"), "{e}");
+    let mut big = ds.clone();
+    big.iter_mut()
+        .for_each(|d| d.answers.as_mut().unwrap()[0][0] = 100_000);
+    let e = plan_error(
+        "kind = \"ablate\"\nvalue = \"zero\"\nhook = \"z\"\n",
+        &big,
+        cfg,
+    );
+    assert!(
+        e.contains("t.toml:9:8") && e.contains("outside the vocabulary"),
+        "{e}"
+    );
+}
