@@ -26,6 +26,9 @@ use crate::data::Dataset;
 use crate::engine::{Failure, Timings};
 use crate::error::{Error, Result};
 
+/// The most shards `--shard I/N` accepts before looking at the data.
+pub const MAX_SHARDS: usize = 1 << 20;
+
 /// `--shard I/N`: the I-th (from 0) of N slices of the work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shard {
@@ -80,6 +83,14 @@ impl std::str::FromStr for Shard {
         let count: usize = n.trim().parse().map_err(|_| bad())?;
         if count == 0 || index >= count {
             return Err(bad());
+        }
+        // Before anything is touched: no run has a million shards, and a count near
+        // usize::MAX overflows the slice arithmetic. The data's own bound comes at planning
+        // ([`Shard::check_fits`]).
+        if count > MAX_SHARDS {
+            return Err(format!(
+                "'{s}': N = {count} shards is more than hookgraph accepts ({MAX_SHARDS}); a shard gets at least one sequence"
+            ));
         }
         Ok(Shard { index, count })
     }
@@ -354,6 +365,8 @@ mod tests {
         assert!("3/3".parse::<Shard>().is_err());
         assert!("1/0".parse::<Shard>().is_err());
         assert!("x".parse::<Shard>().is_err());
+        assert!("0/18446744073709551615".parse::<Shard>().is_err());
+        assert!("0/1048576".parse::<Shard>().is_ok());
         assert_eq!(
             Shard::from_dir_name("1-of-4"),
             Some(Shard { index: 1, count: 4 })

@@ -1,8 +1,9 @@
 //! Property tests ("fuzzing") of the readers of untrusted files: the spec parser, the
-//! checkpoint loader (`config.json` and `model.safetensors`), the token-file reader, and the
-//! shard state a resumed run or a merge reads back (the checkpoint file with its progress
-//! record, `shard.json`, and each built-in's saved state). Each
-//! must turn any input into a value or an error, never a panic or an abort.
+//! checkpoint loader (`config.json` and `model.safetensors`), the token-file reader, the
+//! output directory's readers (manifest marker, checkpoint header, lock file), and the shard
+//! state a resumed run or a merge reads back (the checkpoint file with its progress record,
+//! `shard.json`, and each built-in's saved state). Each must turn any input into a value or
+//! an error, never a panic or an abort.
 //!
 //! In `cargo test` each target runs a few cases (fast); `scripts/fuzz.sh` runs each for about
 //! a minute (`HOOKGRAPH_FUZZ_SECONDS`, `PROPTEST_CASES` per round). Inputs are random text

@@ -413,10 +413,16 @@ fn cfg_of(case: &Case) -> PathBuf {
 #[test]
 fn item5_a_shard_count_beyond_the_data_is_refused_before_compute() {
     let case = case_with_model();
+    // Refused as an argument, before anything is touched.
     let (code, stderr) = case.run(&["--shard", "0/18446744073709551615"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("more than hookgraph accepts"), "{stderr}");
+    assert!(!case.out.exists());
+    // More shards than sequences: refused at planning, before compute; no shard state.
+    let (code, stderr) = case.run(&["--shard", "0/5"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("use N <= 3"), "{stderr}");
-    assert!(!case.out.join("shards").exists());
+    assert!(!case.out.join("shards/0-of-5").exists());
     // A merge finding a directory that claims such a split neither hangs nor allocates.
     std::fs::create_dir_all(case.out.join("shards/0-of-18446744073709551615")).unwrap();
     let t = std::time::Instant::now();
@@ -521,13 +527,15 @@ fn item5_weights_that_shrink_while_loading_are_an_error_not_a_signal() {
     for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
         let line = line.unwrap();
         if !paused && line.contains("paused at weights") {
-            // Truncate the file under the loader, then let it go on.
-            std::fs::OpenOptions::new()
+            // Truncate the file under the loader to half (whole pages: the header stays
+            // readable, the tensor data past it is gone), then let it go on. A memory map
+            // dies of SIGBUS on the first page past the new end.
+            let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&weights)
-                .unwrap()
-                .set_len(64)
                 .unwrap();
+            let len = f.metadata().unwrap().len();
+            f.set_len(len / 2 / 4096 * 4096).unwrap();
             let st = std::process::Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status()
