@@ -153,7 +153,7 @@ pub(crate) fn prepare<D: SeamDevice>(
     pb.finish_and_clear();
     let cfg = loaded.cfg().clone();
     let heads = spec.check_heads(cfg.n_layers, cfg.n_heads)?;
-    report::check_views(spec, &heads, cfg.n_layers, cfg.n_heads)?;
+    let views = report::check_views(spec, &heads, cfg.n_layers, cfg.n_heads)?;
 
     let dir = spec.dir();
     let ctx = DataContext {
@@ -246,7 +246,10 @@ pub(crate) fn prepare<D: SeamDevice>(
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
-            match crate::metrics::plugin::PluginAdapter::load(plugin.get_ref(), &dir, &m.options) {
+            // Its descriptor is read here, at planning: options it does not declare (or that
+            // its `create` refuses) are the spec's error, at their line, before any compute.
+            use crate::metrics::plugin::{PlanError, PluginAdapter};
+            match PluginAdapter::load_planned(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
                 Ok(metric) => {
                     let info = metric.info();
@@ -265,7 +268,14 @@ pub(crate) fn prepare<D: SeamDevice>(
                     };
                     metrics.add_named(given, Box::new(metric), names);
                 }
-                Err(e) => metrics.add_failed(fallback, e.to_string()),
+                Err(PlanError::Option { key, error }) => {
+                    return Err(spec.metric_error(
+                        i,
+                        key.as_deref().unwrap_or("plugin"),
+                        error.to_string(),
+                    ))
+                }
+                Err(PlanError::Load(e)) => metrics.add_failed(fallback, e.to_string()),
             }
             spec_index.push(i);
         }
@@ -312,6 +322,18 @@ pub(crate) fn prepare<D: SeamDevice>(
                 ));
             }
             owners.insert(t, i);
+        }
+    }
+    // Pictures are named from tables and views: clashes are found here, not by a file
+    // written over another after the run.
+    let view_files = report::views::planned_view_files(spec, &views);
+    for (t, &i) in &owners {
+        if let Some(why) = report::views::picture_clash(t, &view_files) {
+            return Err(spec.metric_error(
+                spec_index[i],
+                "name",
+                format!("metric '{}': {why}", names[i]),
+            ));
         }
     }
     Ok(Prepared {
@@ -503,6 +525,8 @@ fn run_on<D: SeamDevice>(
         spec_path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
         spec_sha256: shard::text_hash(&spec.text),
         weights_sha256: weights_sha256.clone(),
+        config_sha256: checkpoint::sha256_file(&loaded.files.config)?,
+        processing: Some(loaded.processing),
         datasets: datasets.iter().map(DatasetId::of).collect(),
         metrics: metrics.names().map(str::to_string).collect(),
     };
@@ -558,6 +582,7 @@ fn run_on<D: SeamDevice>(
             failures: last.progress.failures.clone(),
             load_seconds,
             total_seconds: t0.elapsed().as_secs_f64(),
+            state_sha256: shard::state_hashes(&dir)?,
         };
         let manifest_path = dir.join(shard::SHARD_MANIFEST);
         output::write_json(&manifest_path, &manifest)?;

@@ -26,3 +26,4 @@ mod runner_cli;
 mod shards;
 mod smoke_checkpoint;
 mod tokenizer;
+mod trust;
