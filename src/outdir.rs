@@ -627,16 +627,17 @@ impl Drop for Lock {
 }
 
 /// The locks a run holds: the output directory's (exclusive; shared for a shard run), and
-/// a shard run's own `shards/.I-of-N.lock` (exclusive: one task per shard).
+/// a shard run's own `.NAME.I-of-N.lock` beside it (exclusive: one task per shard).
 pub fn lock_for_run(out_dir: &Path, shard: Option<crate::shard::Shard>) -> Result<Vec<Lock>> {
     let Some(s) = shard else {
         return Ok(vec![Lock::acquire(out_dir, LockMode::Exclusive)?]);
     };
     let dir = Lock::acquire(out_dir, LockMode::Shared)?;
-    let shards = crate::shard::shards_dir(&Target::check(out_dir)?.dir);
-    std::fs::create_dir_all(&shards).map_err(|e| Error::io(&shards, e))?;
+    // Beside the directory too: a refused shard run must not create `shards/`.
+    let t = Target::check(out_dir)?;
     let own = Lock::at(
-        &shards.join(format!(".{}.lock", s.dir_name())),
+        &t.parent()
+            .join(format!(".{}.{}.lock", t.name(), s.dir_name())),
         LockMode::Exclusive,
         &format!("shard {s} of {}", out_dir.display()),
     )?;
