@@ -510,13 +510,14 @@ pub enum LockMode {
 }
 
 /// One writer per output directory: an advisory lock (`flock`, through `fs4`) on
-/// `.<name>.lock` beside it, held until dropped. The kernel releases it when the process
-/// dies, so a killed run never blocks the next; the file itself stays (removing a lock file
-/// races with the next locker).
+/// `.<name>.lock` beside it, held until dropped (an exclusive holder then removes the file).
+/// The kernel releases it when the process dies, so a killed run never blocks the next.
 #[derive(Debug)]
 pub struct Lock {
-    _file: File,
+    file: File,
     pub path: PathBuf,
+    /// Whether to remove the file when done (exclusive holders only).
+    remove: bool,
 }
 
 /// Reads a lock file's content: the pid of the run that holds it, if it says one. Never
@@ -543,57 +544,100 @@ impl Lock {
         Ok(lock)
     }
 
-    /// Takes a lock on the file `path` for writing `what`.
+    /// Takes a lock on the file `path` for writing `what`. The file an exclusive holder
+    /// removes when it is done may have been opened by another process just before: a lock
+    /// is only kept once `path` still names the locked file, otherwise taken again.
     fn at(path: &Path, mode: LockMode, what: &str) -> Result<Lock> {
         use fs4::FileExt;
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        let got = match mode {
-            LockMode::Exclusive => FileExt::try_lock(&file),
-            LockMode::Shared => FileExt::try_lock_shared(&file),
-        };
-        match got {
-            Ok(()) => {}
-            Err(fs4::TryLockError::WouldBlock) => {
-                let mut bytes = Vec::new();
-                let _ = (&file).take(64).read_to_end(&mut bytes);
-                let who = read_lock_pid(&bytes)
-                    .map(|p| format!(" (pid {p})"))
-                    .unwrap_or_default();
-                return Err(Error::Other(format!(
-                    "another run{who} is writing {what}; wait for it to finish (the lock is {})",
-                    path.display()
-                )));
+        for _ in 0..100 {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?;
+            let got = match mode {
+                LockMode::Exclusive => FileExt::try_lock(&file),
+                LockMode::Shared => FileExt::try_lock_shared(&file),
+            };
+            match got {
+                Ok(()) => {}
+                Err(fs4::TryLockError::WouldBlock) => {
+                    let mut bytes = Vec::new();
+                    let _ = (&file).take(64).read_to_end(&mut bytes);
+                    let who = read_lock_pid(&bytes)
+                        .map(|p| format!(" (pid {p})"))
+                        .unwrap_or_default();
+                    return Err(Error::Other(format!(
+                        "another run{who} is writing {what}; wait for it to finish (the lock is {})",
+                        path.display()
+                    )));
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(Error::io(path, e)),
             }
-            Err(fs4::TryLockError::Error(e)) => return Err(Error::io(path, e)),
+            if !same_file(&file, path) {
+                continue; // removed by the holder we raced with: take the new one
+            }
+            // Who holds it, for the message above (shard runs share it: the last one says).
+            let _ = file.set_len(0);
+            let _ = writeln!(file, "pid {}", std::process::id());
+            let _ = file.flush();
+            return Ok(Lock {
+                file,
+                path: path.to_path_buf(),
+                remove: mode == LockMode::Exclusive,
+            });
         }
-        // Who holds it, for the message above (shard runs share it: the last one says).
-        let _ = file.set_len(0);
-        let _ = writeln!(file, "pid {}", std::process::id());
-        let _ = file.flush();
-        Ok(Lock {
-            _file: file,
-            path: path.to_path_buf(),
-        })
+        Err(Error::Other(format!(
+            "{}: the lock file keeps changing; is another run starting and stopping?",
+            path.display()
+        )))
+    }
+}
+
+/// Whether `path` names the open `file` (same device and inode).
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        path.exists()
+    }
+}
+
+impl Drop for Lock {
+    /// An exclusive holder removes the lock file while still holding the lock (a racing
+    /// opener then sees that its file is gone and takes a new one, see [`Lock::at`]). Shared
+    /// holders leave it: another shard may hold it still. A killed process leaves it too,
+    /// harmlessly: the kernel released its lock.
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        let _ = &self.file;
     }
 }
 
 /// The locks a run holds: the output directory's (exclusive; shared for a shard run), and
-/// a shard run's own `shards/.I-of-N.lock` (exclusive: one task per shard).
+/// a shard run's own `.NAME.I-of-N.lock` beside it (exclusive: one task per shard).
 pub fn lock_for_run(out_dir: &Path, shard: Option<crate::shard::Shard>) -> Result<Vec<Lock>> {
     let Some(s) = shard else {
         return Ok(vec![Lock::acquire(out_dir, LockMode::Exclusive)?]);
     };
     let dir = Lock::acquire(out_dir, LockMode::Shared)?;
-    let shards = crate::shard::shards_dir(&Target::check(out_dir)?.dir);
-    std::fs::create_dir_all(&shards).map_err(|e| Error::io(&shards, e))?;
+    // Beside the directory too: a refused shard run must not create `shards/`.
+    let t = Target::check(out_dir)?;
     let own = Lock::at(
-        &shards.join(format!(".{}.lock", s.dir_name())),
+        &t.parent()
+            .join(format!(".{}.{}.lock", t.name(), s.dir_name())),
         LockMode::Exclusive,
         &format!("shard {s} of {}", out_dir.display()),
     )?;
