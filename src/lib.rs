@@ -20,6 +20,7 @@ pub mod error;
 pub mod hooks;
 pub mod interrupt;
 pub mod kernels;
+pub mod means;
 pub mod metrics;
 pub mod model;
 pub mod output;
