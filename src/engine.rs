@@ -154,6 +154,30 @@ impl<'m> MetricSet<'m> {
         out
     }
 
+    /// The means every built metric asks for (deduplicated, sorted).
+    pub fn mean_requests(&self, ctx: &RunContext) -> Vec<crate::means::MeanRequest> {
+        let mut out: Vec<_> = self
+            .entries
+            .iter()
+            .filter_map(|e| e.metric.as_ref())
+            .flat_map(|m| m.mean_requests(ctx))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Hands `means` to every built metric; one that fails is recorded and not called again.
+    pub fn set_means(&mut self, means: &crate::means::Means) {
+        for i in 0..self.entries.len() {
+            if let Some(m) = self.entries[i].metric.as_mut() {
+                if let Err(e) = m.set_means(means) {
+                    self.fail(i, None, e);
+                }
+            }
+        }
+    }
+
     /// Every failure so far, in the order they happened.
     pub fn failures(&self) -> &[Failure] {
         &self.failures
@@ -330,6 +354,19 @@ impl<'a, D: SeamDevice> Engine<'a, D> {
         })
     }
 
+    /// The mean passes the metrics ask for ([`crate::means`]), run once over `datasets`
+    /// before any dataset's batches, and handed to the metrics.
+    pub fn run_mean_passes(&self, metrics: &mut MetricSet<'_>, datasets: &[Dataset]) -> Result<()> {
+        let reqs = metrics.mean_requests(self.ctx);
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let means =
+            crate::means::compute(self.model, datasets, &reqs, self.batch_size, self.ctx.bos)?;
+        metrics.set_means(&means);
+        Ok(())
+    }
+
     /// The hook points cached for every batch (the union the metrics declared), sorted.
     pub fn hook_points(&self) -> &[String] {
         &self.hook_points
@@ -368,6 +405,7 @@ impl<'a, D: SeamDevice> Engine<'a, D> {
                 start,
                 tokens: tokens.view(),
                 cache: &cache,
+                model: Some(self.model),
             };
             let ctx = self.ctx;
             let seconds = metrics.for_each_active(dataset, |_, m| m.batch(ctx, &view));
@@ -406,7 +444,8 @@ impl<'a, D: SeamDevice> Engine<'a, D> {
     }
 }
 
-/// Runs one metric over a whole dataset in batches of `batch_size` and returns its tables,
+/// Runs one metric over a whole dataset in batches of `batch_size` (after the mean passes it
+/// asks for, which may only name `dataset`; see [`run_metric_with_means`]) and returns its tables,
 /// or its first error as raised (the bench and tests, where a failure is an error). The
 /// metric is lent, so a caller can run it again.
 pub fn run_metric<D: SeamDevice>(
@@ -416,10 +455,33 @@ pub fn run_metric<D: SeamDevice>(
     dataset: &Dataset,
     batch_size: usize,
 ) -> Result<Vec<Table>> {
+    run_metric_with_means(
+        model,
+        ctx,
+        metric,
+        dataset,
+        std::slice::from_ref(dataset),
+        batch_size,
+    )
+}
+
+/// [`run_metric`] whose mean passes may name any of `datasets`.
+pub fn run_metric_with_means<D: SeamDevice>(
+    model: &HookedGpt2<D>,
+    ctx: &RunContext,
+    metric: &mut dyn Metric,
+    dataset: &Dataset,
+    datasets: &[Dataset],
+    batch_size: usize,
+) -> Result<Vec<Table>> {
     let name = metric.name().to_string();
     let mut set = MetricSet::new();
     set.add(name, Box::new(metric));
     let engine = Engine::new(model, ctx, &set, batch_size)?;
+    engine.run_mean_passes(&mut set, datasets)?;
+    if let Some(e) = set.take_first_error() {
+        return Err(e);
+    }
     let (tables, _) = engine.run_dataset(&mut set, dataset, &mut LoopOptions::default())?;
     match set.take_first_error() {
         Some(e) => Err(e),

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod hooks;
 pub mod interrupt;
+pub mod interventions;
 pub mod kernels;
 pub mod means;
 pub mod metrics;

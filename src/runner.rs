@@ -301,6 +301,41 @@ pub(crate) fn prepare<D: SeamDevice>(
             owners.insert(t, i);
         }
     }
+    // The interventions: planned (checked against the model and the datasets) now, run as
+    // metrics whose batches resume the unchanged pass.
+    let plans = crate::interventions::plan(spec, &cfg, &heads, &datasets)?;
+    let owner_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let seq_len = datasets.iter().map(Dataset::seq_len).max().unwrap_or(1);
+    for p in plans {
+        let iv = &spec.spec.interventions[p.index];
+        let span = iv.name.as_ref().map_or(iv.kind.span(), |n| n.span());
+        if let Some(&j) = owners.get(&p.name) {
+            return Err(spec.error_at(
+                span,
+                format!(
+                    "[[intervention]] table '{}' is also written by metric '{}': give the intervention a different `name`",
+                    p.name, owner_names[j]
+                ),
+            ));
+        }
+        let name = p.name.clone();
+        let sweep = crate::interventions::sweep::Sweep::new(
+            p,
+            &datasets,
+            spec.spec.model.batch_size,
+            seq_len,
+            &cfg,
+        );
+        metrics.add_named(
+            name.clone(),
+            Box::new(sweep),
+            TableNames {
+                own: name.clone(),
+                given: name.clone(),
+                declared: vec![name],
+            },
+        );
+    }
     Ok(Prepared {
         loaded,
         heads,
@@ -459,6 +494,9 @@ fn run_on<D: SeamDevice>(
     // its state.
     let batch_size = spec.spec.model.batch_size;
     let engine = Engine::new(&loaded.model, &ctx, &metrics, batch_size)?;
+    // The mean passes (mean ablations, metrics that subtract a mean): once per dataset
+    // named, before any dataset's batches.
+    engine.run_mean_passes(&mut metrics, &datasets)?;
     let weights_sha256 = checkpoint::sha256_file(&loaded.files.weights)?;
     let identity = Identity {
         runner_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -33,8 +33,11 @@ pub struct Spec {
     /// Optional when every metric is computed from the weights alone (`ov_circuit`, ...).
     #[serde(rename = "dataset", default)]
     pub datasets: Vec<DatasetSpec>,
-    #[serde(rename = "metric")]
+    #[serde(rename = "metric", default)]
     pub metrics: Vec<MetricSpec>,
+    /// Ablations and patches, each swept and measured (`docs/metrics.md` §interventions).
+    #[serde(rename = "intervention", default)]
+    pub interventions: Vec<InterventionSpec>,
     /// Per-token views of chosen heads (pictures).
     #[serde(rename = "view", default)]
     pub views: Vec<ViewSpec>,
@@ -211,6 +214,36 @@ pub struct MetricSpec {
     /// Every other key: the metric's options (checked by the metric).
     #[serde(flatten)]
     pub options: toml::Table,
+}
+
+/// `[[intervention]]`: an ablation or a patch, swept over heads, layers or positions. Every
+/// key keeps its span: the plan (`crate::interventions::plan`) checks them against the model
+/// and the datasets and points at the key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterventionSpec {
+    /// `ablate` or `patch`.
+    pub kind: Spanned<String>,
+    /// ablate: `zero`, `mean` or `mean_per_position`.
+    pub value: Option<Spanned<String>>,
+    /// `z`, `result`, `attn_out`, `mlp_out`, `resid_pre` or `resid_post`.
+    pub hook: Spanned<String>,
+    /// The run it changes (default: every dataset).
+    pub dataset: Option<Spanned<String>>,
+    /// ablate + mean: whose mean replaces (default: the dataset changed).
+    pub mean_over: Option<Spanned<String>>,
+    /// patch: whose activations are written in, row i into row i.
+    pub source: Option<Spanned<String>>,
+    /// One intervention per position as well.
+    pub per_position: Option<Spanned<bool>>,
+    /// z/result: the heads swept (default: the run's heads).
+    pub heads: Option<Spanned<Vec<String>>>,
+    /// z/result: all listed heads in one intervention.
+    pub together: Option<Spanned<bool>>,
+    /// Any of `loss`, `kl`, `logit_diff` (default: all, logit_diff when there are answers).
+    pub measure: Option<Spanned<Vec<String>>>,
+    /// The table's name (default `ablate_<value>_<hook>` / `patch_<hook>`).
+    pub name: Option<Spanned<String>>,
 }
 
 /// `[[view]]`: a per-token picture of some heads on one metric.
@@ -393,11 +426,12 @@ impl LoadedSpec {
             return Err(self.error("[model] batch_size must be at least 1"));
         }
         // Weight metrics (ov_circuit, qk_circuit) read no activations; any other needs data.
-        let needs_data = s.metrics.iter().any(|m| {
-            m.kind
-                .as_ref()
-                .map_or(true, |k| !crate::metrics::is_weight_metric(k.get_ref()))
-        });
+        let needs_data = !s.interventions.is_empty()
+            || s.metrics.iter().any(|m| {
+                m.kind
+                    .as_ref()
+                    .map_or(true, |k| !crate::metrics::is_weight_metric(k.get_ref()))
+            });
         if s.datasets.is_empty() && needs_data {
             return Err(self.error(
                 "at least one [[dataset]] is needed (only weight metrics such as ov_circuit and qk_circuit run without one)",
@@ -409,8 +443,8 @@ impl LoadedSpec {
                 return Err(self.error(format!("two datasets are named '{}'", d.name)));
             }
         }
-        if s.metrics.is_empty() {
-            return Err(self.error("at least one [[metric]] is needed"));
+        if s.metrics.is_empty() && s.interventions.is_empty() {
+            return Err(self.error("at least one [[metric]] or [[intervention]] is needed"));
         }
         for (i, m) in s.metrics.iter().enumerate() {
             match (&m.kind, &m.plugin) {

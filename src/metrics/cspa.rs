@@ -1,4 +1,4 @@
-//! `cspa` and `direct_mean_ablation` (`docs/metrics.md` §6-7): the Copy Suppression
+//! `cspa` and `direct_mean_ablation` (`docs/metrics.md` §7-8): the Copy Suppression
 //! paper's copy suppression-preserving ablation (`get_cspa_results` in
 //! `transformer_lens/rs/callum2/cspa/cspa_functions.py`, callummcdougall/SERI-MATS-2023-
 //! Streamlit-pages at c2a732c) and its plain per-position mean ablation of a head's direct
@@ -272,11 +272,12 @@ impl Values<'_, '_, '_> {
                 )),
                 Which::Ablation => None,
             };
+            let (tokens, which) = (batch.tokens, &self.which);
             let rows: Vec<Vec<Vec<f32>>> = (0..b)
                 .into_par_iter()
                 .map(|i| {
                     let x = SeqInputs {
-                        tokens: batch.tokens.row(i),
+                        tokens: tokens.row(i),
                         scale: scale.row(i),
                         resid_final: resid_final.index_axis(Axis(0), i),
                         logits: logits.index_axis(Axis(0), i),
@@ -302,7 +303,7 @@ impl Values<'_, '_, '_> {
                         (kl, loss)
                     };
                     let (kl_abl, loss_abl) = kl_loss(delta_abl.view());
-                    match (&self.which, &cspa_acts) {
+                    match (which, &cspa_acts) {
                         (Which::Cspa(cfg, function), Some((rp, v, p))) => {
                             let c = CspaInputs {
                                 resid_pre: rp.index_axis(Axis(0), i),
@@ -361,11 +362,12 @@ impl Op for OrigLoss<'_, '_> {
     type Output = Vec<Vec<f32>>;
     fn host(&self) -> Result<Self::Output> {
         let logits = self.0.activation::<Ix3>(LOGITS)?;
-        Ok((0..self.0.tokens.nrows())
+        let tokens = self.0.tokens;
+        Ok((0..tokens.nrows())
             .into_par_iter()
             .map(|i| {
                 let l = logits.index_axis(Axis(0), i);
-                orig_losses(l, &direct::row_lse(l), self.0.tokens.row(i))
+                orig_losses(l, &direct::row_lse(l), tokens.row(i))
             })
             .collect())
     }

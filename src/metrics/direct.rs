@@ -1,5 +1,5 @@
 //! The direct path to the logits, shared by `cspa`, `direct_mean_ablation` and
-//! `direct_logit_attribution` (`docs/metrics.md` §6-8): a head's direct effect is what it
+//! `direct_logit_attribution` (`docs/metrics.md` §7-9): a head's direct effect is what it
 //! adds to the final residual stream, read through the unchanged run's final LayerNorm
 //! scale, as the Copy Suppression paper's code (`get_cspa_results`) and TL's
 //! `cache.apply_ln_to_stack` do.

@@ -1,4 +1,4 @@
-//! `direct_logit_attribution` (`docs/metrics.md` §8): each selected head's direct effect on
+//! `direct_logit_attribution` (`docs/metrics.md` §9): each selected head's direct effect on
 //! the next token's logit, `result / final_scale · W_U[:, target]`, as TL's
 //! `cache.apply_ln_to_stack` (centre, divide by the unchanged run's `ln_final.hook_scale`)
 //! and `cache.logit_attrs` compute it; with dataset answers also on
@@ -47,6 +47,7 @@ impl Values<'_, '_, '_> {
         let (b, s) = batch.tokens.dim();
         let w_u = ctx.params.w_u.view();
         let answers = batch.dataset.answers.as_ref();
+        let (tokens, lengths, start) = (batch.tokens, &batch.dataset.lengths, batch.start);
         let mut out = Vec::new();
         for (layer, heads) in ctx.heads_by_layer() {
             let z = batch.activation::<Ix4>(&block_hook(layer, "attn.hook_z"))?;
@@ -57,19 +58,19 @@ impl Values<'_, '_, '_> {
                     .into_par_iter()
                     .map(|i| {
                         let zi = z.slice(s![i, .., h, ..]);
-                        let len = batch.dataset.lengths[batch.start + i].min(s);
+                        let len = lengths[start + i].min(s);
                         let dir = |u: Vec<f32>| -> ndarray::Array1<f32> {
                             w_oh.dot(&ndarray::Array1::from(u))
                         };
                         let mut dla = vec![0f32; s];
                         for q in 0..len.saturating_sub(1) {
-                            let t = batch.tokens[[i, q + 1]] as usize;
+                            let t = tokens[[i, q + 1]] as usize;
                             let d = dir(centred(w_u.column(t)));
                             dla[q] = zi.row(q).dot(&d) / scale[[i, q]];
                         }
                         let ld = match answers {
                             Some(a) if len > 0 => {
-                                let [c, w] = a[batch.start + i];
+                                let [c, w] = a[start + i];
                                 let diff: Vec<f32> = w_u
                                     .column(c as usize)
                                     .iter()

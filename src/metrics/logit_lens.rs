@@ -1,4 +1,4 @@
-//! `logit_lens` (`docs/metrics.md` §9): every layer's residual stream read as the model's
+//! `logit_lens` (`docs/metrics.md` §10): every layer's residual stream read as the model's
 //! prediction. Stage 0 is `blocks.0.hook_resid_pre` (the embeddings), stage k ≥ 1 is
 //! `blocks.{k-1}.hook_resid_post`; each goes through `ln_final` with its own LayerNorm
 //! scale (recomputed, not the final one) and the unembedding. The last stage is the model's
@@ -102,19 +102,15 @@ struct Values<'a, 'c, 'b> {
 impl Values<'_, '_, '_> {
     fn host_values(&self) -> Result<StageValues> {
         let (ctx, batch) = (self.ctx, self.batch);
-        let b = batch.tokens.nrows();
+        let tokens = batch.tokens;
+        let b = tokens.nrows();
         (0..=ctx.cfg.n_layers)
             .map(|k| {
                 let x = batch.activation::<Ix3>(&stage_hook(k))?;
                 Ok((0..b)
                     .into_par_iter()
                     .map(|i| {
-                        lens_values(
-                            x.index_axis(Axis(0), i),
-                            batch.tokens.row(i),
-                            ctx.params,
-                            ctx.cfg,
-                        )
+                        lens_values(x.index_axis(Axis(0), i), tokens.row(i), ctx.params, ctx.cfg)
                     })
                     .collect())
             })

@@ -98,6 +98,9 @@ pub struct BatchView<'a> {
     /// `[batch, seq]`.
     pub tokens: ArrayView2<'a, u32>,
     pub cache: &'a ActivationCache,
+    /// The model, for metrics that run passes of their own (interventions: resumed passes,
+    /// a patch's source run). `None` where a caller hands a cache alone.
+    pub model: Option<&'a dyn crate::model::Passes>,
 }
 
 impl<'a> BatchView<'a> {
@@ -329,7 +332,7 @@ pub const BUILTINS: &[MetricDef] = &[
     },
     MetricDef {
         name: "direct_mean_ablation",
-        about: "per head: the head's direct contribution to the final residual stream replaced by its per-position mean over mean_over (final LayerNorm scale frozen): pooled KL(unchanged || ablated), loss and its increase (docs/metrics.md §6)",
+        about: "per head: the head's direct contribution to the final residual stream replaced by its per-position mean over mean_over (final LayerNorm scale frozen): pooled KL(unchanged || ablated), loss and its increase (docs/metrics.md §7)",
         options: &[MEAN_OVER, MEAN_SEQUENCES, ALLOW_SHORT_MEAN],
         tables: &["direct_mean_ablation", "direct_mean_ablation_per_position"],
         weights_only: false,
@@ -340,7 +343,7 @@ pub const BUILTINS: &[MetricDef] = &[
     },
     MetricDef {
         name: "cspa",
-        about: "the Copy Suppression paper's copy suppression-preserving ablation of each of `heads`: effect_explained = 1 - mean KL(CSPA) / mean KL(mean ablation) (docs/metrics.md §7)",
+        about: "the Copy Suppression paper's copy suppression-preserving ablation of each of `heads`: effect_explained = 1 - mean KL(CSPA) / mean KL(mean ablation) (docs/metrics.md §8)",
         options: &[
             opt("heads", OptType::List, Some("[\"10.7\"]"), "the heads ablated, each on its own, as \"layer.head\""),
             MEAN_OVER,
@@ -358,7 +361,7 @@ pub const BUILTINS: &[MetricDef] = &[
     },
     MetricDef {
         name: "direct_logit_attribution",
-        about: "per head and position: the head's direct effect on the next token's logit, result / final_scale . W_U[:, target] (TL's apply_ln_to_stack + logit_attrs); with dataset answers also on logit[correct] - logit[wrong] at the last position (docs/metrics.md §8)",
+        about: "per head and position: the head's direct effect on the next token's logit, result / final_scale . W_U[:, target] (TL's apply_ln_to_stack + logit_attrs); with dataset answers also on logit[correct] - logit[wrong] at the last position (docs/metrics.md §9)",
         options: &[],
         tables: &["direct_logit_attribution", "direct_logit_attribution_per_sequence", "direct_logit_attribution_per_position"],
         weights_only: false,
@@ -366,7 +369,7 @@ pub const BUILTINS: &[MetricDef] = &[
     },
     MetricDef {
         name: "logit_lens",
-        about: "per layer: resid_pre 0 and every resid_post through ln_final (own scale) and the unembedding: loss on the next token and mean rank of the target, per layer and position, with a layers x positions picture (docs/metrics.md §9)",
+        about: "per layer: resid_pre 0 and every resid_post through ln_final (own scale) and the unembedding: loss on the next token and mean rank of the target, per layer and position, with a layers x positions picture (docs/metrics.md §10)",
         options: &[],
         tables: &["logit_lens", "logit_lens_per_position"],
         weights_only: false,

@@ -18,7 +18,7 @@ use super::checkpoint::{LayerNormParams, Params, W1, W2, W3};
 use super::config::ModelConfig;
 use super::host::HostModel;
 use super::ops::{self, Linear, T1, T2, T3, T4};
-use super::pass::{self, LnSite, Steps};
+use super::pass::{self, LnSite, ResumeAt, Steps};
 use crate::error::{Error, Result};
 use crate::hooks::{block_hook, Hooks, LOGITS};
 use crate::seam::{DeviceParams, DeviceTensor, SeamDevice};
@@ -270,6 +270,42 @@ impl<D: SeamDevice> HookedGpt2<D> {
         pass::run(&mut steps, hooks, self.cfg.n_layers, logits)
     }
 
+    /// A forward pass resumed at `at` with the residual stream there set to `resid`
+    /// (`[b, s, d_model]` on the host, row-major): the layers from `at` on, then `ln_final`,
+    /// whose output (`[b * s * d_model]`) comes back; the unembedding is the caller's. Layers
+    /// below `at` do not run: every intervention at a layer shares them.
+    pub fn resume(
+        &self,
+        b: usize,
+        s: usize,
+        at: ResumeAt,
+        resid: &[f32],
+        hooks: &mut Hooks,
+    ) -> Result<Vec<f32>> {
+        if resid.len() != b * s * self.cfg.d_model {
+            return Err(Error::Other(format!(
+                "resume: a residual stream of {} values for [{b}, {s}, {}]",
+                resid.len(),
+                self.cfg.d_model
+            )));
+        }
+        match &self.backend {
+            Backend::Host(host) => host.resume(b, s, at, resid, hooks),
+            Backend::Tensors(w) => {
+                // Only the shape of the tokens is read past the embedding.
+                let tokens = Array2::<u32>::zeros((b, s));
+                let mut steps = TensorPass {
+                    m: self,
+                    w,
+                    tokens: &tokens,
+                    resid: None,
+                    x: None,
+                };
+                pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid)
+            }
+        }
+    }
+
     /// Runs the model and returns the logits on the host as `[batch, seq, d_vocab]`.
     pub fn logits_host(
         &self,
@@ -288,6 +324,39 @@ impl<D: SeamDevice> HookedGpt2<D> {
         let out = self.forward(tokens, hooks)?;
         let host: ArrayD<f32> = ops::download(&out.logits);
         Ok(host.into_dimensionality().expect("logits are 3-d"))
+    }
+}
+
+/// The passes a metric may ask of the model inside a batch, whatever its device: an
+/// unchanged pass caching some hook points (a patch's source run) and resumed passes.
+pub trait Passes {
+    fn config(&self) -> &ModelConfig;
+    /// An unchanged pass over `tokens` caching exactly `hooks` (TL names).
+    fn cache_pass(
+        &self,
+        tokens: &Array2<u32>,
+        hooks: &[String],
+    ) -> Result<crate::hooks::ActivationCache>;
+    /// [`HookedGpt2::resume`] without hooks.
+    fn resume_from(&self, b: usize, s: usize, at: ResumeAt, resid: &[f32]) -> Result<Vec<f32>>;
+}
+
+impl<D: SeamDevice> Passes for HookedGpt2<D> {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    fn cache_pass(
+        &self,
+        tokens: &Array2<u32>,
+        hooks: &[String],
+    ) -> Result<crate::hooks::ActivationCache> {
+        let filter = crate::hooks::HookFilter::checked(hooks, self.cfg.n_layers)?;
+        let mut h = Hooks::caching(filter);
+        self.run_hooks(tokens, &mut h)?;
+        Ok(h.take_cache())
+    }
+    fn resume_from(&self, b: usize, s: usize, at: ResumeAt, resid: &[f32]) -> Result<Vec<f32>> {
+        self.resume(b, s, at, resid, &mut Hooks::default())
     }
 }
 
@@ -451,7 +520,21 @@ impl<D: SeamDevice> Steps for TensorPass<'_, D> {
                 .reshape_like(&(h, b, s, d))
                 .permute::<_, Axes4<1, 2, 0, 3>>()
                 .realize();
-            self.point(hooks, &result_name, result)?;
+            let result = self.point(hooks, &result_name, result)?;
+            if hooks.writes(&result_name) {
+                // A written result is what the heads output now: attn_out is its sum over
+                // heads plus b_O (TL's use_attn_result), not z @ W_O.
+                let summed: T3<D> = result.sum::<_, Axis<2>>();
+                let attn_out = summed
+                    + a.o
+                        .bias()
+                        .clone()
+                        .broadcast_like::<_, Axes2<0, 1>>(&(b, s, d));
+                let attn_out = self.point(hooks, &name("hook_attn_out"), attn_out)?;
+                let resid = self.resid_take();
+                self.resid = Some(resid + attn_out);
+                return Ok(());
+            }
         }
 
         let z_flat: T3<D> = z.reshape_like(&(b, s, h * dh));
@@ -476,5 +559,16 @@ impl<D: SeamDevice> Steps for TensorPass<'_, D> {
     fn unembed(&mut self, hooks: &mut Hooks) -> Result<T3<D>> {
         let x = self.x_take();
         self.point(hooks, LOGITS, ops::linear(x, &self.w.unembed))
+    }
+
+    fn set_resid(&mut self, resid: &[f32]) -> Result<()> {
+        let (b, s) = self.tokens.dim();
+        let d = self.m.cfg.d_model;
+        self.resid = Some(self.m.dev.tensor_from_vec(resid.to_vec(), (b, s, d)));
+        Ok(())
+    }
+
+    fn final_x(&mut self) -> Result<Vec<f32>> {
+        Ok(self.x_take().as_vec())
     }
 }

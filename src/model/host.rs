@@ -218,6 +218,26 @@ impl HostModel {
         Ok(pass::run(&mut steps, hooks, self.cfg.n_layers, logits)?.flatten())
     }
 
+    /// A pass resumed at `at` from `resid` (`[b, s, d_model]`); `ln_final`'s output.
+    pub(crate) fn resume(
+        &self,
+        b: usize,
+        s: usize,
+        at: pass::ResumeAt,
+        resid: &[f32],
+        hooks: &mut Hooks,
+    ) -> Result<Vec<f32>> {
+        let mut steps = HostPass {
+            m: self,
+            sc: self.scratch.lock().unwrap_or_else(|e| e.into_inner()),
+            ids: Vec::new(),
+            b,
+            s,
+            logits_out: false,
+        };
+        pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid)
+    }
+
     /// TL's LayerNorm(Pre) of `sc.resid` into `sc.x`, with `hook_scale` `[B, S, 1]` and
     /// `hook_normalized`; the affine part when it has not been folded.
     fn layer_norm(
@@ -354,6 +374,26 @@ impl HostModel {
                 }
             });
             hooks.visit_slice(&name("attn.hook_result"), &[b, s, h, d], &mut result)?;
+            if hooks.writes(&name("attn.hook_result")) {
+                // A written result is what the heads output now: attn_out is its sum over
+                // heads plus b_O (TL's use_attn_result), not z @ W_O.
+                let out = sized(&mut sc.out, n * d);
+                let b_o = blk.o.b.as_slice().expect("contiguous");
+                out.par_chunks_mut(d)
+                    .zip(result.par_chunks(h * d))
+                    .for_each(|(o, r)| {
+                        o.copy_from_slice(b_o);
+                        for rh in r.chunks_exact(d) {
+                            o.iter_mut().zip(rh).for_each(|(o, v)| *o += v);
+                        }
+                    });
+                hooks.visit_slice(&name("hook_attn_out"), &[b, s, d], out)?;
+                sc.resid[..n * d]
+                    .par_chunks_mut(d)
+                    .zip(out.par_chunks(d))
+                    .for_each(|(r, o)| r.iter_mut().zip(o).for_each(|(r, o)| *r += o));
+                return Ok(());
+            }
         }
 
         // attn_out, straight into the residual stream unless hooked.
@@ -628,5 +668,17 @@ impl Steps for HostPass<'_> {
         }
         hooks.visit_slice(LOGITS, &[b, s, v], &mut out)?;
         Ok(Some(out))
+    }
+
+    fn set_resid(&mut self, resid: &[f32]) -> Result<()> {
+        let n = self.b * self.s * self.m.cfg.d_model;
+        assert_eq!(resid.len(), n, "a [batch, seq, d_model] residual stream");
+        sized(&mut self.sc.resid, n).copy_from_slice(resid);
+        Ok(())
+    }
+
+    fn final_x(&mut self) -> Result<Vec<f32>> {
+        let n = self.b * self.s * self.m.cfg.d_model;
+        Ok(self.sc.x[..n].to_vec())
     }
 }

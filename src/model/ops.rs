@@ -72,6 +72,11 @@ impl<D: Device<f32>> Linear<D> {
     pub fn weight(&self) -> &T2<D> {
         &self.w
     }
+
+    /// `b`, `[n_out]`.
+    pub fn bias(&self) -> &T1<D> {
+        &self.b
+    }
 }
 
 /// `x @ w + b` over the last axis: `[B, S, in] @ [in, out] + [out]`.

@@ -61,6 +61,57 @@ pub(crate) trait Steps {
 
     /// `x @ W_U + b_U`: the point `logits`.
     fn unembed(&mut self, hooks: &mut Hooks) -> Result<Self::Logits>;
+
+    /// Sets the residual stream to `resid` (`[batch, seq, d_model]` row-major, on the host):
+    /// a resumed pass starts from it instead of the embedding.
+    fn set_resid(&mut self, resid: &[f32]) -> Result<()>;
+
+    /// The input of the unembedding (`ln_final`'s output) on the host, `[batch * seq * d_model]`.
+    fn final_x(&mut self) -> Result<Vec<f32>>;
+}
+
+/// Where a resumed pass starts: the residual stream given replaces the one the pass would
+/// have computed up to there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResumeAt {
+    /// `blocks.L.hook_resid_pre` (`L == n_layers`: the input of `ln_final`).
+    Pre(usize),
+    /// `blocks.L.hook_resid_mid`: the MLP of layer `L` runs next.
+    Mid(usize),
+}
+
+/// The forward pass from `at` on, with the residual stream there set to `resid`; returns
+/// `ln_final`'s output on the host (the unembedding is the caller's, so it can read only the
+/// columns it needs). Layers below `at` are not run: resumed passes share them.
+pub(crate) fn run_from<S: Steps>(
+    steps: &mut S,
+    hooks: &mut Hooks,
+    n_layers: usize,
+    at: ResumeAt,
+    resid: &[f32],
+) -> Result<Vec<f32>> {
+    steps.set_resid(resid)?;
+    let first = match at {
+        ResumeAt::Pre(l) => l,
+        ResumeAt::Mid(l) => {
+            steps.resid(hooks, &block_hook(l, "hook_resid_mid"))?;
+            steps.layer_norm(hooks, LnSite::Ln2(l))?;
+            steps.mlp(hooks, l)?;
+            steps.resid(hooks, &block_hook(l, "hook_resid_post"))?;
+            l + 1
+        }
+    };
+    for l in first..n_layers {
+        steps.resid(hooks, &block_hook(l, "hook_resid_pre"))?;
+        steps.layer_norm(hooks, LnSite::Ln1(l))?;
+        steps.attention(hooks, l)?;
+        steps.resid(hooks, &block_hook(l, "hook_resid_mid"))?;
+        steps.layer_norm(hooks, LnSite::Ln2(l))?;
+        steps.mlp(hooks, l)?;
+        steps.resid(hooks, &block_hook(l, "hook_resid_post"))?;
+    }
+    steps.layer_norm(hooks, LnSite::Final)?;
+    steps.final_x()
 }
 
 /// The forward pass of an `n_layers` GPT-2 on `steps`, visiting every hook point in TL's

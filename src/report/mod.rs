@@ -6,6 +6,7 @@
 //!   dataset, the notebook's "IOI | Webtext" figure);
 //! - [`views`]: `view_<metric>_<dataset>.svg` per `[[view]]` (the notebook's
 //!   `investigate_a_few_heads`), and checking `[[view]]` entries before a run;
+//! - [`lens`]: `logit_lens_<dataset>.svg`, stages x positions with the tokens on the axis;
 //! - [`attention`]: `attention_<dataset>.html`, the heads of that dataset's views on its
 //!   first sequence (CircuitsVis's `attention_patterns`), from one small forward pass;
 //! - [`index`]: `index.html`, linking all of it;
@@ -20,6 +21,7 @@ pub mod attention;
 pub mod draw;
 pub mod heatmap;
 pub mod index;
+pub mod lens;
 pub mod prompt;
 pub mod views;
 
@@ -84,6 +86,9 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
     let (heatmaps, problems) =
         heatmap::write_head_heatmaps(input.out_dir, input.tables, cfg.n_layers, cfg.n_heads);
     out.problems.extend(problems);
+    let (lens, problems) = lens::write_lens_pictures(input.out_dir, input.tables);
+    out.problems.extend(problems);
+    let heatmaps: Vec<PathBuf> = heatmaps.into_iter().chain(lens).collect();
 
     let mut views = match check_views(input.spec, input.heads, cfg.n_layers, cfg.n_heads) {
         Ok(v) => v,

@@ -8,20 +8,20 @@
 use crate::common::*;
 use dfdx::prelude::Cpu;
 use hookgraph::data::{unpadded_lengths, Dataset};
-use hookgraph::hooks::{HookFilter, Hooks};
-use hookgraph::means::{MeanRequest, Means};
+use hookgraph::means::Means;
 use hookgraph::metrics::cspa::{CspaConfig, DirectPath, Mode};
 use hookgraph::metrics::direct::PAPER_FUNCTION_WORDS;
 use hookgraph::metrics::{self, Metric, RunContext};
 use hookgraph::model::{self, CheckpointFiles, HookedGpt2, LoadedModel, Processing};
 use hookgraph::output::Table;
 use hookgraph::seam::SeamDevice;
-use ndarray::{Array2, ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn};
 
 struct Case {
     m: LoadedModel<Cpu>,
     ds: Dataset,
-    means: Means,
+    /// The 100 sequences of the mean pass (the paper's `result_mean`).
+    mean_ds: Dataset,
     gold: std::collections::HashMap<String, ArrayD<f32>>,
 }
 
@@ -46,38 +46,33 @@ fn case(name: &str) -> Case {
         answers: Some(answers),
     };
     let mean_toks = load_tokens(&golden_path(&format!("cspa_mean_tokens_{name}.json")));
-    let means = z_means(&m, &mean_toks);
+    let mean_ds = Dataset {
+        name: "mean".into(),
+        lengths: unpadded_lengths(&mean_toks, bos),
+        tokens: mean_toks,
+        ioi: None,
+        answers: None,
+    };
     let gold = load_golden(&format!("cspa_{name}.safetensors"));
-    Case { m, ds, means, gold }
+    Case {
+        m,
+        ds,
+        mean_ds,
+        gold,
+    }
 }
 
-/// The per-position mean of every layer's `hook_z` over `tokens` (what the engine's mean
-/// pass hands a metric), under the requests the metrics make.
-fn z_means(m: &LoadedModel<Cpu>, tokens: &Array2<u32>) -> Means {
-    let n = m.cfg().n_layers;
-    let hooks: Vec<String> = (0..n).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
-    let mut h = Hooks::caching(HookFilter::names(hooks.clone()));
-    m.model.forward(tokens, &mut h).unwrap();
-    let cache = h.take_cache();
-    let mut means = Means::default();
-    for hook in hooks {
-        let a = cache.get(&hook).unwrap();
-        let mean = a
-            .mapv(|x| x as f64)
-            .mean_axis(Axis(0))
-            .unwrap()
-            .mapv(|x| x as f32);
-        means.insert(
-            MeanRequest {
-                dataset: "mean".into(),
-                hook,
-                per_position: true,
-                max_sequences: Some(100),
-            },
-            mean.into_dyn(),
-        );
-    }
-    means
+/// The engine's mean passes for `metric` over the mean dataset (what a run hands it).
+fn means_for(c: &Case, x: &RunContext, metric: &dyn Metric) -> Means {
+    let reqs = metric.mean_requests(x);
+    hookgraph::means::compute(
+        &c.m.model,
+        std::slice::from_ref(&c.mean_ds),
+        &reqs,
+        7,
+        x.bos,
+    )
+    .unwrap()
 }
 
 fn all_heads(m: &LoadedModel<Cpu>) -> Vec<(usize, usize)> {
@@ -120,9 +115,10 @@ fn run<D: SeamDevice>(
     metric: &mut dyn Metric,
     batch_size: usize,
 ) -> Vec<Table> {
-    metric.set_means(&c.means).unwrap();
     let x = ctx(&c.m, heads);
-    hookgraph::engine::run_metric(model, &x, metric, &c.ds, batch_size).unwrap()
+    let datasets = [c.ds.clone(), c.mean_ds.clone()];
+    hookgraph::engine::run_metric_with_means(model, &x, metric, &c.ds, &datasets, batch_size)
+        .unwrap()
 }
 
 /// Column `col` of `t`'s rows for head (l, h), as `[B, width]` (NaN where no row).
@@ -359,13 +355,17 @@ fn direct_path_metrics_merge_shard_states() {
         let mut states = Vec::new();
         for r in [0..2, 2..n] {
             let mut m = make();
-            m.set_means(&c.means).unwrap();
+            m.set_means(&means_for(&c, &x, m.as_ref())).unwrap();
             let d = part(r);
-            hookgraph::engine::run_metric(&c.m.model, &x, m.as_mut(), &d, 2).unwrap();
+            let both = [d.clone(), c.mean_ds.clone()];
+            hookgraph::engine::run_metric_with_means(&c.m.model, &x, m.as_mut(), &d, &both, 2)
+                .unwrap();
             states.push(m.save_state().unwrap());
         }
         let mut merged = make();
-        merged.set_means(&c.means).unwrap();
+        merged
+            .set_means(&means_for(&c, &x, merged.as_ref()))
+            .unwrap();
         merged.start_dataset(&x, &c.ds).unwrap();
         for st in &states {
             merged.merge_state(&x, &c.ds, st).unwrap();

@@ -17,6 +17,7 @@ mod fuzz;
 mod hooks;
 mod hub;
 mod hub_download;
+mod interventions;
 mod metrics;
 mod parity;
 mod plugins;

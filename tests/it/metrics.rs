@@ -72,6 +72,7 @@ fn check_values(ckpt: &str, tokens: &str, golden: &str) {
         start: 0,
         tokens: ds.tokens.view(),
         cache: &cache,
+        model: None,
     };
     let cfg = m.cfg();
     let (b, s) = ds.tokens.dim();
@@ -370,6 +371,7 @@ fn device_path_brings_no_activation_to_the_host() {
         start: 0,
         tokens: ds.tokens.view(),
         cache: &cache,
+        model: None,
     };
     for mt in all.iter_mut() {
         mt.start_dataset(&c, &ds).unwrap();

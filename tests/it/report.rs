@@ -117,6 +117,7 @@ fn run_report(extra: &str) -> Run {
             start: 0,
             tokens: ds.tokens.view(),
             cache: &cache,
+            model: None,
         };
         metric.batch(&ctx, &view).unwrap();
         for mut t in metric.finish_dataset(&ctx, ds).unwrap() {

@@ -1,0 +1,430 @@
+//! One `[[intervention]]` run as a metric: per batch, every unit of the sweep resumed from
+//! the unchanged pass's residual stream at its layer, and measured.
+//!
+//! Owns: the per-sequence accumulators of each unit (sums and counts, pooled in sequence
+//! order at the end so the table does not depend on `batch_size`), the stacking of a
+//! layer's units along the batch axis, and the table. Must not: parse the spec.
+
+use std::collections::BTreeMap;
+
+use ndarray::{Array2, ArrayD};
+
+use super::measure::{score_seq, SeqScore, Unembed};
+use super::write::{write_unit, WriteInputs};
+use super::{Hook, Kind, Plan, Unit, Value};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::means::{MeanRequest, Means};
+use crate::metrics::{BatchView, Metric, RunContext};
+use crate::output::Table;
+
+/// What a dataset's sweep accumulates.
+struct DatasetAcc {
+    units: Vec<Unit>,
+    /// [unit][sequence]
+    scores: Vec<Vec<SeqScore>>,
+    orig: Vec<SeqScore>,
+    source: Vec<SeqScore>,
+}
+
+/// One planned intervention as a metric.
+pub struct Sweep {
+    plan: Plan,
+    /// The source dataset's tokens (patches).
+    source_tokens: Option<Array2<u32>>,
+    means: BTreeMap<(String, String), ArrayD<f32>>,
+    acc: Option<DatasetAcc>,
+    /// Most rows a resumed pass runs at once: the rows of a plain pass, times how much
+    /// smaller a resumed pass's activations are than a plain pass's logits.
+    max_rows: usize,
+    n_layers: usize,
+}
+
+impl Sweep {
+    pub fn new(
+        plan: Plan,
+        datasets: &[Dataset],
+        batch_size: usize,
+        seq_len: usize,
+        cfg: &crate::model::ModelConfig,
+    ) -> Self {
+        let source_tokens = plan
+            .source
+            .as_ref()
+            .and_then(|s| datasets.iter().find(|d| &d.name == s))
+            .map(|d| d.tokens.clone());
+        // A resumed pass keeps no logits ([rows, vocab]); its largest activation is the MLP's
+        // [rows, 4 d_model]. Stack units so that it stays under a plain pass's logits.
+        let per_row = 8 * cfg.d_model;
+        let factor = (cfg.d_vocab / per_row).clamp(1, 8);
+        Sweep {
+            plan,
+            source_tokens,
+            means: BTreeMap::new(),
+            acc: None,
+            max_rows: batch_size.max(1) * seq_len.max(1) * factor,
+            n_layers: cfg.n_layers,
+        }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn layers(&self, n_layers: usize) -> Vec<usize> {
+        let mut l: Vec<usize> = self
+            .plan
+            .units(n_layers, 1)
+            .iter()
+            .map(|u| u.layer)
+            .collect();
+        l.dedup();
+        l
+    }
+
+    fn targets(&self, dataset: &str) -> bool {
+        self.plan.datasets.iter().any(|d| d == dataset)
+    }
+}
+
+fn last_resid(n_layers: usize) -> String {
+    crate::hooks::block_hook(n_layers - 1, "hook_resid_post")
+}
+
+impl Metric for Sweep {
+    fn name(&self) -> &str {
+        &self.plan.name
+    }
+
+    fn hooks(&self, ctx: &RunContext) -> Vec<String> {
+        let n = ctx.cfg.n_layers;
+        let mut out = vec![last_resid(n)];
+        for l in self.layers(n) {
+            out.push(self.plan.hook.tl(l));
+            out.push(self.plan.hook.resume(l).1);
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn mean_requests(&self, ctx: &RunContext) -> Vec<MeanRequest> {
+        let per_position = match self.plan.kind {
+            Kind::Ablate(Value::Mean) => false,
+            Kind::Ablate(Value::MeanPerPosition) => true,
+            _ => return vec![],
+        };
+        let mut out = Vec::new();
+        for t in &self.plan.datasets {
+            for l in self.layers(ctx.cfg.n_layers) {
+                out.push(MeanRequest {
+                    dataset: self.plan.mean_dataset(t).to_string(),
+                    hook: self.plan.hook.tl(l),
+                    per_position,
+                    max_sequences: None,
+                });
+            }
+        }
+        out
+    }
+
+    fn set_means(&mut self, means: &Means) -> Result<()> {
+        let per_position = matches!(self.plan.kind, Kind::Ablate(Value::MeanPerPosition));
+        for t in self.plan.datasets.clone() {
+            let over = self.plan.mean_dataset(&t).to_string();
+            for l in self.layers(self.n_layers) {
+                let req = MeanRequest {
+                    dataset: over.clone(),
+                    hook: self.plan.hook.tl(l),
+                    per_position,
+                    max_sequences: None,
+                };
+                let m = means.get(&req).ok_or_else(|| Error::Metric {
+                    metric: self.plan.name.clone(),
+                    msg: format!("no mean of {} over '{over}' was computed", req.hook),
+                })?;
+                self.means.insert((over.clone(), req.hook), m.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()> {
+        if !self.targets(&dataset.name) {
+            self.acc = None;
+            return Ok(());
+        }
+        let units = self.plan.units(ctx.cfg.n_layers, dataset.seq_len());
+        let n = dataset.n_sequences();
+        self.acc = Some(DatasetAcc {
+            scores: vec![vec![SeqScore::default(); n]; units.len()],
+            units,
+            orig: vec![SeqScore::default(); n],
+            source: vec![SeqScore::default(); n],
+        });
+        Ok(())
+    }
+
+    fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
+        let layers = self.layers(ctx.cfg.n_layers);
+        let Some(acc) = self.acc.as_mut() else {
+            return Ok(());
+        };
+        let model = batch.model.ok_or_else(|| Error::Metric {
+            metric: self.plan.name.clone(),
+            msg: "an intervention needs the model (run it through the engine)".into(),
+        })?;
+        let cfg = ctx.cfg;
+        let (b, s) = batch.tokens.dim();
+        let d = cfg.d_model;
+        let nl = cfg.n_layers;
+        let m = self.plan.measures;
+        let tokens = batch.tokens.as_standard_layout().to_owned();
+        let lens = crate::means::seq_lens(tokens.view(), ctx.bos);
+        let answers: Vec<Option<[u32; 2]>> = (0..b)
+            .map(|i| batch.dataset.answers.as_ref().map(|a| a[batch.start + i]))
+            .collect();
+        let w_u = ctx.params.w_u.as_standard_layout();
+        let b_u = ctx.params.b_u.as_standard_layout();
+        let u = Unembed {
+            w_u: w_u.as_slice().expect("standard"),
+            b_u: b_u.as_slice().expect("standard"),
+            d,
+            v: cfg.d_vocab,
+        };
+        let cache = batch.cache;
+        let standard = |a: &ArrayD<f32>| a.as_standard_layout().into_owned();
+
+        // The unchanged run: its ln_final output, log-probabilities (for KL) and scores.
+        let last = standard(cache.get(&last_resid(nl))?);
+        let x_clean = model.resume_from(
+            b,
+            s,
+            crate::model::ResumeAt::Pre(nl),
+            last.as_slice().expect("standard"),
+        )?;
+        let mut scratch = Vec::new();
+        let mut clean_lp: Vec<Vec<f32>> = Vec::new();
+        for i in 0..b {
+            let tok = tokens.row(i);
+            let tok = tok.as_slice().expect("standard");
+            acc.orig[batch.start + i] = score_seq(
+                &u,
+                m,
+                &x_clean,
+                i,
+                s,
+                tok,
+                lens[i],
+                answers[i],
+                None,
+                &mut scratch,
+            );
+            if m.kl {
+                clean_lp.push(scratch[..lens[i] * u.v].to_vec());
+            }
+        }
+
+        // A patch's source run: the same rows of the source dataset, unchanged.
+        let mut source_cache = None;
+        if let Some(st) = &self.source_tokens {
+            let rows = st
+                .slice(ndarray::s![batch.start..batch.start + b, ..])
+                .to_owned();
+            let mut names: Vec<String> = layers.iter().map(|&l| self.plan.hook.tl(l)).collect();
+            names.push(last_resid(nl));
+            names.sort();
+            names.dedup();
+            let c = model.cache_pass(&rows, &names)?;
+            let last_s = standard(c.get(&last_resid(nl))?);
+            let x_src = model.resume_from(
+                b,
+                s,
+                crate::model::ResumeAt::Pre(nl),
+                last_s.as_slice().expect("standard"),
+            )?;
+            if m.logit_diff {
+                let only_ld = super::Measures {
+                    logit_diff: true,
+                    ..Default::default()
+                };
+                for i in 0..b {
+                    let tok = tokens.row(i);
+                    acc.source[batch.start + i] = score_seq(
+                        &u,
+                        only_ld,
+                        &x_src,
+                        i,
+                        s,
+                        tok.as_slice().expect("standard"),
+                        lens[i],
+                        answers[i],
+                        None,
+                        &mut scratch,
+                    );
+                }
+            }
+            source_cache = Some(c);
+        }
+
+        // Every layer's units, resumed from that layer's residual stream, stacked.
+        let per_pass = (self.max_rows / (b * s)).max(1);
+        let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (j, unit) in acc.units.iter().enumerate() {
+            by_layer.entry(unit.layer).or_default().push(j);
+        }
+        for (l, js) in by_layer {
+            let name = self.plan.hook.tl(l);
+            let old = standard(cache.get(&name)?);
+            let (at, resid_name) = self.plan.hook.resume(l);
+            let resid = standard(cache.get(&resid_name)?);
+            let src = match &source_cache {
+                Some(c) => Some(standard(c.get(&name)?)),
+                None => None,
+            };
+            let mean_key = (
+                self.plan.mean_dataset(&batch.dataset.name).to_string(),
+                name.clone(),
+            );
+            let mean = match self.plan.kind {
+                Kind::Ablate(Value::Mean | Value::MeanPerPosition) => {
+                    let mean = self.means.get(&mean_key).ok_or_else(|| Error::Metric {
+                        metric: self.plan.name.clone(),
+                        msg: format!("no mean of {} over '{}' was computed", name, mean_key.0),
+                    })?;
+                    // A mean per position over a longer dataset: its first `s` positions.
+                    Some(
+                        if matches!(self.plan.kind, Kind::Ablate(Value::MeanPerPosition)) {
+                            mean.slice_axis(ndarray::Axis(0), ndarray::Slice::from(0..s))
+                                .to_owned()
+                        } else {
+                            mean.clone()
+                        },
+                    )
+                }
+                _ => None,
+            };
+            let w_o = ctx.params.blocks[l].attn.w_o.view();
+            let w = WriteInputs {
+                hook: self.plan.hook,
+                kind: self.plan.kind,
+                old: &old,
+                resid: &resid,
+                source: src.as_ref(),
+                mean: mean.as_ref(),
+                w_o: (self.plan.hook == Hook::Z).then_some(w_o),
+            };
+            for chunk in js.chunks(per_pass) {
+                let rows = b * s * d;
+                let mut stacked = vec![0f32; chunk.len() * rows];
+                for (c, &j) in chunk.iter().enumerate() {
+                    write_unit(&w, &acc.units[j], &mut stacked[c * rows..(c + 1) * rows])?;
+                }
+                let x = model.resume_from(chunk.len() * b, s, at, &stacked)?;
+                for (c, &j) in chunk.iter().enumerate() {
+                    let xs = &x[c * rows..(c + 1) * rows];
+                    for i in 0..b {
+                        let tok = tokens.row(i);
+                        acc.scores[j][batch.start + i] = score_seq(
+                            &u,
+                            m,
+                            xs,
+                            i,
+                            s,
+                            tok.as_slice().expect("standard"),
+                            lens[i],
+                            answers[i],
+                            clean_lp.get(i).map(|v| v.as_slice()),
+                            &mut scratch,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_dataset(&mut self, _ctx: &RunContext, _dataset: &Dataset) -> Result<Vec<Table>> {
+        let Some(acc) = self.acc.take() else {
+            return Ok(vec![]);
+        };
+        let m = self.plan.measures;
+        let patch = self.plan.kind == Kind::Patch;
+        let mut cols: Vec<&str> = vec!["layer"];
+        if self.plan.hook.per_head() {
+            cols.push("head");
+        }
+        if self.plan.per_position {
+            cols.push("pos");
+        }
+        if m.loss {
+            cols.extend(["loss_orig", "loss", "increase"]);
+        }
+        if m.kl {
+            cols.push("kl");
+        }
+        if m.logit_diff {
+            cols.extend(["logit_diff_orig", "logit_diff"]);
+            if patch {
+                cols.extend(["logit_diff_source", "recovered"]);
+            }
+        }
+        let mut t = Table::new(self.plan.name.clone(), &cols);
+        if self.plan.hook.per_head()
+            && !self.plan.together
+            && !self.plan.per_position
+            && m.logit_diff
+        {
+            t = t.per_head(if patch { "recovered" } else { "logit_diff" });
+        } else if self.plan.hook.per_head()
+            && !self.plan.together
+            && !self.plan.per_position
+            && m.loss
+        {
+            t = t.per_head("increase");
+        }
+        let pool = |v: &[SeqScore], f: fn(&SeqScore) -> (f64, u64)| -> f64 {
+            let (mut s, mut n) = (0f64, 0u64);
+            for x in v {
+                let (a, b) = f(x);
+                s += a;
+                n += b;
+            }
+            s / n as f64
+        };
+        let loss = |v: &[SeqScore]| pool(v, |x| (x.loss_sum, x.loss_n));
+        let kl = |v: &[SeqScore]| pool(v, |x| (x.kl_sum, x.kl_n));
+        let ld = |v: &[SeqScore]| pool(v, |x| (x.logit_diff, 1));
+        let (loss_orig, ld_orig, ld_src) = (loss(&acc.orig), ld(&acc.orig), ld(&acc.source));
+        for (unit, scores) in acc.units.iter().zip(&acc.scores) {
+            let mut row: Vec<crate::output::Value> = vec![unit.layer.into()];
+            if self.plan.hook.per_head() {
+                let heads: Vec<String> = unit.heads.iter().map(|h| h.to_string()).collect();
+                row.push(if heads.len() == 1 {
+                    unit.heads[0].into()
+                } else {
+                    heads.join("+").into()
+                });
+            }
+            if let Some(p) = unit.pos {
+                row.push(p.into());
+            }
+            if m.loss {
+                let l = loss(scores);
+                row.extend([loss_orig.into(), l.into(), (l - loss_orig).into()]);
+            }
+            if m.kl {
+                row.push(kl(scores).into());
+            }
+            if m.logit_diff {
+                let l = ld(scores);
+                row.extend([ld_orig.into(), l.into()]);
+                if patch {
+                    row.extend([ld_src.into(), ((l - ld_orig) / (ld_src - ld_orig)).into()]);
+                }
+            }
+            t.push(row);
+        }
+        Ok(vec![t])
+    }
+}
