@@ -1,8 +1,9 @@
 //! Comparing a results directory with a baseline: the CI gate for results.
 //!
-//! Owns: reading two directories of CSV tables, matching each table's rows by its key
-//! columns, comparing the value columns within a tolerance, and a [`Report`] with the largest
-//! differences and an exit code. Must not: know which metric wrote a table or how a run
+//! Owns: reading two directories of CSV tables (streamed: a table is never held in memory,
+//! see [`compare_sources`]), matching each table's rows by its key columns, comparing the
+//! value columns within a tolerance, and a [`Report`] with the largest differences and an
+//! exit code. Must not: know which metric wrote a table or how a run
 //! writes its directory (staging, manifest): any two directories of CSVs compare.
 //!
 //! A column is a *value* column when any cell of it, in either table, is a float (has a `.`,
@@ -187,7 +188,8 @@ fn csv_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(out)
 }
 
-/// Compares every CSV table in `new` with the one of the same name in `baseline`.
+/// Compares every CSV table in `new` with the one of the same name in `baseline`, each
+/// streamed from its file ([`compare_sources`]).
 pub fn compare_dirs(new: &Path, baseline: &Path, tol: Tolerance) -> Result<Report> {
     let (n, b) = (csv_files(new)?, csv_files(baseline)?);
     if b.is_empty() {
@@ -210,7 +212,9 @@ pub fn compare_dirs(new: &Path, baseline: &Path, tol: Tolerance) -> Result<Repor
             worst: vec![],
         };
         tables.push(match (n.get(name), b.get(name)) {
-            (Some(np), Some(bp)) => compare_tables(name, &read_table(np)?, &read_table(bp)?, tol),
+            (Some(np), Some(bp)) => {
+                compare_sources(name, &CsvFile(np.clone()), &CsvFile(bp.clone()), tol)?
+            }
             (None, _) => empty(Outcome::Missing),
             (_, None) => empty(Outcome::Extra),
         });
@@ -251,12 +255,56 @@ impl Table {
     }
 }
 
-fn read_table(path: &Path) -> Result<Table> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Table::parse(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+/// Rows of a table, read once per pass.
+type Rows<'a> = Box<dyn Iterator<Item = Result<csv::StringRecord>> + 'a>;
+
+/// A table that can be read from the start as often as a comparison needs (three passes at
+/// most), one row at a time.
+pub trait Source {
+    fn header(&self) -> Result<Vec<String>>;
+    fn rows(&self) -> Result<Rows<'_>>;
+}
+
+impl Source for Table {
+    fn header(&self) -> Result<Vec<String>> {
+        Ok(self.header.clone())
+    }
+    fn rows(&self) -> Result<Rows<'_>> {
+        Ok(Box::new(
+            self.rows
+                .iter()
+                .map(|r| Ok(csv::StringRecord::from(r.clone()))),
+        ))
+    }
+}
+
+/// A CSV file, streamed.
+struct CsvFile(PathBuf);
+
+impl CsvFile {
+    fn reader(&self) -> Result<csv::Reader<std::io::BufReader<std::fs::File>>> {
+        let f = std::fs::File::open(&self.0).map_err(|source| Error::Io {
+            path: self.0.clone(),
+            source,
+        })?;
+        Ok(csv::ReaderBuilder::new().from_reader(std::io::BufReader::with_capacity(1 << 20, f)))
+    }
+}
+
+impl Source for CsvFile {
+    fn header(&self) -> Result<Vec<String>> {
+        let mut r = self.reader()?;
+        let h = r
+            .headers()
+            .map_err(|e| Error::Other(format!("{}: {e}", self.0.display())))?;
+        Ok(h.iter().map(str::to_string).collect())
+    }
+    fn rows(&self) -> Result<Rows<'_>> {
+        let path = self.0.clone();
+        Ok(Box::new(self.reader()?.into_records().map(move |r| {
+            r.map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+        })))
+    }
 }
 
 /// A cell that only a float column holds: a decimal point, an exponent, NaN or infinity.
@@ -273,42 +321,78 @@ fn parse_value(s: &str) -> Option<f64> {
     s.trim().parse::<f64>().ok()
 }
 
-/// Compares one table with its baseline; `name` is for the report.
+/// Compares one table with its baseline; `name` is for the report. In memory; see
+/// [`compare_sources`].
 pub fn compare_tables(name: &str, new: &Table, base: &Table, tol: Tolerance) -> TableReport {
+    compare_sources(name, new, base, tol).expect("tables in memory read without errors")
+}
+
+/// At most this many structural problems are kept per table (the count goes on).
+const MAX_PROBLEMS: usize = 1000;
+
+/// A row waiting for its partner: its 1-based data row and value cells.
+type Pending = HashMap<Vec<String>, (usize, Vec<String>)>;
+
+/// Compares one table with its baseline, streaming both: pass 1 finds the value columns
+/// (any float cell in either table), pass 2 walks the two tables side by side, matching rows
+/// by key through two maps of rows still waiting for their partner (a window: a row or two
+/// when the tables are in the same order, as a run writes them; at most one table's rows
+/// when the order is wholly different) and keeping a 32-bit hash of each baseline row's key
+/// to find duplicate keys, which a third pass confirms and names (only when a hash
+/// repeats). Memory: 4 bytes per baseline row plus the window, never the tables.
+pub fn compare_sources(
+    name: &str,
+    new: &dyn Source,
+    base: &dyn Source,
+    tol: Tolerance,
+) -> Result<TableReport> {
+    let header = base.header()?;
     let mut report = TableReport {
         name: name.to_string(),
         outcome: Outcome::Match,
-        rows: base.rows.len(),
+        rows: 0,
         keys: vec![],
         values: vec![],
         worst: vec![],
     };
-    if new.header != base.header {
+    let new_header = new.header()?;
+    if new_header != header {
         report.outcome = Outcome::Structure(vec![format!(
             "columns differ: new [{}], baseline [{}]",
-            new.header.join(", "),
-            base.header.join(", ")
+            new_header.join(", "),
+            header.join(", ")
         )]);
-        return report;
+        return Ok(report);
     }
-    let ncols = base.header.len();
-    let is_value: Vec<bool> = (0..ncols)
-        .map(|c| {
-            new.rows
-                .iter()
-                .chain(&base.rows)
-                .any(|r| r.get(c).is_some_and(|v| is_float_cell(v)))
-        })
-        .collect();
+    // Pass 1: which columns are values.
+    let ncols = header.len();
+    let mut is_value = vec![false; ncols];
+    let mut base_rows = 0usize;
+    for (i, src) in [new, base].into_iter().enumerate() {
+        for r in src.rows()? {
+            let r = r?;
+            base_rows += i;
+            for (c, v) in is_value.iter_mut().enumerate() {
+                if !*v && r.get(c).is_some_and(is_float_cell) {
+                    *v = true;
+                }
+            }
+        }
+    }
     let key_cols: Vec<usize> = (0..ncols).filter(|&c| !is_value[c]).collect();
     let val_cols: Vec<usize> = (0..ncols).filter(|&c| is_value[c]).collect();
-    report.keys = key_cols.iter().map(|&c| base.header[c].clone()).collect();
-    report.values = val_cols.iter().map(|&c| base.header[c].clone()).collect();
-
-    let key_of = |r: &Vec<String>| -> Vec<String> {
+    report.keys = key_cols.iter().map(|&c| header[c].clone()).collect();
+    report.values = val_cols.iter().map(|&c| header[c].clone()).collect();
+    let key_of = |r: &csv::StringRecord| -> Vec<String> {
         key_cols
             .iter()
-            .map(|&c| r.get(c).cloned().unwrap_or_default())
+            .map(|&c| r.get(c).unwrap_or_default().to_string())
+            .collect()
+    };
+    let values_of = |r: &csv::StringRecord| -> Vec<String> {
+        val_cols
+            .iter()
+            .map(|&c| r.get(c).unwrap_or_default().to_string())
             .collect()
     };
     let show_key = |k: &[String]| -> String {
@@ -320,74 +404,22 @@ pub fn compare_tables(name: &str, new: &Table, base: &Table, tol: Tolerance) -> 
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let mut problems = Vec::new();
-    let index = |t: &Table, which: &str, problems: &mut Vec<String>| {
-        let mut m: HashMap<Vec<String>, usize> = HashMap::new();
-        for (i, r) in t.rows.iter().enumerate() {
-            if let Some(first) = m.insert(key_of(r), i) {
-                problems.push(format!(
-                    "{which} rows {} and {} have the same key ({}): the key columns do not \
-                     identify a row",
-                    first + 2,
-                    i + 2,
-                    show_key(&key_of(r))
-                ));
-            }
-        }
-        m
+    // 32 bits: 4 bytes a row; a repeat is only a candidate, confirmed by the third pass.
+    let hash = |k: &[String]| -> u32 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        h.finish() as u32
     };
-    let new_idx = index(new, "new", &mut problems);
-    let base_idx = index(base, "baseline", &mut problems);
-    for (i, r) in base.rows.iter().enumerate() {
-        if !new_idx.contains_key(&key_of(r)) {
-            problems.push(format!(
-                "baseline row {} ({}) has no match in the new table",
-                i + 2,
-                show_key(&key_of(r))
-            ));
-        }
-    }
-    for (i, r) in new.rows.iter().enumerate() {
-        if !base_idx.contains_key(&key_of(r)) {
-            problems.push(format!(
-                "new row {} ({}) has no match in the baseline",
-                i + 2,
-                show_key(&key_of(r))
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        report.outcome = Outcome::Structure(problems);
-        return report;
-    }
 
-    let mut diffs = Vec::new();
-    let mut beyond = 0;
-    for b in &base.rows {
-        let n = &new.rows[new_idx[&key_of(b)]];
-        for &c in &val_cols {
-            let (ns, bs) = (n[c].as_str(), b[c].as_str());
-            let (abs, excess) = match (parse_value(ns), parse_value(bs)) {
-                (Some(x), Some(y)) if x.is_nan() && y.is_nan() => (0.0, 0.0),
-                (Some(x), Some(y)) if x == y => (0.0, 0.0), // equal infinities too
-                (Some(x), Some(y)) => {
-                    let abs = (x - y).abs();
-                    let allowed = tol.atol + tol.rtol * y.abs();
-                    let excess = if allowed > 0.0 {
-                        abs / allowed
-                    } else {
-                        f64::INFINITY
-                    };
-                    // NaN against a number, or inf against a finite value, is always drift.
-                    if abs.is_nan() {
-                        (f64::INFINITY, f64::INFINITY)
-                    } else {
-                        (abs, excess)
-                    }
-                }
-                (None, None) if ns.trim() == bs.trim() => (0.0, 0.0),
-                _ => (f64::INFINITY, f64::INFINITY),
-            };
+    // Pass 2: side by side.
+    let (mut pending_new, mut pending_base): (Pending, Pending) = Default::default();
+    let mut hashes_base: Vec<u32> = Vec::with_capacity(base_rows);
+    let mut diffs: Vec<Diff> = Vec::new();
+    let mut beyond = 0usize;
+    let mut compare_row = |key: &[String], n: &[String], b: &[String], diffs: &mut Vec<Diff>| {
+        for (i, (ns, bs)) in n.iter().zip(b).enumerate() {
+            let (abs, excess) = cell_diff(ns, bs, tol);
             if abs == 0.0 {
                 continue;
             }
@@ -395,22 +427,167 @@ pub fn compare_tables(name: &str, new: &Table, base: &Table, tol: Tolerance) -> 
                 beyond += 1;
             }
             diffs.push(Diff {
-                key: show_key(&key_of(b)),
-                column: base.header[c].clone(),
-                new: ns.to_string(),
-                baseline: bs.to_string(),
+                key: show_key(key),
+                column: report.values[i].clone(),
+                new: ns.clone(),
+                baseline: bs.clone(),
                 abs,
                 excess,
             });
+            // Only the worst 20 are reported: keep the list short as the table streams.
+            if diffs.len() >= 400 {
+                sort_worst(diffs);
+                diffs.truncate(20);
+            }
+        }
+    };
+    let (mut it_new, mut it_base) = (new.rows()?, base.rows()?);
+    let (mut row_new, mut row_base) = (0usize, 0usize);
+    loop {
+        let b = it_base.next().transpose()?;
+        let n = it_new.next().transpose()?;
+        if b.is_none() && n.is_none() {
+            break;
+        }
+        if let Some(b) = b {
+            row_base += 1;
+            let (k, v) = (key_of(&b), values_of(&b));
+            hashes_base.push(hash(&k));
+            match pending_new.remove(&k) {
+                Some((_, nv)) => compare_row(&k, &nv, &v, &mut diffs),
+                None => {
+                    pending_base.entry(k).or_insert((row_base, v));
+                }
+            }
+        }
+        if let Some(n) = n {
+            row_new += 1;
+            let (k, v) = (key_of(&n), values_of(&n));
+            match pending_base.remove(&k) {
+                Some((_, bv)) => compare_row(&k, &v, &bv, &mut diffs),
+                None => {
+                    pending_new.entry(k).or_insert((row_new, v));
+                }
+            }
         }
     }
-    diffs.sort_by(|a, b| b.excess.total_cmp(&a.excess).then(b.abs.total_cmp(&a.abs)));
+    report.rows = row_base;
+
+    let mut problems = Vec::new();
+    let mut more = 0usize;
+    let mut problem = |p: String, problems: &mut Vec<String>| {
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(p);
+        } else {
+            more += 1;
+        }
+    };
+    // Duplicate keys in the baseline: hashes that repeat, confirmed (and named) by a third
+    // pass. (A key repeated only in the new table leaves a new row without a partner.)
+    for (which, src, mut hashes) in [("baseline", base, hashes_base)] {
+        hashes.sort_unstable();
+        let repeated: std::collections::HashSet<u32> = hashes
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        drop(hashes);
+        if repeated.is_empty() {
+            continue;
+        }
+        let mut seen: HashMap<Vec<String>, usize> = HashMap::new();
+        for (i, r) in src.rows()?.enumerate() {
+            let k = key_of(&r?);
+            if !repeated.contains(&hash(&k)) {
+                continue;
+            }
+            if let Some(first) = seen.insert(k.clone(), i) {
+                problem(
+                    format!(
+                        "{which} rows {} and {} have the same key ({}): the key columns do not \
+                         identify a row",
+                        first + 2,
+                        i + 2,
+                        show_key(&k)
+                    ),
+                    &mut problems,
+                );
+            }
+        }
+    }
+    let dup_found = !problems.is_empty();
+    let mut left_base: Vec<_> = pending_base.into_iter().collect();
+    left_base.sort_by_key(|(_, (row, _))| *row);
+    for (k, (row, _)) in left_base {
+        if !dup_found {
+            problem(
+                format!(
+                    "baseline row {} ({}) has no match in the new table",
+                    row + 1,
+                    show_key(&k)
+                ),
+                &mut problems,
+            );
+        }
+    }
+    let mut left_new: Vec<_> = pending_new.into_iter().collect();
+    left_new.sort_by_key(|(_, (row, _))| *row);
+    for (k, (row, _)) in left_new {
+        if !dup_found {
+            problem(
+                format!(
+                    "new row {} ({}) has no match in the baseline",
+                    row + 1,
+                    show_key(&k)
+                ),
+                &mut problems,
+            );
+        }
+    }
+    if more > 0 {
+        problems.push(format!("and {more} more problems in this table"));
+    }
+    if !problems.is_empty() {
+        report.outcome = Outcome::Structure(problems);
+        return Ok(report);
+    }
+    sort_worst(&mut diffs);
     diffs.truncate(20);
     report.worst = diffs;
     if beyond > 0 {
         report.outcome = Outcome::Drift { beyond };
     }
-    report
+    Ok(report)
+}
+
+fn sort_worst(diffs: &mut [Diff]) {
+    diffs.sort_by(|a, b| b.excess.total_cmp(&a.excess).then(b.abs.total_cmp(&a.abs)));
+}
+
+/// `(|new - base|, that / tolerance)` of one cell; `(0, 0)` when equal, infinite when only
+/// one side is NaN or a number.
+fn cell_diff(ns: &str, bs: &str, tol: Tolerance) -> (f64, f64) {
+    match (parse_value(ns), parse_value(bs)) {
+        (Some(x), Some(y)) if x.is_nan() && y.is_nan() => (0.0, 0.0),
+        (Some(x), Some(y)) if x == y => (0.0, 0.0), // equal infinities too
+        (Some(x), Some(y)) => {
+            let abs = (x - y).abs();
+            let allowed = tol.atol + tol.rtol * y.abs();
+            let excess = if allowed > 0.0 {
+                abs / allowed
+            } else {
+                f64::INFINITY
+            };
+            // NaN against a number, or inf against a finite value, is always drift.
+            if abs.is_nan() {
+                (f64::INFINITY, f64::INFINITY)
+            } else {
+                (abs, excess)
+            }
+        }
+        (None, None) if ns.trim() == bs.trim() => (0.0, 0.0),
+        _ => (f64::INFINITY, f64::INFINITY),
+    }
 }
 
 #[cfg(test)]

@@ -38,11 +38,9 @@ pub fn install() -> Result<()> {
                 for sig in signals.forever() {
                     if REQUESTED.swap(sig, Ordering::SeqCst) != 0 {
                         // Second signal: the user means now.
-                        crate::output::abandon_staging();
-                        eprintln!(
-                            "\n{}: stopped at once; the output directory was not changed",
-                            signal_name(sig)
-                        );
+                        // What the output directory holds depends on where the swap was.
+                        let left = crate::output::abandon_staging();
+                        eprintln!("\n{}: stopped at once; {left}", signal_name(sig));
                         std::process::exit(130);
                     }
                     eprintln!(

@@ -24,6 +24,7 @@ pub mod kernels;
 pub mod means;
 pub mod metrics;
 pub mod model;
+pub mod outdir;
 pub mod output;
 pub mod report;
 pub mod runner;

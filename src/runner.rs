@@ -153,7 +153,7 @@ pub(crate) fn prepare<D: SeamDevice>(
     pb.finish_and_clear();
     let cfg = loaded.cfg().clone();
     let heads = spec.check_heads(cfg.n_layers, cfg.n_heads)?;
-    report::check_views(spec, &heads, cfg.n_layers, cfg.n_heads)?;
+    let views = report::check_views(spec, &heads, cfg.n_layers, cfg.n_heads)?;
 
     let dir = spec.dir();
     let ctx = DataContext {
@@ -165,7 +165,14 @@ pub(crate) fn prepare<D: SeamDevice>(
         .spec
         .datasets
         .iter()
-        .map(|d| data::build(d, &ctx))
+        .enumerate()
+        .map(|(i, d)| {
+            // A dataset that cannot be built is a spec error: give it the dataset's line.
+            data::build(d, &ctx).map_err(|e| match e {
+                Error::Data { .. } => spec.dataset_error(i, "name", e.to_string()),
+                e => e,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
 
     let shapes: Vec<metrics::registry::DatasetShape> = datasets
@@ -233,7 +240,10 @@ pub(crate) fn prepare<D: SeamDevice>(
             // A plugin that fails to load is a failed metric, not a failed run: the other
             // metrics are still computed and written.
             let fallback = m.name.clone().unwrap_or_else(|| plugin.get_ref().clone());
-            match crate::metrics::plugin::PluginAdapter::load(plugin.get_ref(), &dir, &m.options) {
+            // Its descriptor is read here, at planning: options it does not declare (or that
+            // its `create` refuses) are the spec's error, at their line, before any compute.
+            use crate::metrics::plugin::{PlanError, PluginAdapter};
+            match PluginAdapter::load_planned(plugin.get_ref(), &dir, &m.options) {
                 // Named after what the plugin calls itself, not its path.
                 Ok(metric) => {
                     let info = metric.info();
@@ -252,7 +262,14 @@ pub(crate) fn prepare<D: SeamDevice>(
                     };
                     metrics.add_named(given, Box::new(metric), names);
                 }
-                Err(e) => metrics.add_failed(fallback, e.to_string()),
+                Err(PlanError::Option { key, error }) => {
+                    return Err(spec.metric_error(
+                        i,
+                        key.as_deref().unwrap_or("plugin"),
+                        error.to_string(),
+                    ))
+                }
+                Err(PlanError::Load(e)) => metrics.add_failed(fallback, e.to_string()),
             }
             spec_index.push(i);
         }
@@ -299,6 +316,18 @@ pub(crate) fn prepare<D: SeamDevice>(
                 ));
             }
             owners.insert(t, i);
+        }
+    }
+    // Pictures are named from tables and views: clashes are found here, not by a file
+    // written over another after the run.
+    let view_files = report::views::planned_view_files(spec, &views);
+    for (t, &i) in &owners {
+        if let Some(why) = report::views::picture_clash(t, &view_files) {
+            return Err(spec.metric_error(
+                spec_index[i],
+                "name",
+                format!("metric '{}': {why}", names[i]),
+            ));
         }
     }
     // The interventions: planned (checked against the model and the datasets) now, run as
@@ -442,6 +471,11 @@ pub struct WeightRecord {
 
 #[derive(Serialize)]
 struct Manifest<'a> {
+    /// [`crate::outdir::FORMAT`]: what marks a directory as hookgraph's results.
+    format: &'static str,
+    format_version: u32,
+    /// The run these results are of (what a resume or a merge checks).
+    identity: &'a Identity,
     hookgraph_version: &'static str,
     crate_versions: BTreeMap<&'static str, String>,
     spec_path: String,
@@ -467,6 +501,23 @@ struct Manifest<'a> {
     merged_shards: Option<usize>,
 }
 
+/// The files a run reads: the spec, the checkpoint, the tokenizer directory, dataset files.
+fn run_inputs<D: SeamDevice>(spec: &LoadedSpec, loaded: &LoadedModel<D>) -> Vec<PathBuf> {
+    let mut v = vec![
+        spec.path.clone(),
+        loaded.files.config.clone(),
+        loaded.files.weights.clone(),
+    ];
+    v.extend(spec.spec.model.tokenizer.iter().map(|t| spec.resolve(t)));
+    v.extend(
+        spec.spec
+            .datasets
+            .iter()
+            .filter_map(|d| d.path.as_ref().map(|p| spec.resolve(p.get_ref()))),
+    );
+    v
+}
+
 fn run_on<D: SeamDevice>(
     dev: D,
     kind: DeviceKind,
@@ -477,7 +528,8 @@ fn run_on<D: SeamDevice>(
     // The output directory first: a run that cannot write its results should not compute
     // them. (The write phase swaps a staging directory into place; see `write_results`.)
     let out_dir = opts.output.clone().unwrap_or_else(|| spec.output_dir());
-    Target::check(&out_dir)?;
+    // One writer per output directory, taken before anything is computed.
+    let _lock = crate::outdir::lock_for_run(&out_dir, opts.shard)?;
     let Prepared {
         loaded,
         heads,
@@ -485,6 +537,8 @@ fn run_on<D: SeamDevice>(
         mut metrics,
         mut weight_metrics,
     } = prepare(dev, spec, opts.quiet)?;
+    // No run writes over what it reads.
+    crate::outdir::check_inputs_outside(&Target::check(&out_dir)?, &run_inputs(spec, &loaded))?;
     interrupt::checkpoint("prepared")?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let ctx = RunContext::of(&loaded, &heads);
@@ -503,6 +557,8 @@ fn run_on<D: SeamDevice>(
         spec_path: std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone()),
         spec_sha256: shard::text_hash(&spec.text),
         weights_sha256: weights_sha256.clone(),
+        config_sha256: checkpoint::sha256_file(&loaded.files.config)?,
+        processing: Some(loaded.processing),
         datasets: datasets.iter().map(DatasetId::of).collect(),
         metrics: metrics.names().map(str::to_string).collect(),
     };
@@ -558,6 +614,7 @@ fn run_on<D: SeamDevice>(
             failures: last.progress.failures.clone(),
             load_seconds,
             total_seconds: t0.elapsed().as_secs_f64(),
+            state_sha256: shard::state_hashes(&dir)?,
         };
         let manifest_path = dir.join(shard::SHARD_MANIFEST);
         output::write_json(&manifest_path, &manifest)?;
@@ -605,6 +662,7 @@ fn run_on<D: SeamDevice>(
             load_seconds,
             weights_sha256,
             merged_shards: None,
+            identity,
         },
         &mut metrics,
         computed,
@@ -716,6 +774,8 @@ pub struct WriteInput<'a, D: SeamDevice> {
     pub weights_sha256: String,
     /// How many shards a merge combined (`None` for a run).
     pub merged_shards: Option<usize>,
+    /// The run's identity, recorded in the manifest.
+    pub identity: Identity,
 }
 
 /// The write phase: CSVs, pictures and pages, the manifest. A run and a merge of shards
@@ -837,6 +897,9 @@ pub fn write_results<D: SeamDevice>(
     }
 
     let manifest = Manifest {
+        format: crate::outdir::FORMAT,
+        format_version: crate::outdir::FORMAT_VERSION,
+        identity: &w.identity,
         hookgraph_version: env!("CARGO_PKG_VERSION"),
         crate_versions: crate::build_info::crate_versions(),
         spec_path: spec.path.display().to_string(),

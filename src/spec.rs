@@ -318,6 +318,32 @@ impl LoadedSpec {
         }
     }
 
+    /// The span of a key: of `[model]` (`table` "model"), of the `i`-th `[[dataset]]`
+    /// (`table` "dataset"), or at the top level (`table` ""); `0..0` when it is not written.
+    pub fn key_span(&self, table: &str, index: usize, key: &str) -> std::ops::Range<usize> {
+        type Keys = BTreeMap<Spanned<String>, serde::de::IgnoredAny>;
+        let map = match table {
+            "" => toml::from_str::<Keys>(&self.text).ok(),
+            _ => toml::from_str::<TableSpans>(&self.text)
+                .ok()
+                .and_then(|t| match table {
+                    "model" => Some(t.model),
+                    _ => t.datasets.into_iter().nth(index),
+                }),
+        };
+        map.and_then(|m| m.into_keys().find(|k| k.get_ref() == key).map(|k| k.span()))
+            .unwrap_or(0..0)
+    }
+
+    /// An error on the line of `key` of the `i`-th `[[dataset]]` (its `name` if `key` is not
+    /// written there).
+    pub fn dataset_error(&self, index: usize, key: &str, msg: impl Into<String>) -> Error {
+        let span = Some(self.key_span("dataset", index, key))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| self.key_span("dataset", index, "name"));
+        self.error_at(span, msg)
+    }
+
     /// An error about the spec with no precise location.
     pub fn error(&self, msg: impl Into<String>) -> Error {
         self.error_at(0..0, msg)
@@ -343,11 +369,13 @@ impl LoadedSpec {
         }
     }
 
-    /// The output directory: `output`, or `results/<name>`.
+    /// The output directory: `output` (a leading `~` expanded, checked when parsed), or
+    /// `results/<name>`.
     pub fn output_dir(&self) -> PathBuf {
         self.spec
             .output
-            .clone()
+            .as_ref()
+            .map(|o| crate::outdir::expand_tilde(o).unwrap_or_else(|_| o.clone()))
             .unwrap_or_else(|| PathBuf::from("results").join(&self.spec.name))
     }
 
@@ -376,6 +404,7 @@ impl LoadedSpec {
         let span = [key, "kind", "plugin"]
             .iter()
             .find_map(|k| spans.get(*k).cloned())
+            .or_else(|| spans.values().min_by_key(|s| s.start).cloned())
             .unwrap_or(0..0);
         self.error_at(span, msg)
     }
@@ -418,12 +447,36 @@ impl LoadedSpec {
                     .error("[model] needs `name` (a hub id) or `path` (a checkpoint directory)"))
             }
             (Some(_), Some(_)) => {
-                return Err(self.error("[model] takes `name` or `path`, not both"))
+                return Err(self.error_at(
+                    self.key_span("model", 0, "path"),
+                    "[model] takes `name` or `path`, not both",
+                ))
             }
             _ => {}
         }
         if s.model.batch_size == 0 {
-            return Err(self.error("[model] batch_size must be at least 1"));
+            return Err(self.error_at(
+                self.key_span("model", 0, "batch_size"),
+                "[model] batch_size must be at least 1",
+            ));
+        }
+        if let Some(out) = &s.output {
+            if let Err(why) = crate::outdir::expand_tilde(out) {
+                return Err(self.error_at(self.key_span("", 0, "output"), why));
+            }
+        }
+        for (i, d) in s.datasets.iter().enumerate() {
+            if let Some(p) = d.prompts.iter().flatten().position(|p| p.trim().is_empty()) {
+                return Err(self.dataset_error(
+                    i,
+                    "prompts",
+                    format!(
+                        "dataset '{}': prompt {} is empty; every prompt needs text",
+                        d.name,
+                        p + 1
+                    ),
+                ));
+            }
         }
         // Weight metrics (ov_circuit, qk_circuit) read no activations; any other needs data.
         let needs_data = !s.interventions.is_empty()
@@ -438,9 +491,13 @@ impl LoadedSpec {
             ));
         }
         let mut seen = BTreeSet::new();
-        for d in &s.datasets {
+        for (i, d) in s.datasets.iter().enumerate() {
             if !seen.insert(&d.name) {
-                return Err(self.error(format!("two datasets are named '{}'", d.name)));
+                return Err(self.dataset_error(
+                    i,
+                    "name",
+                    format!("two datasets are named '{}'", d.name),
+                ));
             }
         }
         if s.metrics.is_empty() && s.interventions.is_empty() {
@@ -449,10 +506,11 @@ impl LoadedSpec {
         for (i, m) in s.metrics.iter().enumerate() {
             match (&m.kind, &m.plugin) {
                 (None, None) => {
-                    return Err(self.error(format!(
-                        "[[metric]] #{} needs `kind` (built-in) or `plugin`",
-                        i + 1
-                    )))
+                    return Err(self.metric_error(
+                        i,
+                        "name",
+                        format!("[[metric]] #{} needs `kind` (built-in) or `plugin`", i + 1),
+                    ))
                 }
                 (Some(k), Some(_)) => {
                     return Err(
@@ -487,6 +545,16 @@ struct NameSpans {
 #[derive(Deserialize)]
 struct NameSpan {
     name: Option<Spanned<String>>,
+}
+
+/// The keys of `[model]`, the top level and each `[[dataset]]` with their spans, for errors
+/// about values the typed [`Spec`] holds without a span.
+#[derive(Deserialize)]
+struct TableSpans {
+    #[serde(default)]
+    model: BTreeMap<Spanned<String>, serde::de::IgnoredAny>,
+    #[serde(default, rename = "dataset")]
+    datasets: Vec<BTreeMap<Spanned<String>, serde::de::IgnoredAny>>,
 }
 
 /// The keys of each `[[metric]]` table with their spans.

@@ -53,9 +53,13 @@ pub struct CacheArgs {
     /// docs/metrics.md §3) of the processed weights instead of activations; no forward pass.
     #[arg(long, conflicts_with_all = ["tokens", "prompt", "hooks"])]
     pub effective_embeddings: bool,
-    /// Output file (`.safetensors`), written atomically.
+    /// Output file (`.safetensors`), written atomically. An existing file is replaced only
+    /// with `--force`; the command's own inputs (checkpoint, tokenizer and token files) never.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace `--out` if it exists (never an input of this command, nor a non-regular file).
+    #[arg(long)]
+    pub force: bool,
     /// Directory with the tokenizer files, if not the checkpoint's own.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -102,11 +106,28 @@ enum Input {
     Prompts(Vec<String>),
 }
 
+/// Everything the command reads, which `--out` must never be: the checkpoint directory's
+/// files, the tokenizer directory's, and the token file.
+fn inputs(args: &CacheArgs, files: &CheckpointFiles) -> Vec<PathBuf> {
+    let mut v = vec![files.config.clone(), files.weights.clone()];
+    for dir in [Some(files.dir.as_path()), args.tokenizer.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            v.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    v.extend(args.tokens.iter().cloned());
+    v
+}
+
 pub fn cache(args: &CacheArgs) -> Result<ExitCode> {
     if args.effective_embeddings {
         return effective_embeddings(args);
     }
     let files = ModelSource::parse(&args.model).resolve()?;
+    crate::outdir::check_out_file(&args.out, &inputs(args, &files), args.force)?;
     // Everything the user typed is checked against the config before the (slow) load.
     let cfg = ModelConfig::from_file(&files.config)?;
     let mut filter = HookFilter::checked(&args.hooks, cfg.n_layers)?;
@@ -139,6 +160,7 @@ pub fn cache(args: &CacheArgs) -> Result<ExitCode> {
 /// no forward pass), written atomically with the same metadata as an activation file.
 fn effective_embeddings(args: &CacheArgs) -> Result<ExitCode> {
     let files = ModelSource::parse(&args.model).resolve()?;
+    crate::outdir::check_out_file(&args.out, &inputs(args, &files), args.force)?;
     let cfg = ModelConfig::from_file(&files.config)?;
     let processing = args.processing();
     let mut params = model::checkpoint::load_params(&files.weights, &cfg)?;

@@ -1,7 +1,8 @@
 //! `runner list`: what a spec can name — built-in metrics, plugins found, hook points.
 //!
 //! Owns: printing those lists. Must not: load weights (only `config.json` when `--model` is
-//! given, for the hook point names of that model).
+//! given, for the hook point names of that model), or load a plugin library unless `--load`
+//! asks (loading runs the library's code; without it plugins are listed from their files).
 
 use std::process::ExitCode;
 
@@ -14,6 +15,13 @@ pub struct ListArgs {
     /// List the hook points of this model (a checkpoint directory or hub id) by full name.
     #[arg(long)]
     pub model: Option<String>,
+    /// Load each plugin found to show its version, hooks, tables and options (this runs
+    /// the libraries' code; without it, plugins are listed by file only).
+    #[arg(long)]
+    pub load: bool,
+    /// Also list the repository's test-only plugins (`hg_test_*`, deliberately broken).
+    #[arg(long)]
+    pub all: bool,
 }
 
 pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
@@ -25,7 +33,7 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
         }
         println!("  {:<20}   tables: {}", "", b.tables.join(", "));
     }
-    print_plugins();
+    print_plugins(args.load, args.all);
     match &args.model {
         Some(m) => {
             let files = ModelSource::parse(m).resolve()?;
@@ -51,20 +59,41 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_plugins() {
-    let found = crate::metrics::plugin::discover_in(&crate::metrics::plugin::search_path());
-    println!("\nPlugins ([[metric]] plugin = \"NAME\"; search path: HOOKGRAPH_PLUGIN_PATH, then target/{{release,debug}}):");
-    if found.is_empty() {
+fn print_plugins(load: bool, all: bool) {
+    use crate::metrics::plugin::{find_files, search_path};
+    let dirs = search_path(None);
+    println!("\nPlugins ([[metric]] plugin = \"NAME\"; search path: HOOKGRAPH_PLUGIN_PATH, then the runner's own target/{{release,debug}}):");
+    let files: Vec<_> = find_files(&dirs)
+        .into_iter()
+        .filter(|f| all || !f.test_only)
+        .collect();
+    if files.is_empty() {
         println!("  (none found; build one with `cargo build --release -p hg_attention_entropy`)");
     }
-    for p in found {
-        match p {
-            Ok(i) => {
+    if !load {
+        for f in &files {
+            println!("  {:<20} {}", f.name, f.path.display());
+            if let Some(why) = &f.refused {
+                println!("  {:<20}   (would be refused) {why}", "");
+            }
+        }
+        if !files.is_empty() {
+            println!("  (listed by file, not loaded; `runner list --load` loads them to show their hooks, tables and options)");
+        }
+        return;
+    }
+    for f in &files {
+        match crate::metrics::plugin::load_info(&f.path) {
+            Some(Ok(i)) => {
                 println!("  {:<20} {} {}", i.name, i.version, i.description);
                 println!("  {:<20}   {}", "", i.path.display());
                 println!("  {:<20}   reads: {}", "", i.hooks.join(", "));
+                for (opt, about) in &i.options {
+                    println!("  {:<20}   option {opt}: {about}", "");
+                }
             }
-            Err(e) => println!("  (not loadable) {e}"),
+            None => {}
+            Some(Err(e)) => println!("  (not loadable) {e}"),
         }
     }
 }

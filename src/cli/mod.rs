@@ -25,12 +25,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::device::DeviceChoice;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "runner",
-    version,
-    about = "Run hookgraph experiments on GPT-2",
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "runner", version, about = "Run hookgraph experiments on GPT-2")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -38,6 +33,9 @@ pub struct Cli {
     pub spec: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
+    /// No progress bars (before or after the subcommand: `runner -q merge DIR`).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
 }
 
 /// Options of a run.
@@ -49,9 +47,6 @@ pub struct RunArgs {
     /// Override the spec's output directory.
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// No progress bars.
-    #[arg(long, short)]
-    pub quiet: bool,
     /// Run slice I of N (from 0) of every dataset and save its exact partial state in
     /// `<output>/shards/I-of-N/` for `runner merge` (Slurm: `$SLURM_ARRAY_TASK_ID/N`).
     #[arg(long, value_name = "I/N")]
@@ -59,9 +54,56 @@ pub struct RunArgs {
     /// Continue from the checkpoint an interrupted run (or shard) left, if any.
     #[arg(long)]
     pub resume: bool,
-    /// Write the resume checkpoint at most every SECONDS (default 0: after every batch).
-    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    /// Write the resume checkpoint at most every SECONDS (default 0: after every batch;
+    /// at most 86400, a day).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 0.0,
+        value_parser = seconds_up_to_a_day,
+        allow_negative_numbers = true
+    )]
     pub checkpoint_every: f64,
+}
+
+impl RunArgs {
+    /// Whether no option was given.
+    fn is_empty(&self) -> bool {
+        self.only_device_output() && self.device.is_none() && self.output.is_none()
+    }
+
+    /// Whether at most `--device` and `--output` were given.
+    fn only_device_output(&self) -> bool {
+        self.shard.is_none() && !self.resume && self.checkpoint_every == 0.0
+    }
+
+    /// Options given after the subcommand win; those given before fill the rest.
+    fn fill_from(&mut self, before: RunArgs) {
+        self.device = self.device.or(before.device);
+        self.output = self.output.take().or(before.output);
+        self.shard = self.shard.or(before.shard);
+        self.resume |= before.resume;
+        if self.checkpoint_every == 0.0 {
+            self.checkpoint_every = before.checkpoint_every;
+        }
+    }
+}
+
+/// The longest `--checkpoint-every`: a day (longer is no checkpoint at all for a run).
+pub const MAX_CHECKPOINT_EVERY: f64 = 86_400.0;
+
+/// `--checkpoint-every`: finite, non-negative seconds, at most a day (clap exits 2 otherwise).
+fn seconds_up_to_a_day(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=MAX_CHECKPOINT_EVERY).contains(&v) {
+        return Err(format!(
+            "{s} seconds: expected a finite number from 0 to {MAX_CHECKPOINT_EVERY} (a day)"
+        ));
+    }
+    Ok(v)
 }
 
 #[derive(Subcommand, Debug)]
@@ -89,9 +131,6 @@ pub enum Command {
         /// Where the report's pages run the model (default: the spec's device).
         #[arg(long, value_enum)]
         device: Option<DeviceChoice>,
-        /// No progress bars.
-        #[arg(long, short)]
-        quiet: bool,
     },
     /// List built-in metrics, plugins found, and hook point names.
     List(list::ListArgs),
@@ -114,26 +153,48 @@ pub fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    let quiet = cli.quiet;
+    // Run options before the subcommand (`runner --device cpu run SPEC`) are the run's; with
+    // any other subcommand they would be silently ignored, so they are an error.
+    if let Some(cmd) = &mut cli.command {
+        let top = std::mem::take(&mut cli.run);
+        match cmd {
+            Command::Run { run, .. } => run.fill_from(top),
+            Command::Validate { device, output, .. } if top.only_device_output() => {
+                *device = device.or(top.device);
+                *output = output.take().or(top.output);
+            }
+            Command::Merge { device, .. } if top.only_device_output() && top.output.is_none() => {
+                *device = device.or(top.device);
+            }
+            _ if top.is_empty() => {}
+            _ => {
+                use clap::CommandFactory;
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "run options (--device, --output, --shard, --resume, --checkpoint-every) before this subcommand do not apply to it; put them after it if it takes them",
+                    )
+                    .exit();
+            }
+        }
+    }
     let outcome = match cli.command {
-        Some(Command::Run { spec, run }) => run::run(&spec, &run),
+        Some(Command::Run { spec, run }) => run::run(&spec, &run, quiet),
         Some(Command::Validate {
             spec,
             device,
             output,
         }) => run::validate(&spec, device, output),
-        Some(Command::Merge {
-            results,
-            device,
-            quiet,
-        }) => run::merge(&results, device, quiet),
+        Some(Command::Merge { results, device }) => run::merge(&results, device, quiet),
         Some(Command::List(args)) => list::list(&args),
         Some(Command::Cache(args)) => cache::cache(&args),
         Some(Command::Bench(args)) => bench::bench(&args),
         Some(Command::Prompt(args)) => prompt::prompt(&args),
         Some(Command::Compare(args)) => compare::compare(&args),
         None => match cli.spec {
-            Some(spec) => run::run(&spec, &cli.run),
+            Some(spec) => run::run(&spec, &cli.run, quiet),
             None => {
                 eprintln!("usage: runner SPEC.toml  (or `runner --help`)");
                 return ExitCode::from(2);

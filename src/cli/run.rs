@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::runner::{self, RunOptions};
 use crate::spec::LoadedSpec;
 
-pub fn run(spec_path: &Path, args: &RunArgs) -> crate::Result<ExitCode> {
+pub fn run(spec_path: &Path, args: &RunArgs, quiet: bool) -> crate::Result<ExitCode> {
     let spec = LoadedSpec::from_file(spec_path)?;
     crate::interrupt::install()?;
     let output = args.output.clone().unwrap_or_else(|| spec.output_dir());
@@ -24,7 +24,7 @@ pub fn run(spec_path: &Path, args: &RunArgs) -> crate::Result<ExitCode> {
         &RunOptions {
             device: args.device,
             output: Some(output.clone()),
-            quiet: args.quiet,
+            quiet,
             shard: args.shard,
             resume: args.resume,
             checkpoint_every: args.checkpoint_every,

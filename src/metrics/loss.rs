@@ -92,7 +92,7 @@ impl Metric for Loss {
     }
 
     /// Appends the state's rows.
-    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+    fn merge_state(&mut self, ctx: &RunContext, dataset: &Dataset, st: &State) -> Result<()> {
         let name = self.name().to_string();
         let seq = st.u64(&name, "seq")?;
         let pos = st.u64(&name, "pos")?;
@@ -105,6 +105,32 @@ impl Metric for Loss {
             return Err(Error::Metric {
                 metric: name,
                 msg: "saved state columns differ in length".into(),
+            });
+        }
+        // Rows must name positions of this dataset and tokens of this vocabulary, and no
+        // more of them than the dataset has positions.
+        let (n_seq, seq_len, vocab) = (dataset.n_sequences(), dataset.seq_len(), ctx.cfg.d_vocab);
+        let bad = (0..n).find(|&i| {
+            seq[i] >= n_seq as u64
+                || pos[i] >= seq_len as u64
+                || token[i] as usize >= vocab
+                || target[i] as usize >= vocab
+        });
+        if self.rows.len() + n > n_seq * seq_len || bad.is_some() {
+            return Err(Error::Metric {
+                metric: name,
+                msg: match bad {
+                    Some(i) => format!(
+                        "saved state row {i} (sequence {}, position {}, tokens {} -> {}) is outside dataset '{}' ({n_seq} x {seq_len}, vocabulary {vocab})",
+                        seq[i], pos[i], token[i], target[i], dataset.name
+                    ),
+                    None => format!(
+                        "saved state has {} rows, more than dataset '{}' has positions ({})",
+                        self.rows.len() + n,
+                        dataset.name,
+                        n_seq * seq_len
+                    ),
+                },
             });
         }
         for i in 0..n {

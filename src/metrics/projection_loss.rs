@@ -610,7 +610,7 @@ impl Metric for ProjectionLoss {
         Ok(st)
     }
 
-    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+    fn merge_state(&mut self, _ctx: &RunContext, dataset: &Dataset, st: &State) -> Result<()> {
         let name = self.name().to_string();
         let sums = st.f64_n(&name, "sums", self.heads.len() * 8)?;
         let counts = st.u64(&name, "counts")?;
@@ -620,6 +620,23 @@ impl Metric for ProjectionLoss {
                 msg: "saved state 'counts' must have 2 values".into(),
             });
         };
+        // The counts can never exceed what the dataset holds: predicted positions, and of
+        // those the ones whose target is a real token.
+        let most_all = dataset.n_sequences() * dataset.seq_len().saturating_sub(1);
+        let most_nopad: usize = dataset.lengths.iter().map(|l| l.saturating_sub(1)).sum();
+        let (all, nopad) = (
+            (self.n_all as u64).saturating_add(*n_all),
+            (self.n_nopad as u64).saturating_add(*n_nopad),
+        );
+        if all > most_all as u64 || nopad > most_nopad as u64 || nopad > all {
+            return Err(crate::error::Error::Metric {
+                metric: name,
+                msg: format!(
+                    "saved state 'counts' ({n_all} positions, {n_nopad} without padding) exceeds dataset '{}' ({most_all} positions, {most_nopad} without padding)",
+                    dataset.name
+                ),
+            });
+        }
         for (h, s) in self.heads.iter_mut().zip(sums.chunks_exact(8)) {
             for k in 0..4 {
                 h.all[k] += s[k];

@@ -290,7 +290,7 @@ impl Metric for SourceSuppression {
     }
 
     /// Appends each head's rows: states merged in sequence order rebuild the whole dataset.
-    fn merge_state(&mut self, _ctx: &RunContext, _dataset: &Dataset, st: &State) -> Result<()> {
+    fn merge_state(&mut self, _ctx: &RunContext, dataset: &Dataset, st: &State) -> Result<()> {
         let name = self.name().to_string();
         let per_seq = st.f32(&name, "per_sequence")?;
         let per_pos = st.f32(&name, "per_position")?;
@@ -302,6 +302,18 @@ impl Metric for SourceSuppression {
                 msg: format!(
                     "saved state does not fit {n_heads} heads x {} positions (other heads or dataset?)",
                     self.seq_len
+                ),
+            });
+        }
+        let seen = self.heads.first().map_or(0, |h| h.per_sequence.len());
+        if seen + m > dataset.n_sequences() {
+            return Err(Error::Metric {
+                metric: name,
+                msg: format!(
+                    "saved state has {} sequences per head, more than dataset '{}' has ({})",
+                    seen + m,
+                    dataset.name,
+                    dataset.n_sequences()
                 ),
             });
         }

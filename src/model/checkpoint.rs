@@ -129,11 +129,15 @@ impl Params {
 
 /// Reads `model.safetensors` and converts it to [`Params`], checking every shape.
 pub fn load_params(path: &Path, cfg: &ModelConfig) -> Result<Params> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the map is read-only and lives only for this function; a file truncated
-    // underneath us is the user's doing and at worst makes safetensors report an error.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    params_from_bytes(&mmap, cfg).map_err(|msg| Error::Checkpoint {
+    // Read, not memory-mapped: a mapped file that shrinks underneath us (another process
+    // rewriting it, a download restarting) kills the process with SIGBUS on the next page
+    // touched, with no message. A read sees whatever length the file has and safetensors
+    // then reports a truncated file. The cost is one copy from the page cache (measured on
+    // a GPT-2-small-sized file in the verify note: docs in README "Guarantees").
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // Test hook: a test shrinks the file here (a mapped file would now kill the process).
+    crate::interrupt::pause_at("weights");
+    params_from_bytes(&bytes, cfg).map_err(|msg| Error::Checkpoint {
         path: path.to_path_buf(),
         msg,
     })
@@ -159,6 +163,70 @@ impl<'a> HfTensors<'a> {
             })
             .collect();
         Ok(HfTensors { st, names })
+    }
+
+    /// Refuses tensors that GPT-2 with `n_layers` layers does not have (`h.7.*` on a
+    /// 2-layer config, a value head, a misspelt name), naming them: silently ignoring them
+    /// would hide a checkpoint that does not match its config. HF's causal-mask buffers
+    /// (`h.N.attn.bias`, `h.N.attn.masked_bias`) of existing layers are GPT-2's own.
+    fn check_no_strays(&self, n_layers: usize) -> std::result::Result<(), String> {
+        const BLOCK: &[&str] = &[
+            "ln_1.weight",
+            "ln_1.bias",
+            "attn.c_attn.weight",
+            "attn.c_attn.bias",
+            "attn.c_proj.weight",
+            "attn.c_proj.bias",
+            "ln_2.weight",
+            "ln_2.bias",
+            "mlp.c_fc.weight",
+            "mlp.c_fc.bias",
+            "mlp.c_proj.weight",
+            "mlp.c_proj.bias",
+            "attn.bias",
+            "attn.masked_bias",
+        ];
+        const TOP: &[&str] = &[
+            "wte.weight",
+            "wpe.weight",
+            "ln_f.weight",
+            "ln_f.bias",
+            "lm_head.weight",
+        ];
+        let known = |n: &str| {
+            if TOP.contains(&n) {
+                return true;
+            }
+            let Some(rest) = n.strip_prefix("h.") else {
+                return false;
+            };
+            let Some((l, field)) = rest.split_once('.') else {
+                return false;
+            };
+            // Canonical layer numbers only: `h.01.*` is not layer 1.
+            l.parse::<usize>().is_ok_and(|l| {
+                l < n_layers && l.to_string() == rest[..rest.len() - field.len() - 1]
+            }) && BLOCK.contains(&field)
+        };
+        let mut strays: Vec<&String> = self
+            .names
+            .values()
+            .filter(|full| {
+                let n = full.strip_prefix("transformer.").unwrap_or(full);
+                !known(n)
+            })
+            .collect();
+        if strays.is_empty() {
+            return Ok(());
+        }
+        strays.sort();
+        let shown: Vec<&str> = strays.iter().take(8).map(|s| s.as_str()).collect();
+        Err(format!(
+            "{} tensor(s) that a GPT-2 of config.json's n_layer = {n_layers} does not have: {}{} (a checkpoint for another config, or extra heads: remove them from the file)",
+            strays.len(),
+            shown.join(", "),
+            if strays.len() > shown.len() { ", ..." } else { "" }
+        ))
     }
 
     fn has(&self, name: &str) -> bool {
@@ -306,6 +374,7 @@ pub fn params_from_bytes(bytes: &[u8], cfg: &ModelConfig) -> std::result::Result
             cfg.n_layers
         ));
     }
+    t.check_no_strays(cfg.n_layers)?;
     // lm_head is tied to wte in every released GPT-2; a separate one is honoured.
     let w_u = if t.has("lm_head.weight") {
         let lm: W2 = dim(t.get("lm_head.weight", &[v, d])?);

@@ -127,6 +127,17 @@ impl ModelConfig {
                 ));
             }
         }
+        // ε only keeps LayerNorm's division away from zero: GPT-2 uses 1e-5. A value near or
+        // above the activations' variance (>= 1) flattens every LayerNorm (1e300 gives ln V
+        // everywhere), a negative one makes NaN; neither is a model anyone trained.
+        if !(eps.is_finite() && (0.0..1.0).contains(&eps)) {
+            return Err(format!(
+                "layer_norm_epsilon = {eps} is outside what GPT-2 can mean (0 <= eps < 1; GPT-2 uses 1e-5)"
+            ));
+        }
+        if hf.n_inner == Some(0) {
+            return Err("n_inner = 0: the MLP would have no hidden units".into());
+        }
         if d_model % n_heads != 0 {
             return Err(format!(
                 "n_embd ({d_model}) is not a multiple of n_head ({n_heads})"

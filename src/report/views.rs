@@ -180,6 +180,50 @@ pub fn check_views(
     Ok(out)
 }
 
+/// The picture file names the views will write, planned before compute: the `[[view]]`s'
+/// (already checked) and, for a spec without views, the default view's (its heads are
+/// only known after the run, its file name is not).
+pub fn planned_view_files(spec: &LoadedSpec, views: &[ResolvedView]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = views
+        .iter()
+        .map(|v| {
+            (
+                v.file_name(),
+                format!("the view of '{}' on '{}'", v.metric, v.dataset),
+            )
+        })
+        .collect();
+    if spec.spec.views.is_empty() {
+        let default = spec_metrics(spec)
+            .into_iter()
+            .find(|(_, k)| k.as_deref() == Some(DEFAULT_METRIC));
+        if let (Some((metric, _)), Some(d)) = (default, spec.spec.datasets.first()) {
+            let v = ResolvedView {
+                metric,
+                dataset: d.name.clone(),
+                heads: Vec::new(),
+                sequences: DEFAULT_SEQUENCES,
+            };
+            out.push((
+                v.file_name(),
+                format!("the default view of '{}' on '{}'", v.metric, v.dataset),
+            ));
+        }
+    }
+    out
+}
+
+/// Whether table `table`'s heatmap (`<table>.svg`) would be written over a view's picture:
+/// the view's description when it would (a metric named `view_B_ioi` and the view of `B`
+/// on `ioi`).
+pub fn picture_clash(table: &str, view_files: &[(String, String)]) -> Option<String> {
+    let svg = format!("{table}.svg");
+    view_files
+        .iter()
+        .find(|(f, _)| *f == svg)
+        .map(|(f, what)| format!("its table '{table}' would draw {f}, which {what} writes: give the metric a different `name`"))
+}
+
 /// The heads whose per-token table the weight metric named `metric` must write: those of
 /// every `[[view]]` that names it (in order, without repeats). Such a view takes no
 /// `dataset` or `sequences` (the metric reads no data), and its heads must be the run's.

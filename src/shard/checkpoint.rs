@@ -28,7 +28,33 @@ pub const PARTIAL_DIR: &str = ".partial";
 pub const ABORT_ENV: &str = "HOOKGRAPH_TEST_ABORT_AFTER_BATCHES";
 
 const META_KEY: &str = "hookgraph_progress";
+/// The SHA-256 of the progress record's text and every state tensor (name, dtype, bytes):
+/// an edited progress record or state no longer matches it.
+const DIGEST_KEY: &str = "hookgraph_digest";
 const FORMAT: u32 = 1;
+
+/// The digest stored under [`DIGEST_KEY`]: the progress JSON as stored, then each tensor in
+/// name order as `name \0 dtype \0 length bytes`.
+fn digest<'a>(
+    meta: &str,
+    tensors: impl IntoIterator<Item = (&'a str, String, &'a [u8])>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((meta.len() as u64).to_le_bytes());
+    h.update(meta.as_bytes());
+    let mut tensors: Vec<_> = tensors.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, dtype, bytes) in tensors {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(dtype.as_bytes());
+        h.update([0]);
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    hex::encode(h.finalize())
+}
 
 /// Where a run (`shard` given or not) whose results go to `out_dir` keeps its checkpoint.
 pub fn path(out_dir: &Path, shard: Option<Shard>) -> PathBuf {
@@ -84,16 +110,35 @@ impl Checkpoint {
         }
         let meta =
             serde_json::to_string(&self.progress).map_err(|e| Error::Other(e.to_string()))?;
+        let sum = digest(
+            &meta,
+            bufs.iter()
+                .map(|(n, _, dt, b)| (n.as_str(), format!("{dt:?}"), b.as_slice())),
+        );
         let bytes = safetensors::tensor::serialize(
             views,
-            &Some(HashMap::from([(META_KEY.to_string(), meta)])),
+            &Some(HashMap::from([
+                (META_KEY.to_string(), meta),
+                (DIGEST_KEY.to_string(), sum),
+            ])),
         )
         .map_err(err)?;
         crate::output::write_atomic(path, &bytes)
     }
 
-    /// Reads a checkpoint written by [`Checkpoint::write`].
+    /// Reads a checkpoint written by [`Checkpoint::write`], refusing one whose progress
+    /// record or states were changed since (their digest no longer matches).
     pub fn read(path: &Path) -> Result<Self> {
+        Self::read_with(path, true)
+    }
+
+    /// Reads a checkpoint without checking its digest: for tests and repair tools that
+    /// rewrite one on purpose. The runner never resumes or merges through this.
+    pub fn read_unverified(path: &Path) -> Result<Self> {
+        Self::read_with(path, false)
+    }
+
+    fn read_with(path: &Path, verify: bool) -> Result<Self> {
         let bad = |m: String| Error::Other(format!("checkpoint {}: {m}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -112,8 +157,27 @@ impl Checkpoint {
             )));
         }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        // The progress record and the states must be the ones written together.
+        let stored = meta.metadata().as_ref().and_then(|m| m.get(DIGEST_KEY));
+        let tensors = st.tensors();
+        let now = digest(
+            text,
+            tensors
+                .iter()
+                .map(|(n, v)| (n.as_str(), format!("{:?}", v.dtype()), v.data())),
+        );
+        if verify && stored != Some(&now) {
+            return Err(bad(format!(
+                "its progress record or saved states were changed after it was written ({}); delete it and run again",
+                if stored.is_some() {
+                    "sha256 mismatch"
+                } else {
+                    "no digest"
+                }
+            )));
+        }
         let mut states: BTreeMap<(usize, usize), State> = BTreeMap::new();
-        for (name, view) in st.tensors() {
+        for (name, view) in tensors {
             let parse = || -> Option<(usize, usize, String)> {
                 let mut parts = name.splitn(3, '/');
                 let d = parts.next()?.strip_prefix('d')?.parse().ok()?;
@@ -125,6 +189,69 @@ impl Checkpoint {
             states.entry((d, m)).or_default().arrays.insert(key, a);
         }
         Ok(Checkpoint { progress, states })
+    }
+}
+
+impl Checkpoint {
+    /// Checks the progress record against the run it is read back into: `sizes` is each
+    /// dataset's number of sequences, `n_metrics` the metrics in spec order. A record that
+    /// points past the datasets, between batches or outside the shard's slice, or states for
+    /// datasets or metrics the record does not cover, are refused: `what` names the file.
+    pub fn check_against(
+        &self,
+        what: &str,
+        sizes: &[usize],
+        n_metrics: usize,
+        shard: Shard,
+        batch_size: usize,
+    ) -> Result<()> {
+        let p = &self.progress;
+        let bad = |m: String| {
+            Err(Error::Other(format!(
+                "{what}: {m}; delete it and run again"
+            )))
+        };
+        let n = sizes.len();
+        if p.datasets_done > n {
+            return bad(format!(
+                "its progress record says {} datasets are done, the run has {n}",
+                p.datasets_done
+            ));
+        }
+        if p.complete && p.datasets_done != n {
+            return bad(format!(
+                "its progress record says complete after {} of {n} datasets",
+                p.datasets_done
+            ));
+        }
+        if !p.complete && p.datasets_done < n {
+            let r = shard.range(sizes[p.datasets_done], batch_size.max(1));
+            let next = p.next_sequence;
+            let aligned =
+                next == r.end || (next >= r.start && (next - r.start) % batch_size.max(1) == 0);
+            if next < r.start || next > r.end || !aligned {
+                return bad(format!(
+                    "its progress record says dataset {} continues at sequence {next}, which is not a batch boundary of this shard's sequences {}..{} (batch size {batch_size})",
+                    p.datasets_done, r.start, r.end
+                ));
+            }
+        }
+        if p.timings.len() > n {
+            return bad(format!(
+                "it has timings for {} datasets, the run has {n}",
+                p.timings.len()
+            ));
+        }
+        for &(d, m) in self.states.keys() {
+            let covered = d < p.datasets_done || (d == p.datasets_done && !p.complete);
+            if d >= n || m >= n_metrics || !covered {
+                return bad(format!(
+                    "it holds a state for dataset {d}, metric {m}, which its progress record does not cover ({n} datasets, {n_metrics} metrics, {} done)",
+                    p.datasets_done
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -169,7 +296,13 @@ impl Recorder {
     /// large state (per-position rows of many heads) on a fast device trades the work a
     /// resume repeats (at most `seconds`) for the time spent writing.
     pub fn with_min_interval(mut self, seconds: f64) -> Self {
-        self.min_interval = std::time::Duration::from_secs_f64(seconds.max(0.0));
+        // Never a panic for a library caller: NaN or a negative is every batch, a value past
+        // what a Duration holds is never (the CLI refuses both, and more than a day).
+        self.min_interval = if seconds.is_nan() || seconds <= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::try_from_secs_f64(seconds).unwrap_or(std::time::Duration::MAX)
+        };
         self
     }
 

@@ -70,10 +70,12 @@ pub(super) fn merge_states(
         }
         for (label, ck) in sources {
             let r = match ck.states.get(&(d, i)) {
+                // Named after where the state came from (which shard, or the checkpoint).
                 Some(st) => metrics
                     .get_mut(i)
                     .expect("active metrics are built")
-                    .merge_state(ctx, dataset, st),
+                    .merge_state(ctx, dataset, st)
+                    .map_err(|e| Error::Other(format!("{label}: {e}"))),
                 None => Err(Error::Other(format!(
                     "{label} has no state for it on dataset '{}'",
                     dataset.name
@@ -97,10 +99,21 @@ pub fn run<D: SeamDevice>(
     opts: &ComputeOptions,
 ) -> Result<(Vec<DatasetOutcome>, Option<Checkpoint>)> {
     let shard = opts.shard.unwrap_or(Shard::WHOLE);
+    let sizes: Vec<usize> = datasets.iter().map(Dataset::n_sequences).collect();
+    shard.check_fits(&sizes)?;
     let resumed = match (&recorder, opts.resume) {
         (Some(r), true) => r.existing()?,
         _ => None,
     };
+    if let (Some(ck), Some(r)) = (&resumed, &recorder) {
+        ck.check_against(
+            &format!("the checkpoint {}", r.path().display()),
+            &sizes,
+            metrics.len(),
+            shard,
+            engine.batch_size(),
+        )?;
+    }
     if let Some(ck) = &resumed {
         if let Some(r) = recorder.as_mut() {
             r.adopt(ck);

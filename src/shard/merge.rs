@@ -2,10 +2,12 @@
 //! pictures and manifest the unsharded run would have written.
 //!
 //! Owns: finding the shards (`shards/I-of-N/`), refusing an incomplete set or pieces of
-//! different runs (spec, model weights, datasets' tokens, runner version: each difference
-//! named, with the shards it was found in), re-checking the weights and datasets the merge
-//! itself loads against what the shards ran, and merging every metric's states in shard
-//! order. Must not: compute anything from activations (no forward pass besides what the
+//! different runs (spec, model weights and config, processing, datasets' tokens, runner
+//! version: each difference named, with the shards it was found in), verifying each
+//! shard's state file against the sha256 in its `shard.json` and its records against the
+//! datasets' sizes, re-checking the weights, config and datasets the merge itself loads
+//! against what the shards ran, and merging every metric's states in shard order (each
+//! metric bounds the counts it reads by the dataset's sizes). Must not: compute anything from activations (no forward pass besides what the
 //! report's pages need) or write files other than through [`runner::write_results`].
 
 use std::collections::BTreeSet;
@@ -13,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::checkpoint::{Checkpoint, STATE_FILE};
-use super::{shards_dir, DatasetId, Shard, ShardManifest, SHARD_MANIFEST};
+use super::{shards_dir, DatasetId, Shard, ShardManifest, SHARD_MANIFEST, STATE_FILES};
+use crate::data::Dataset;
 use crate::device::{with_device, DeviceChoice, OnDevice};
 use crate::engine::Timings;
 use crate::error::{Error, Result};
@@ -79,15 +82,24 @@ pub fn find_shards(results_dir: &Path) -> Result<Vec<ShardResult>> {
             )))
         }
     };
-    let missing: Vec<String> = (0..count)
-        .filter(|&i| !found.iter().any(|s| s.index == i))
-        .map(|index| Shard { index, count }.dir_name())
-        .collect();
-    if !missing.is_empty() {
+    // N comes from directory names: never enumerate (or allocate for) more shards than
+    // there are directories. The first few missing ones are named.
+    if found.len() < count {
+        let missing: Vec<String> = (0..count)
+            .filter(|&i| !found.iter().any(|s| s.index == i))
+            .take(8)
+            .map(|index| Shard { index, count }.dir_name())
+            .collect();
         return Err(Error::Other(format!(
-            "{}: shard(s) {} of {count} missing: their tasks did not run, or wrote elsewhere",
+            "{}: {} of {count} shards missing ({}{}): their tasks did not run, or wrote elsewhere",
             dir.display(),
-            missing.join(", ")
+            count - found.len(),
+            missing.join(", "),
+            if count - found.len() > missing.len() {
+                ", ..."
+            } else {
+                ""
+            }
         )));
     }
     let mut out: Vec<ShardResult> = Vec::new();
@@ -104,6 +116,7 @@ pub fn find_shards(results_dir: &Path) -> Result<Vec<ShardResult>> {
             return Err(incomplete("no shard.json yet"));
         }
         let manifest: ShardManifest = read_json(&mpath)?;
+        verify_state_files(&sdir, shard, &manifest)?;
         let checkpoint = Checkpoint::read(&sdir.join(STATE_FILE))?;
         if !checkpoint.progress.complete {
             return Err(incomplete("its checkpoint is partial"));
@@ -142,8 +155,46 @@ pub fn find_shards(results_dir: &Path) -> Result<Vec<ShardResult>> {
     Ok(out)
 }
 
+/// Checks every state file of a shard against the SHA-256 its `shard.json` records, naming
+/// the shard and the file on a mismatch.
+fn verify_state_files(sdir: &Path, shard: Shard, manifest: &ShardManifest) -> Result<()> {
+    let name = shard.dir_name();
+    for file in STATE_FILES {
+        let Some(want) = manifest.state_sha256.get(*file) else {
+            return Err(Error::Other(format!(
+                "shard {name}: its shard.json records no sha256 for {file} (written by an older runner?); rerun the shard"
+            )));
+        };
+        let path = sdir.join(file);
+        let got = sha256_file(&path)?;
+        if &got != want {
+            return Err(Error::Other(format!(
+                "shard {name}: {} does not match the sha256 its shard.json records ({} vs {}): it was changed after the shard finished; rerun the shard",
+                path.display(),
+                &got[..12],
+                want.get(..12).unwrap_or(want)
+            )));
+        }
+    }
+    if let Some(other) = manifest
+        .state_sha256
+        .keys()
+        .find(|k| !STATE_FILES.contains(&k.as_str()))
+    {
+        return Err(Error::Other(format!(
+            "shard {name}: its shard.json hashes an unknown file '{other}'"
+        )));
+    }
+    Ok(())
+}
+
 /// Merges the shards under `results_dir` and writes the results there.
 pub fn merge(results_dir: &Path, opts: &MergeOptions) -> Result<RunReport> {
+    // The only writer from here to the swap (no shard may be running); a missing directory
+    // is `find_shards`' error, with nothing created for it.
+    let _lock = (results_dir.is_dir() || crate::outdir::swap_parked(results_dir))
+        .then(|| crate::outdir::Lock::acquire(results_dir, crate::outdir::LockMode::Exclusive))
+        .transpose()?;
     let shards = find_shards(results_dir)?;
     let first = &shards[0].manifest;
     // The path as the shards were given it when it still names the same file from here
@@ -224,11 +275,62 @@ impl OnDevice for Merge<'_> {
                 )));
             }
         }
+        let config_sha256 = sha256_file(&loaded.files.config)?;
+        if config_sha256 != ident.config_sha256 {
+            return Err(Error::Other(format!(
+                "the model's config changed since the shards ran: {} has sha256 {}, the shards ran {}",
+                loaded.files.config.display(),
+                config_sha256,
+                if ident.config_sha256.is_empty() {
+                    "(not recorded)"
+                } else {
+                    &ident.config_sha256
+                }
+            )));
+        }
         let names: Vec<String> = metrics.names().map(str::to_string).collect();
         if names != ident.metrics || datasets.len() != ident.datasets.len() {
             return Err(Error::Other(
                 "the spec's metrics or datasets do not match the shards' records".into(),
             ));
+        }
+        // Each shard's records against the datasets' known sizes, before any state is read.
+        let sizes: Vec<usize> = datasets.iter().map(Dataset::n_sequences).collect();
+        let batch_size = spec.spec.model.batch_size;
+        for s in shards {
+            let label = format!("shard {}", s.shard.dir_name());
+            s.shard
+                .check_fits(&sizes)
+                .map_err(|e| Error::Other(format!("{label}: {e}")))?;
+            s.checkpoint.check_against(
+                &format!("{label}: {}", s.dir.join(STATE_FILE).display()),
+                &sizes,
+                metrics.len(),
+                s.shard,
+                batch_size,
+            )?;
+            if s.checkpoint.progress.batch_size != batch_size {
+                return Err(Error::Other(format!(
+                    "{label}: it ran batch size {}, the spec says {batch_size}",
+                    s.checkpoint.progress.batch_size
+                )));
+            }
+            for (d, (rec, &n)) in s.manifest.datasets.iter().zip(&sizes).enumerate() {
+                let r = s.shard.range(n, batch_size);
+                if rec.name != datasets[d].name || rec.sequences != [r.start, r.end] {
+                    return Err(Error::Other(format!(
+                        "{label}: its shard.json says dataset '{}' sequences {}..{}, but shard {} of {n} sequences is '{}' {}..{}",
+                        rec.name, rec.sequences[0], rec.sequences[1], s.shard, datasets[d].name, r.start, r.end
+                    )));
+                }
+            }
+            if s.manifest.datasets.len() != sizes.len() {
+                return Err(Error::Other(format!(
+                    "{label}: its shard.json lists {} datasets, the run has {}",
+                    s.manifest.datasets.len(),
+                    sizes.len()
+                )));
+            }
         }
         for s in shards {
             metrics.restore_failures(&s.checkpoint.progress.failures);
@@ -278,6 +380,7 @@ impl OnDevice for Merge<'_> {
                 load_seconds,
                 weights_sha256,
                 merged_shards: Some(shards.len()),
+                identity: ident.clone(),
             },
             &mut metrics,
             computed,

@@ -2,7 +2,8 @@
 //!
 //! Owns: what a shard is ([`Shard`], `--shard I/N`: a contiguous, batch-aligned slice of
 //! every dataset's sequences), what makes two pieces of work parts of the same run
-//! ([`Identity`]: spec text, model weights, datasets' tokens, runner version — each
+//! ([`Identity`]: spec text, model weights and config, processing, datasets' tokens, runner
+//! version — each
 //! difference named in the error), the checkpoint file that a run writes after every batch
 //! and a shard leaves as its result ([`checkpoint`]), and `runner merge` ([`merge`]). Must
 //! not: run the batch loop (that is [`crate::engine`]) or write tables (a merge writes
@@ -113,6 +114,43 @@ pub struct ShardManifest {
     pub failures: Vec<Failure>,
     pub load_seconds: f64,
     pub total_seconds: f64,
+    /// SHA-256 of each state file in the shard's directory (by file name), checked by the
+    /// merge before it reads them. Empty in shards written before it was recorded, which
+    /// the merge refuses.
+    #[serde(default)]
+    pub state_sha256: std::collections::BTreeMap<String, String>,
+}
+
+/// The state files of a shard's directory that its `shard.json` hashes.
+pub const STATE_FILES: &[&str] = &[checkpoint::STATE_FILE];
+
+/// [`ShardManifest::state_sha256`] for the shard directory `dir`.
+pub fn state_hashes(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    STATE_FILES
+        .iter()
+        .map(|f| {
+            Ok((
+                f.to_string(),
+                crate::model::checkpoint::sha256_file(&dir.join(f))?,
+            ))
+        })
+        .collect()
+}
+
+impl Shard {
+    /// Refuses more shards than the largest dataset has sequences: such a split only makes
+    /// empty shards, and a count near `usize::MAX` overflows the slice arithmetic and makes
+    /// the merge enumerate (and allocate for) every missing shard.
+    pub fn check_fits(&self, sizes: &[usize]) -> Result<()> {
+        let most = sizes.iter().copied().max().unwrap_or(0).max(1);
+        if self.count > most {
+            return Err(Error::Other(format!(
+                "--shard {self}: {} shards for at most {most} sequences per dataset; use N <= {most}",
+                self.count
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One dataset's slice in a shard.
@@ -171,6 +209,14 @@ pub struct Identity {
     pub spec_path: PathBuf,
     pub spec_sha256: String,
     pub weights_sha256: String,
+    /// `config.json`'s SHA-256: the same weights under another config are another model.
+    /// (Empty in files written before it was recorded; they never match a run.)
+    #[serde(default)]
+    pub config_sha256: String,
+    /// The processing switches the weights were loaded with (also in the spec's text, but
+    /// named on their own so a difference reads as one).
+    #[serde(default)]
+    pub processing: Option<crate::model::Processing>,
     pub datasets: Vec<DatasetId>,
     /// The metrics' names in spec order (state is stored by index).
     pub metrics: Vec<String>,
@@ -201,6 +247,24 @@ impl Identity {
                 "model weights: sha256 {} in {a}, {} in {b}",
                 short(&self.weights_sha256),
                 short(&other.weights_sha256)
+            ));
+        }
+        if self.config_sha256 != other.config_sha256 {
+            out.push(format!(
+                "config.json: sha256 {} in {a}, {} in {b}",
+                short_or_none(&self.config_sha256),
+                short_or_none(&other.config_sha256)
+            ));
+        }
+        if self.processing != other.processing {
+            let show = |p: &Option<crate::model::Processing>| match p {
+                Some(p) => format!("{p:?}"),
+                None => "(not recorded)".to_string(),
+            };
+            out.push(format!(
+                "processing: {} in {a}, {} in {b}",
+                show(&self.processing),
+                show(&other.processing)
             ));
         }
         let names = |ids: &[DatasetId]| ids.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
@@ -247,7 +311,17 @@ impl Identity {
 
 /// The first 12 hex digits of a hash: enough to tell two apart in a message.
 fn short(h: &str) -> &str {
-    &h[..h.len().min(12)]
+    // `get`: an edited file may hold any text, and a byte index inside a character panics.
+    h.get(..12).unwrap_or(h)
+}
+
+/// [`short`], or "(not recorded)" for a field an older file lacks.
+fn short_or_none(h: &str) -> &str {
+    if h.is_empty() {
+        "(not recorded)"
+    } else {
+        short(h)
+    }
 }
 
 #[cfg(test)]

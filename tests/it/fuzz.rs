@@ -1,5 +1,7 @@
-//! Property tests ("fuzzing") of the three readers of untrusted files: the spec parser, the
-//! checkpoint loader (`config.json` and `model.safetensors`) and the token-file reader. Each
+//! Property tests ("fuzzing") of the readers of untrusted files: the spec parser, the
+//! checkpoint loader (`config.json` and `model.safetensors`), the token-file reader, and the
+//! shard state a resumed run or a merge reads back (the checkpoint file with its progress
+//! record, `shard.json`, and each built-in's saved state). Each
 //! must turn any input into a value or an error, never a panic or an abort.
 //!
 //! In `cargo test` each target runs a few cases (fast); `scripts/fuzz.sh` runs each for about
@@ -15,8 +17,11 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use hookgraph::data::tokens_from_json;
+use hookgraph::metrics::State;
 use hookgraph::model::checkpoint::params_from_bytes;
 use hookgraph::model::ModelConfig;
+use hookgraph::shard::checkpoint::{Checkpoint, Progress};
+use hookgraph::shard::{DatasetId, Identity, Shard, ShardDataset, ShardManifest};
 use hookgraph::spec::LoadedSpec;
 
 use crate::common::*;
@@ -391,6 +396,304 @@ fn fuzz_token_reader_on_random_text() {
             prop::option::of(0usize..4),
         ),
         |(t, n)| exercise_tokens(&t, n),
+    );
+}
+
+// ---- the output directory's readers: the manifest marker, checkpoint headers, lock files ----
+
+/// A results manifest's head as a run writes it (pretty JSON, one key per line).
+const MANIFEST: &str = r#"{
+  "format": "hookgraph-results",
+  "format_version": 1,
+  "identity": {
+    "runner_version": "0.1.0",
+    "spec_sha256": "00ff"
+  },
+  "hookgraph_version": "0.1.0",
+  "files": [
+    "loss.csv",
+    "index.html"
+  ],
+  "total_seconds": 1.5
+}"#;
+
+#[test]
+fn fuzz_outdir_manifest_reader_on_edited_manifests() {
+    use hookgraph::outdir::read_manifest_head;
+    assert_eq!(
+        read_manifest_head(MANIFEST.as_bytes()).unwrap().files.len(),
+        2
+    );
+    fuzz(edits(), |e| {
+        let text = apply(MANIFEST, &e, ':');
+        if let Ok(head) = read_manifest_head(text.as_bytes()) {
+            // Whatever passes names only plain files inside the directory.
+            for f in &head.files {
+                prop_assert!(
+                    hookgraph::output::file_in(Path::new("/r"), f).is_ok(),
+                    "{f}"
+                );
+            }
+            prop_assert!(!head.identity.is_empty());
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_outdir_readers_on_random_bytes() {
+    use hookgraph::outdir::{is_checkpoint_header, read_lock_pid, read_manifest_head};
+    fuzz(prop::collection::vec(any::<u8>(), 0..300), |b| {
+        let _ = read_manifest_head(&b);
+        let _ = is_checkpoint_header(&b);
+        let _ = read_lock_pid(&b);
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_outdir_checkpoint_header_on_edited_headers() {
+    use hookgraph::outdir::is_checkpoint_header;
+    let progress = r#"{"format":1,"identity":{"spec_sha256":"ab"},"shard":{"index":0,"count":1}}"#;
+    let header = serde_json::json!({"__metadata__": {"hookgraph_progress": progress}}).to_string();
+    let file = |h: &str, len: Option<u64>| {
+        let mut b = len.unwrap_or(h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h.as_bytes());
+        b
+    };
+    assert!(is_checkpoint_header(&file(&header, None)));
+    let lens = prop_oneof![
+        Just(None),
+        any::<u64>().prop_map(Some),
+        (0u64..400).prop_map(Some)
+    ];
+    fuzz((edits(), lens), |(e, len)| {
+        let _ = is_checkpoint_header(&file(&apply(&header, &e, ':'), len));
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_outdir_lock_reader() {
+    use hookgraph::outdir::read_lock_pid;
+    assert_eq!(read_lock_pid(b"pid 42\n"), Some(42));
+    fuzz("(pid |\\PC|[0-9]|\n| ){0,80}", |t| {
+        if let Some(p) = read_lock_pid(t.as_bytes()) {
+            prop_assert!(p > 0);
+        }
+        Ok(())
+    });
+}
+
+// ---- shard state: the checkpoint file, shard.json, and the metrics' saved states ---------
+
+/// A checkpoint as a 2-dataset, 3-metric run with batch size 2 writes it mid-way through
+/// its second dataset (states of `loss` and `projection_loss` in their own formats).
+fn sample_checkpoint() -> Checkpoint {
+    use hookgraph::metrics::state::Array;
+    let mut states = std::collections::BTreeMap::new();
+    for d in 0..2 {
+        let mut loss = State::new();
+        loss.put("seq", Array::U64(vec![0, 0, 1]))
+            .put("pos", Array::U64(vec![0, 1, 0]))
+            .put("token", Array::U32(vec![511, 3, 511]))
+            .put("target", Array::U32(vec![3, 4, 9]))
+            .put("loss", Array::F32(vec![1.5, 2.0, f32::NAN]))
+            .put("is_pad", Array::U64(vec![0, 0, 1]));
+        states.insert((d, 0), loss);
+        let mut pl = State::new();
+        pl.put("sums", Array::F64(vec![0.5; 16]))
+            .put("counts", Array::U64(vec![6, 4]));
+        states.insert((d, 1), pl);
+    }
+    let ds = |name: &str| DatasetId {
+        name: name.into(),
+        n_sequences: 3,
+        seq_len: 4,
+        tokens_sha256: "ab".repeat(32),
+    };
+    Checkpoint {
+        progress: Progress {
+            format: 1,
+            identity: Identity {
+                runner_version: "0.1.0".into(),
+                spec_path: "/s/spec.toml".into(),
+                spec_sha256: "cd".repeat(32),
+                weights_sha256: "ef".repeat(32),
+                config_sha256: "01".repeat(32),
+                processing: Some(hookgraph::model::Processing::ALL),
+                datasets: vec![ds("a"), ds("b")],
+                metrics: vec!["loss".into(), "projection_loss".into(), "x".into()],
+            },
+            shard: Shard { index: 0, count: 1 },
+            batch_size: 2,
+            datasets_done: 1,
+            next_sequence: 2,
+            complete: false,
+            failures: Vec::new(),
+            timings: Vec::new(),
+        },
+        states,
+    }
+}
+
+/// What the runner does with a checkpoint it reads back: check it against the run, compare
+/// identities (messages slice hashes), and look at every state.
+fn exercise_checkpoint(path: &Path, original: &Checkpoint) {
+    if let Ok(ck) = Checkpoint::read(path) {
+        let _ = ck.check_against("ck", &[3, 3], 3, Shard::WHOLE, 2);
+        let _ = ck.check_against("ck", &[0], 1, Shard { index: 1, count: 2 }, 0);
+        let _ = ck
+            .progress
+            .identity
+            .differences("a", &original.progress.identity, "b");
+        let _ = original
+            .progress
+            .identity
+            .differences("a", &ck.progress.identity, "b");
+    }
+}
+
+#[test]
+fn fuzz_shard_state_reader_on_edited_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = sample_checkpoint();
+    let path = dir.path().join("state.safetensors");
+    original.write(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let ck = Checkpoint::read(&path).unwrap();
+    ck.check_against("ck", &[3, 3], 3, Shard::WHOLE, 2).unwrap();
+    // The progress record as lines (`"key": value,`) for the text edits.
+    let progress = serde_json::to_string_pretty(&original.progress).unwrap();
+    fuzz(
+        (st_edits(), edits(), any::<bool>()),
+        |(st, text, resign)| {
+            // Tensor edits to the file: refused by the digest, or by the readers.
+            std::fs::write(&path, apply_st(&bytes, &st)).unwrap();
+            exercise_checkpoint(&path, &original);
+            // Progress edits, signed again (a consistent forgery): the plan check must hold.
+            let edited = apply(&progress, &text, ':');
+            if let Ok(p) = serde_json::from_str::<Progress>(&edited) {
+                let ck = Checkpoint {
+                    progress: p,
+                    states: original.states.clone(),
+                };
+                if ck.write(&path).is_ok() {
+                    if !resign {
+                        // Unsigned: the same edit pasted into the original's metadata.
+                        let (mut head, start) = header(&bytes);
+                        head["__metadata__"]["hookgraph_progress"] = edited.clone().into();
+                        let h = serde_json::to_vec(&head).unwrap();
+                        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+                        out.extend(h);
+                        out.extend(&bytes[start..]);
+                        std::fs::write(&path, out).unwrap();
+                        prop_assert!(
+                            edited == progress || Checkpoint::read(&path).is_err(),
+                            "an edited progress record was read back as valid"
+                        );
+                    }
+                    exercise_checkpoint(&path, &original);
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn fuzz_shard_manifest_reader_on_edited_manifests() {
+    let original = sample_checkpoint();
+    let manifest = ShardManifest {
+        identity: original.progress.identity.clone(),
+        shard: Shard { index: 1, count: 2 },
+        spec_toml: SPEC.into(),
+        spec_path_given: "spec.toml".into(),
+        device: "cpu".into(),
+        hook_points: vec!["hook_embed".into()],
+        datasets: vec![ShardDataset {
+            name: "a".into(),
+            sequences: [2, 3],
+            timings: Default::default(),
+        }],
+        failures: Vec::new(),
+        load_seconds: 0.5,
+        total_seconds: 1.0,
+        state_sha256: [("state.safetensors".to_string(), "00".repeat(32))].into(),
+    };
+    let text = serde_json::to_string_pretty(&manifest).unwrap();
+    fuzz(edits(), |e| {
+        if let Ok(m) = serde_json::from_str::<ShardManifest>(&apply(&text, &e, ':')) {
+            let _ = m.identity.differences("a", &manifest.identity, "b");
+            let _ = m.shard.check_fits(&[3, 0]);
+            for d in &m.datasets {
+                let _ = m.shard.range(d.sequences[1], 2);
+            }
+        }
+        Ok(())
+    });
+}
+
+/// Random saved states handed to the built-ins' `merge_state`, then `finish_dataset`: a
+/// state from an edited file is refused or merged, never a panic.
+#[test]
+fn fuzz_shard_metric_states_on_random_arrays() {
+    use dfdx::prelude::Cpu;
+    use hookgraph::data::{unpadded_lengths, Dataset};
+    use hookgraph::metrics::state::Array;
+    use hookgraph::metrics::RunContext;
+    use hookgraph::model::{self, CheckpointFiles, Processing};
+    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
+    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let heads = [(0usize, 1usize), (1, 3)];
+    let ctx = RunContext::of(&loaded, &heads);
+    let tokens = load_tokens(&golden_path("tokens_a.json"));
+    let dataset = Dataset {
+        name: "tok".into(),
+        lengths: unpadded_lengths(&tokens, 511),
+        tokens,
+        ioi: None,
+        answers: None,
+    };
+    const KEYS: &[&str] = &[
+        "seq",
+        "pos",
+        "token",
+        "target",
+        "loss",
+        "is_pad",
+        "sums",
+        "counts",
+        "per_sequence",
+        "per_position",
+    ];
+    let value = prop_oneof![0u64..12, Just(511), Just(u64::MAX), Just(1 << 40)];
+    let array = (0usize..5, prop::collection::vec(value, 0..40)).prop_map(|(t, v)| match t {
+        0 => Array::U8(v.iter().map(|&x| x as u8).collect()),
+        1 => Array::F32(v.iter().map(|&x| x as f32).collect()),
+        2 => Array::F64(v.iter().map(|&x| x as f64).collect()),
+        3 => Array::U32(v.iter().map(|&x| x as u32).collect()),
+        _ => Array::U64(v),
+    });
+    let state = prop::collection::vec((prop::sample::select(KEYS), array), 0..8);
+    const KINDS: &[&str] = &["loss", "projection_loss", "source_suppression"];
+    fuzz(
+        (prop::sample::select(KINDS), state, 1usize..3),
+        |(kind, st, times)| {
+            let mut m = hookgraph::metrics::builtin(kind, &toml::Table::new()).unwrap();
+            m.start_dataset(&ctx, &dataset).unwrap();
+            let mut state = State::new();
+            for (k, a) in st {
+                state.put(k, a);
+            }
+            for _ in 0..times {
+                if m.merge_state(&ctx, &dataset, &state).is_err() {
+                    return Ok(());
+                }
+            }
+            let _ = m.finish_dataset(&ctx, &dataset);
+            Ok(())
+        },
     );
 }
 

@@ -1,7 +1,8 @@
 //! Opening a library as a plugin and checking it against the ABI before trusting it.
 //!
-//! Owns: the checks, in order (descriptor symbol, magic number, ABI version, descriptor
-//! size) before anything else is read or called, then reading and validating the metadata
+//! Owns: the checks, in order (before loading: the file's owner and permissions, and that
+//! it names the descriptor symbol at all; then the descriptor symbol, magic number, ABI
+//! version, descriptor size) before anything else is read or called, then reading and validating the metadata
 //! (names, hook templates, tables, options). Must not: call the plugin's metric functions;
 //! the adapter does.
 
@@ -78,8 +79,16 @@ impl OpenError {
 pub(crate) fn open(path: &Path) -> std::result::Result<Plugin, OpenError> {
     use OpenError::*;
     let shown = path.display();
+    // Before anything is loaded (loading runs the library's constructors): the file must be
+    // the user's own and not writable by others, and must name the descriptor symbol.
+    super::trust::check(path).map_err(Invalid)?;
+    if !super::locate::has_descriptor_name(path) {
+        return Err(NotAPlugin(format!(
+            "{shown} is not a hookgraph plugin: it has no `{HG_DESCRIPTOR_SYMBOL}` symbol (missing `hookgraph_plugin::export_plugin!`?); it was not loaded"
+        )));
+    }
     // SAFETY: loading a library runs its initialisers: a plugin is code the user asked to
-    // run, like the runner itself.
+    // run (a spec or `runner list --load` named it), it passed the ownership check above.
     let lib = unsafe { Library::new(path) }
         .map_err(|e| NotAPlugin(format!("cannot load {shown}: {e}")))?;
     // SAFETY: the symbol's type is part of the ABI's fixed header and never changes.

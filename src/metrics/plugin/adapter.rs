@@ -73,6 +73,15 @@ fn with_message(f: impl FnOnce(*mut HgMessage) -> HgStatus) -> (HgStatus, String
     )
 }
 
+/// Why [`PluginAdapter::load_planned`] failed.
+#[derive(Debug)]
+pub enum PlanError {
+    /// The spec's options for it are wrong: `key` is the option to point at, when one is.
+    Option { key: Option<String>, error: Error },
+    /// The library cannot be found, loaded or checked.
+    Load(Error),
+}
+
 /// A plugin loaded as a [`Metric`] (the host's side; the plugin author's trait is
 /// `hookgraph_plugin::PluginMetric`). Keeps its library loaded for as long as it lives.
 pub struct PluginAdapter {
@@ -91,13 +100,30 @@ unsafe impl Send for PluginAdapter {}
 impl PluginAdapter {
     /// See [`super::load_metric`].
     pub fn load(spec: &str, spec_dir: &Path, options: &toml::Table) -> Result<Self> {
-        let path = locate(spec, spec_dir)?;
-        let plugin = open(&path).map_err(|e| plugin_error(spec, e.msg()))?;
+        Self::load_planned(spec, spec_dir, options).map_err(|e| match e {
+            PlanError::Option { error, .. } => error,
+            PlanError::Load(e) => e,
+        })
+    }
+
+    /// Like [`PluginAdapter::load`], telling a spec's mistake in the options (an option the
+    /// plugin does not declare, or values its `create` refuses: the spec names the place)
+    /// from a library that cannot be loaded (a failed metric, the run goes on).
+    pub fn load_planned(
+        spec: &str,
+        spec_dir: &Path,
+        options: &toml::Table,
+    ) -> std::result::Result<Self, PlanError> {
+        let path = locate(spec, spec_dir).map_err(PlanError::Load)?;
+        let plugin = open(&path).map_err(|e| PlanError::Load(plugin_error(spec, e.msg())))?;
         let label = plugin.info.name.clone();
-        let err = |msg: String| plugin_error(&label, msg);
-        // The same checks as a built-in's options: undeclared keys are errors, and a
-        // declared type (the description's first word, e.g. "bool, default false: ...")
-        // is enforced.
+        let option_error = |key: Option<String>, msg: String| PlanError::Option {
+            key,
+            error: plugin_error(&label, msg),
+        };
+        // The same checks as a built-in's options (`metrics::registry`): undeclared keys
+        // are errors, and a declared type (the description's first word, e.g. "bool,
+        // default false: ...") is enforced before `create` sees the value.
         crate::metrics::registry::check_options(
             &label,
             plugin
@@ -108,18 +134,22 @@ impl PluginAdapter {
             options,
             None,
         )
-        .map_err(|e| err(e.msg))?;
-        let json = options_json(options).map_err(err)?;
+        .map_err(|e| option_error(e.key, e.msg))?;
+        let json = options_json(options).map_err(|m| option_error(None, m))?;
         let json = CString::new(json.to_string())
-            .map_err(|_| err("options contain a NUL character".into()))?;
+            .map_err(|_| option_error(None, "options contain a NUL character".into()))?;
         let mut state: *mut c_void = std::ptr::null_mut();
         let (status, msg) = with_message(|m| {
             // SAFETY: a checked plugin's create, with a valid string, slot and buffer.
             unsafe { (plugin.create)(json.as_ptr(), &mut state, m) }
         });
-        describe_status(status, &msg, "create (reading its options)").map_err(err)?;
+        describe_status(status, &msg, "create (reading its options)")
+            .map_err(|m| option_error(None, m))?;
         if state.is_null() {
-            return Err(err("create succeeded but returned no state".into()));
+            return Err(PlanError::Load(plugin_error(
+                &label,
+                "create succeeded but returned no state".into(),
+            )));
         }
         Ok(PluginAdapter {
             state,

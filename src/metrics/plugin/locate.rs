@@ -1,33 +1,43 @@
 //! Finding plugin libraries: a spec's `plugin` value as a path or a name on the search
 //! path, and discovery of every plugin on it for `runner list`.
 //!
-//! Owns: the search path (`HOOKGRAPH_PLUGIN_PATH`, then cargo's target directories) and the
-//! path-or-name rule. Must not: load or call a library except through
-//! `abi_check::open`, which checks it first.
+//! Owns: the search path (`HOOKGRAPH_PLUGIN_PATH`, then the runner's own cargo target
+//! directory and that of the repository the spec lies in, never the working directory), the
+//! path-or-name rule, and listing plugin files without loading them. Must not: load or
+//! call a library except through `abi_check::open`, which checks it first (ownership and
+//! permissions, see `trust`, then the ABI).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use super::abi_check::{open, OpenError};
+use super::trust;
 use super::{plugin_error, PluginInfo};
 use crate::error::Result;
 
 /// Directories (`:`-separated on Unix) searched first for a plugin given by name.
 pub const PLUGIN_PATH_ENV: &str = "HOOKGRAPH_PLUGIN_PATH";
 
-/// Every loadable hookgraph plugin on [`search_path`], first occurrence of a file name
-/// winning (as loading by name would pick it). Libraries without the descriptor symbol and
-/// plugins that fail their checks are skipped; [`discover_in`] reports the latter.
-pub fn discover() -> Vec<PluginInfo> {
-    discover_in(&search_path())
-        .into_iter()
-        .filter_map(|r| r.ok())
-        .collect()
+/// A plugin library file found on the search path, listed without loading it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginFile {
+    /// The library's name as a spec names it (`libfoo.so` -> `foo`).
+    pub name: String,
+    pub path: PathBuf,
+    /// A package of the repository's own tests (`hg_test_*`): deliberately broken
+    /// plugins that `runner list` leaves out unless asked.
+    pub test_only: bool,
+    /// Why it would be refused before loading (permissions or owner), if it would be.
+    pub refused: Option<String>,
 }
 
-/// Like [`discover`] over `dirs`, with an error for each library that exports the descriptor
-/// symbol but fails a check (wrong magic, other ABI version, bad metadata).
-pub fn discover_in(dirs: &[PathBuf]) -> Vec<Result<PluginInfo>> {
+/// Name prefix of the repository's test-only plugin packages (`tests/plugins/*`).
+pub const TEST_PLUGIN_PREFIX: &str = "hg_test_";
+
+/// Every hookgraph plugin library file in `dirs`, first occurrence of a file name winning
+/// (as loading by name would pick it), found **without loading anything**: a library is
+/// listed when its file carries the descriptor symbol's name ([`has_descriptor_name`]).
+pub fn find_files(dirs: &[PathBuf]) -> Vec<PluginFile> {
     let prefix = std::env::consts::DLL_PREFIX;
     let suffix = std::env::consts::DLL_SUFFIX;
     let mut seen_names = std::collections::BTreeSet::new();
@@ -52,27 +62,76 @@ pub fn discover_in(dirs: &[PathBuf]) -> Vec<Result<PluginInfo>> {
             .map(|e| (e.file_name(), e.path()))
             .collect();
         files.sort();
-        for (name, path) in files {
-            if !seen_names.insert(name) {
+        for (file, path) in files {
+            if !seen_names.insert(file.clone()) || !has_descriptor_name(&path) {
                 continue;
             }
-            match open(&path) {
-                Ok(p) => out.push(Ok(p.info.clone())),
-                Err(OpenError::NotAPlugin(_)) => {}
-                Err(OpenError::Invalid(msg)) => {
-                    out.push(Err(plugin_error(&path.display().to_string(), msg)))
-                }
-            }
+            let f = file.to_string_lossy();
+            let name = f[prefix.len()..f.len() - suffix.len()].to_string();
+            out.push(PluginFile {
+                test_only: name.starts_with(TEST_PLUGIN_PREFIX),
+                refused: trust::check(&path).err(),
+                name,
+                path,
+            });
         }
     }
     out
 }
 
+/// Loads and checks every plugin [`find_files`] lists in `dirs` (`runner list --load`;
+/// loading runs each library's constructors), with an error for each that is refused or
+/// fails a check (wrong magic, other ABI version, bad metadata).
+pub fn discover_in(dirs: &[PathBuf]) -> Vec<Result<PluginInfo>> {
+    find_files(dirs)
+        .into_iter()
+        .filter_map(|f| load_info(&f.path))
+        .collect()
+}
+
+/// Loads and checks one library file for its metadata: `None` when it is not a plugin at
+/// all, an error when it is refused or fails a check. Loading runs its constructors.
+pub fn load_info(path: &Path) -> Option<Result<PluginInfo>> {
+    match open(path) {
+        Ok(p) => Some(Ok(p.info.clone())),
+        Err(OpenError::NotAPlugin(_)) => None,
+        Err(OpenError::Invalid(msg)) => Some(Err(plugin_error(&path.display().to_string(), msg))),
+    }
+}
+
+/// Whether the file names the descriptor symbol anywhere: every library exporting it
+/// holds the name in its dynamic symbol table, so a file without it is certainly not a
+/// plugin, found without loading it (loading runs its constructors).
+pub fn has_descriptor_name(path: &Path) -> bool {
+    use std::io::Read;
+    let needle = hookgraph_plugin::abi::HG_DESCRIPTOR_SYMBOL.as_bytes();
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    // Streamed in blocks that overlap by the needle's length.
+    let mut buf = vec![0u8; 1 << 16];
+    let mut keep = 0usize;
+    loop {
+        let n = match f.read(&mut buf[keep..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        let end = keep + n;
+        if buf[..end].windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        keep = needle.len().saturating_sub(1).min(end);
+        buf.copy_within(end - keep..end, 0);
+    }
+}
+
 /// Where plugins given by name are looked for, in order: each directory of
-/// `HOOKGRAPH_PLUGIN_PATH`, then `release` and `debug` of the cargo target directory the
-/// running executable was built in (when it lives in one), of `CARGO_TARGET_DIR`, and of
-/// `./target`.
-pub fn search_path() -> Vec<PathBuf> {
+/// `HOOKGRAPH_PLUGIN_PATH`; then `release` and `debug` of the cargo target directory the
+/// running executable was built in (when it lives in one); then, for a spec in
+/// `spec_dir`, of the hookgraph repository that directory lies in (found by walking up to
+/// its workspace `Cargo.toml`). Never the working directory: running in a directory
+/// someone else can write must not run their code.
+pub fn search_path(spec_dir: Option<&Path>) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(v) = std::env::var_os(PLUGIN_PATH_ENV) {
         dirs.extend(std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()));
@@ -84,15 +143,8 @@ pub fn search_path() -> Vec<PathBuf> {
     {
         targets.push(t);
     }
-    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        let t = PathBuf::from(t);
-        targets.push(match std::env::current_dir() {
-            Ok(cwd) if t.is_relative() => cwd.join(t),
-            _ => t,
-        });
-    }
-    if let Ok(cwd) = std::env::current_dir() {
-        targets.push(cwd.join("target"));
+    if let Some(root) = spec_dir.and_then(repository_of) {
+        targets.push(root.join("target"));
     }
     for t in targets {
         dirs.push(t.join("release"));
@@ -105,6 +157,21 @@ pub fn search_path() -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The hookgraph repository `dir` lies in: the nearest ancestor whose `Cargo.toml` is
+/// hookgraph's workspace (it names the `hookgraph` package and the plugin crate).
+fn repository_of(dir: &Path) -> Option<PathBuf> {
+    let dir = std::path::absolute(dir).ok()?;
+    dir.ancestors()
+        .find(|d| {
+            std::fs::read_to_string(d.join("Cargo.toml")).is_ok_and(|t| {
+                t.contains("[workspace]")
+                    && t.contains("name = \"hookgraph\"")
+                    && t.contains("hookgraph-plugin")
+            })
+        })
+        .map(Path::to_path_buf)
 }
 
 /// The cargo target directory an executable sits in (`target/<profile>/exe` or, for tests,
@@ -157,7 +224,7 @@ pub fn locate(spec: &str, spec_dir: &Path) -> Result<PathBuf> {
     if spec.contains('-') {
         files.push(libloading::library_filename(spec.replace('-', "_")));
     }
-    let dirs = search_path();
+    let dirs = search_path(Some(spec_dir));
     for dir in &dirs {
         for f in &files {
             let p = dir.join(f);

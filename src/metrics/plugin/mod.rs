@@ -1,7 +1,9 @@
 //! Metric plugins: shared libraries loaded at run time (`[[metric]] plugin = ...`).
 //!
 //! Owns, one submodule each: finding a plugin library ([`mod@locate`]: a path, or a name on the
-//! search path, and [`discover`] for `runner list`), loading it and the ABI checks
+//! search path, and [`find_files`] for `runner list`, which loads nothing), whether a file
+//! may be loaded at all (`trust`: owner and permissions, as ssh judges keys), loading it and
+//! the ABI checks
 //! ([`abi_check`]: symbol, magic, ABI version, struct size, in that order, before any other
 //! read or call, then the metadata), the [`PluginAdapter`] that makes a loaded plugin a
 //! [`Metric`] ([`adapter`]), and the host callbacks a plugin calls during a call (`host`).
@@ -18,6 +20,7 @@ pub mod abi_check;
 pub mod adapter;
 mod host;
 pub mod locate;
+mod trust;
 
 use std::path::{Path, PathBuf};
 
@@ -26,8 +29,11 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::metrics::Metric;
 
-pub use adapter::{expand_hooks, PluginAdapter};
-pub use locate::{discover, discover_in, locate, search_path, PLUGIN_PATH_ENV};
+pub use adapter::{expand_hooks, PlanError, PluginAdapter};
+pub use locate::{
+    discover_in, find_files, load_info, locate, search_path, PluginFile, PLUGIN_PATH_ENV,
+    TEST_PLUGIN_PREFIX,
+};
 
 /// What `runner list` shows about a plugin.
 #[derive(Debug, Clone, PartialEq, Serialize)]

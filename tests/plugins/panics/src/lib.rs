@@ -29,3 +29,18 @@ export_plugin!(
     tables = [{ name = "hg_test_panics", columns = ["value"] }],
     options = [],
 );
+
+/// A constructor, run by the dynamic loader when the library is loaded: it writes the file
+/// named by `HG_TEST_CTOR_MARK`, so a test can tell whether `runner list` loaded it (it
+/// must not without `--load`).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static CTOR: extern "C" fn() = mark_loaded;
+
+#[cfg(target_os = "linux")]
+extern "C" fn mark_loaded() {
+    if let Some(p) = std::env::var_os("HG_TEST_CTOR_MARK") {
+        let _ = std::fs::write(p, b"hg_test_panics was loaded\n");
+    }
+}
