@@ -634,6 +634,104 @@ fn run_on<D: SeamDevice>(dev: D, opts: &Options) -> Result<Vec<Case>> {
             })?);
         }
     }
+    cases.extend(cspa_cases(&m, opts, &load_tokens(CSPA.0, CSPA.1)?)?);
+    Ok(cases)
+}
+
+/// The CSPA case's tokens: 20 sequences of 1000 (issue 20's target: `cspa` of one head at
+/// most 2x one forward pass over the same tokens).
+pub const CSPA: (usize, usize) = (20, 1000);
+
+/// Sequences per pass in the CSPA cases: the run caches the logits ([S, V] per sequence,
+/// 200 MB at 1000 tokens) beside the head's hooks.
+pub const CSPA_BATCH: usize = 4;
+
+/// `forward 20x1000` (caching what `cspa` reads) and `cspa 20x1000` (the same pass plus the
+/// metric of head 10.7), batches of [`CSPA_BATCH`]. The per-position mean is handed over
+/// before the clock starts: a run's mean pass is a fixed cost over `mean_over`, not per
+/// token of the datasets.
+fn cspa_cases<D: SeamDevice>(
+    m: &LoadedModel<D>,
+    opts: &Options,
+    toks: &Array2<u32>,
+) -> Result<Vec<Case>> {
+    let wanted = |name: &str| opts.only.map_or(true, |o| name.contains(o));
+    let (b, s) = toks.dim();
+    let (fwd_name, cspa_name) = (
+        format!("forward {b}x{s} (cspa's hooks)"),
+        format!("cspa 10.7 {b}x{s}"),
+    );
+    if !wanted(&fwd_name) && !wanted(&cspa_name) {
+        return Ok(Vec::new());
+    }
+    let cfg = m.cfg();
+    let heads = [(10usize, 7usize)];
+    let ctx = RunContext {
+        cfg,
+        params: &m.params,
+        heads: &heads,
+        bos: cfg.bos_token_id,
+        tokenizer: None,
+    };
+    let ds = Dataset {
+        name: "bench".into(),
+        lengths: unpadded_lengths(toks, cfg.bos_token_id),
+        tokens: toks.clone(),
+        ioi: None,
+        answers: None,
+    };
+    let make = || {
+        metrics::cspa::DirectPath::cspa(metrics::cspa::CspaConfig {
+            heads: heads.to_vec(),
+            mean_over: "bench".into(),
+            mean_sequences: b,
+            k_fraction: 0.05,
+            only_negative: true,
+            mode: metrics::cspa::Mode::Both,
+            function_words: metrics::direct::PAPER_FUNCTION_WORDS.to_vec(),
+        })
+    };
+    let batch = opts.batch_size.clamp(1, CSPA_BATCH);
+    let probe = make();
+    let means = crate::means::compute(
+        &m.model,
+        std::slice::from_ref(&ds),
+        &metrics::Metric::mean_requests(&probe, &ctx),
+        batch,
+        cfg.bos_token_id,
+    )?;
+    let hooks = metrics::Metric::hooks(&probe, &ctx);
+    let mut cases = Vec::new();
+    let fwd = forward_flop(cfg, b, s) / 1e9;
+    if wanted(&fwd_name) {
+        cases.push(time_case(&fwd_name, fwd, 1, || {
+            for start in (0..b).step_by(batch) {
+                let t = toks.slice(s![start..(start + batch).min(b), ..]).to_owned();
+                let mut h = Hooks::caching(crate::hooks::HookFilter::names(hooks.clone()));
+                m.model.forward(&t, &mut h)?;
+                drop(h.take_cache());
+            }
+            Ok(())
+        })?);
+    }
+    if wanted(&cspa_name) {
+        let (d, v) = (cfg.d_model as f64, cfg.d_vocab as f64);
+        let tokens = (b * s) as f64;
+        // Two unembeddings per token (ablated, CSPA) and three [S, S] x D matmuls per sequence.
+        let metric = 2.0 * tokens * 2.0 * d * v + 3.0 * 2.0 * (b * s * s) as f64 * d;
+        cases.push(time_case(&cspa_name, fwd + metric / 1e9, 1, || {
+            let mut metric = make();
+            metrics::Metric::set_means(&mut metric, &means)?;
+            let mut set = crate::engine::MetricSet::new();
+            set.add("cspa", Box::new(&mut metric));
+            let engine = crate::engine::Engine::new(&m.model, &ctx, &set, batch)?;
+            engine.run_dataset(&mut set, &ds, &mut Default::default())?;
+            match set.take_first_error() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        })?);
+    }
     Ok(cases)
 }
 
@@ -672,7 +770,7 @@ pub fn prepare(dir: &Path, shapes: &[(usize, usize)]) -> Result<()> {
         );
         write_random_checkpoint(dir, &SMALL, 0)?;
     }
-    for &(b, s) in shapes {
+    for &(b, s) in shapes.iter().chain([CSPA].iter()) {
         let path = dir.join(format!("tokens_{b}x{s}.json"));
         if !path.is_file() {
             let t = random_tokens(

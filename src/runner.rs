@@ -163,70 +163,64 @@ pub(crate) fn prepare<D: SeamDevice>(
     };
     let datasets = data::build_all(spec, &ctx)?;
 
+    let shapes: Vec<metrics::registry::DatasetShape> = datasets
+        .iter()
+        .map(|d| metrics::registry::DatasetShape {
+            name: &d.name,
+            n_sequences: d.n_sequences(),
+            seq_len: d.seq_len(),
+        })
+        .collect();
+    let build_ctx = metrics::BuildCtx {
+        cfg: Some(&cfg),
+        datasets: Some(&shapes),
+        spec_dir: Some(&dir),
+    };
     let mut metrics = MetricSet::new();
     let mut weight_metrics: Vec<WeightEntry> = Vec::new();
     // Spec index of each entry of `metrics`, then of `weight_metrics` (for errors).
     let (mut spec_index, mut weight_index) = (Vec::new(), Vec::new());
     for (i, m) in spec.spec.metrics.iter().enumerate() {
         if let Some(kind) = &m.kind {
-            // Unknown options are reported on their own line, not on `kind`'s.
-            let info = metrics::BUILTINS.iter().find(|b| b.name == kind.get_ref());
-            if let Some(info) = info {
-                if let Some(key) = m
-                    .options
-                    .keys()
-                    .find(|k| !info.options.iter().any(|(o, _)| o == k))
-                {
-                    let known: Vec<&str> = info.options.iter().map(|(o, _)| *o).collect();
-                    return Err(spec.metric_error(
-                        i,
-                        key,
-                        format!(
-                            "metric '{}': unknown option '{key}' (known: {})",
-                            info.name,
-                            if known.is_empty() {
-                                "none".to_string()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    ));
+            let Some(def) = metrics::registry::find(kind.get_ref()) else {
+                let e = metrics::registry::unknown(kind.get_ref());
+                return Err(spec.error_at(kind.span(), e.to_string()));
+            };
+            // Option errors (unknown key, wrong type, bad value) go on the option's own line.
+            let built = def
+                .build(&build_ctx, &m.options)
+                .map_err(|e| spec.metric_error(i, e.key.as_deref().unwrap_or("kind"), e.msg))?;
+            let metric = match built {
+                metrics::Built::Weights(metric) => {
+                    let name = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
+                    let detail = report::views::weight_view_heads(
+                        spec,
+                        &name,
+                        &heads,
+                        cfg.n_layers,
+                        cfg.n_heads,
+                    )?;
+                    let tables = def
+                        .tables
+                        .iter()
+                        .map(|t| t.replacen(def.name, &name, 1))
+                        .collect();
+                    weight_metrics.push(WeightEntry {
+                        name,
+                        metric,
+                        detail,
+                        tables,
+                    });
+                    weight_index.push(i);
+                    continue;
                 }
-            }
-            if let Some(info) = info.filter(|b| b.weights_only) {
-                let metric = metrics::weight_builtin(kind.get_ref(), &m.options)
-                    .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
-                let name = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
-                let detail = report::views::weight_view_heads(
-                    spec,
-                    &name,
-                    &heads,
-                    cfg.n_layers,
-                    cfg.n_heads,
-                )?;
-                let tables = info
-                    .tables
-                    .iter()
-                    .map(|t| t.replacen(info.name, &name, 1))
-                    .collect();
-                weight_metrics.push(WeightEntry {
-                    name,
-                    metric,
-                    detail,
-                    tables,
-                });
-                weight_index.push(i);
-                continue;
-            }
-            let metric = metrics::builtin(kind.get_ref(), &m.options)
-                .map_err(|e| spec.error_at(kind.span(), e.to_string()))?;
+                metrics::Built::Metric(metric) => metric,
+            };
             let given = m.name.clone().unwrap_or_else(|| kind.get_ref().clone());
             let names = TableNames {
                 own: metric.name().to_string(),
                 given: given.clone(),
-                declared: info.map_or_else(Vec::new, |b| {
-                    b.tables.iter().map(|t| t.to_string()).collect()
-                }),
+                declared: def.tables.iter().map(|t| t.to_string()).collect(),
             };
             metrics.add_named(given, metric, names);
             spec_index.push(i);

@@ -29,8 +29,8 @@ pub fn list(args: &ListArgs) -> crate::Result<ExitCode> {
     println!("Built-in metrics ([[metric]] kind = \"...\"):");
     for b in BUILTINS {
         println!("  {:<20} {}", b.name, b.about);
-        for (opt, about) in b.options {
-            println!("  {:<20}   option {opt}: {about}", "");
+        for o in b.options {
+            println!("  {:<20}   option {}: {}", "", o.name, o.describe());
         }
         println!("  {:<20}   tables: {}", "", b.tables.join(", "));
     }

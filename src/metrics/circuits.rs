@@ -9,7 +9,7 @@
 
 use super::{RunContext, WeightInputs, WeightMetric};
 use crate::circuits::{self, rank_stats, Embedding};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::output::{Table, Value};
 
 /// Which circuit.
@@ -39,42 +39,42 @@ pub struct CircuitMetric {
 }
 
 impl CircuitMetric {
-    /// With its options checked: `embedding` (`W_EE` default, or `W_E`, `W_EE0`, `W_EE0A`),
-    /// `block_rows` (a positive integer).
-    pub fn new(circuit: Circuit, options: &toml::Table) -> Result<Self> {
-        let name = circuit.name();
-        let bad = |msg: String| Error::Metric {
-            metric: name.to_string(),
-            msg,
-        };
-        let embedding = match options.get("embedding") {
-            None => Embedding::WEE,
-            Some(toml::Value::String(s)) => Embedding::parse(s).ok_or_else(|| {
-                bad(format!(
-                    "option 'embedding' is '{s}'; use one of {}",
+    /// From checked options: `embedding` (`W_EE` default, or `W_E`, `W_EE0`, `W_EE0A`),
+    /// `block_rows` (1 to 2^20).
+    pub fn build(
+        circuit: Circuit,
+        o: &crate::metrics::Opts,
+    ) -> std::result::Result<crate::metrics::Built, crate::metrics::OptionError> {
+        use crate::metrics::OptionError;
+        let s = o.str("embedding").unwrap_or("W_EE");
+        let embedding = Embedding::parse(s).ok_or_else(|| {
+            OptionError::at(
+                "embedding",
+                format!(
+                    "metric '{}': option 'embedding' is '{s}'; use one of {}",
+                    circuit.name(),
                     circuits::effective::NAMES.join(", ")
-                ))
-            })?,
-            Some(other) => {
-                return Err(bad(format!(
-                    "option 'embedding' must be a string (W_EE, ...), not {other}"
-                )))
-            }
-        };
-        let block_rows = match options.get("block_rows") {
+                ),
+            )
+        })?;
+        let block_rows = match o.int("block_rows") {
             None => DEFAULT_BLOCK_ROWS,
-            Some(toml::Value::Integer(n)) if *n >= 1 && *n <= 1 << 20 => *n as usize,
-            Some(other) => {
-                return Err(bad(format!(
-                    "option 'block_rows' must be an integer from 1 to 1048576, not {other}"
-                )))
+            Some(n) if (1..=1 << 20).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(OptionError::at(
+                    "block_rows",
+                    format!(
+                        "metric '{}': option 'block_rows' must be an integer from 1 to 1048576, not {n}",
+                        circuit.name()
+                    ),
+                ))
             }
         };
-        Ok(CircuitMetric {
+        Ok(crate::metrics::Built::Weights(Box::new(CircuitMetric {
             circuit,
             embedding,
             block_rows,
-        })
+        })))
     }
 }
 

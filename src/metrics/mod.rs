@@ -13,11 +13,16 @@
 //! dataset, and a spec with only such metrics needs no dataset.
 
 pub mod circuits;
+pub mod cspa;
 pub mod device;
+pub mod direct;
+pub mod dla;
+pub mod logit_lens;
 pub mod loss;
 pub mod ops;
 pub mod plugin;
 pub mod projection_loss;
+pub mod registry;
 pub mod source_suppression;
 pub mod state;
 
@@ -248,67 +253,233 @@ impl WeightInputs {
 /// The `dataset` column of a weight metric's tables (they depend on no dataset).
 pub const WEIGHTS_DATASET: &str = "weights";
 
-/// A built-in metric's name, what it computes, and its options.
-pub struct BuiltinInfo {
-    pub name: &'static str,
-    pub about: &'static str,
-    pub options: &'static [(&'static str, &'static str)],
-    pub tables: &'static [&'static str],
-    /// Computed from the weights alone ([`WeightMetric`]): needs no dataset.
-    pub weights_only: bool,
-}
+pub use registry::{BuildCtx, Built, MetricDef, OptType, OptionDef, OptionError, Opts};
 
 /// Whether `kind` names a built-in [`WeightMetric`].
 pub fn is_weight_metric(kind: &str) -> bool {
-    BUILTINS.iter().any(|b| b.name == kind && b.weights_only)
+    registry::find(kind).is_some_and(|b| b.weights_only)
 }
 
-/// The built-in metrics (`runner list` prints this).
-pub const BUILTINS: &[BuiltinInfo] = &[
-    BuiltinInfo {
+const fn opt(
+    name: &'static str,
+    ty: OptType,
+    default: Option<&'static str>,
+    about: &'static str,
+) -> OptionDef {
+    OptionDef {
+        name,
+        ty,
+        default,
+        about,
+    }
+}
+
+const EMBEDDING: OptionDef = opt(
+    "embedding",
+    OptType::Str,
+    Some("\"W_EE\""),
+    "W_EE, W_E, W_EE0 or W_EE0A: the effective embedding of the source tokens (ov_circuit) / the key side (qk_circuit)",
+);
+const BLOCK_ROWS: OptionDef = opt(
+    "block_rows",
+    OptType::Int,
+    Some("256"),
+    "vocabulary rows per block, 1 to 1048576 (memory ~ block_rows x (heads x d_head + 1024) floats per core)",
+);
+
+/// The built-in metrics, listed once (`runner list`, the runner, views and the docs read
+/// this; [`registry`] checks the options).
+pub const BUILTINS: &[MetricDef] = &[
+    MetricDef {
         name: "source_suppression",
         about: "per head: how much the head's output at a destination suppresses the logit of the source tokens it attends to (docs/metrics.md §1)",
-        options: &[("only_negative", "bool, default false: keep only negative source coefficients")],
+        options: &[opt("only_negative", OptType::Bool, Some("false"), "keep only negative source coefficients")],
         tables: &["source_suppression", "source_suppression_per_sequence", "source_suppression_per_position"],
         weights_only: false,
+        build: |_, o| Ok(Built::Metric(Box::new(source_suppression::SourceSuppression::new(o.bool("only_negative"))))),
     },
-    BuiltinInfo {
+    MetricDef {
         name: "projection_loss",
         about: "per head: loss when the head's direct effect is kept only along / perpendicular to the source unembedding, or ablated (docs/metrics.md §2)",
-        options: &[("only_negative", "bool, default false: project only negative coefficients")],
+        options: &[opt("only_negative", OptType::Bool, Some("false"), "project only negative coefficients")],
         tables: &["projection_loss"],
         weights_only: false,
+        build: |_, o| Ok(Built::Metric(Box::new(projection_loss::ProjectionLoss::new(o.bool("only_negative"))))),
     },
-    BuiltinInfo {
+    MetricDef {
         name: "loss",
         about: "per-token cross-entropy loss of the unmodified model",
         options: &[],
         tables: &["loss"],
         weights_only: false,
+        build: |_, _| Ok(Built::Metric(Box::<loss::Loss>::default())),
     },
-    BuiltinInfo {
+    MetricDef {
         name: "ov_circuit",
         about: "per head, from the weights alone: how often the full OV circuit LN(W_EE) W_V W_O W_U ranks each source token's own logit among the most suppressed (neg) / most boosted (pos) (docs/metrics.md §4); needs no dataset",
-        options: &[
-            ("embedding", "W_EE (default), W_E, W_EE0 or W_EE0A: the source tokens' effective embedding"),
-            ("block_rows", "integer, default 256: vocabulary rows per block (memory ~ block_rows x (heads x d_head + 1024) floats per core)"),
-        ],
+        options: &[EMBEDDING, BLOCK_ROWS],
         tables: &["ov_circuit", "ov_circuit_per_token"],
         weights_only: true,
+        build: |_, o| circuits::CircuitMetric::build(circuits::Circuit::Ov, o),
     },
-    BuiltinInfo {
+    MetricDef {
         name: "qk_circuit",
         about: "per head, from the weights alone: how often the full QK circuit LN(W_U)^T W_Q W_K^T LN(W_EE) puts the diagonal (attend back to the predicted token) first (docs/metrics.md §5); needs no dataset",
-        options: &[
-            ("embedding", "W_EE (default), W_E, W_EE0 or W_EE0A: the key side's effective embedding"),
-            ("block_rows", "integer, default 256: vocabulary rows per block"),
-        ],
+        options: &[EMBEDDING, BLOCK_ROWS],
         tables: &["qk_circuit", "qk_circuit_per_token"],
         weights_only: true,
+        build: |_, o| circuits::CircuitMetric::build(circuits::Circuit::Qk, o),
+    },
+    MetricDef {
+        name: "direct_mean_ablation",
+        about: "per head: the head's direct contribution to the final residual stream replaced by its per-position mean over mean_over (final LayerNorm scale frozen): pooled KL(unchanged || ablated), loss and its increase (docs/metrics.md §7)",
+        options: &[MEAN_OVER, MEAN_SEQUENCES, ALLOW_SHORT_MEAN],
+        tables: &["direct_mean_ablation", "direct_mean_ablation_per_position"],
+        weights_only: false,
+        build: |ctx, o| {
+            let (over, n) = mean_options(ctx, o)?;
+            Ok(Built::Metric(Box::new(cspa::DirectPath::mean_ablation(over, n))))
+        },
+    },
+    MetricDef {
+        name: "cspa",
+        about: "the Copy Suppression paper's copy suppression-preserving ablation of each of `heads`: effect_explained = 1 - mean KL(CSPA) / mean KL(mean ablation) (docs/metrics.md §8)",
+        options: &[
+            opt("heads", OptType::List, Some("[\"10.7\"]"), "the heads ablated, each on its own, as \"layer.head\""),
+            MEAN_OVER,
+            MEAN_SEQUENCES,
+            ALLOW_SHORT_MEAN,
+            opt("k_fraction", OptType::Float, Some("0.05"), "in (0, 1]: at destination d the pairs scoring at least the K-th logit-lens value, K = ceil(k_fraction (d + 1)), are kept"),
+            opt("only_negative", OptType::Bool, Some("true"), "keep only the negative part of a kept pair's projection"),
+            opt("ov_only", OptType::Bool, Some("false"), "every pair kept (projection only; the paper's OV-only row)"),
+            opt("qk_only", OptType::Bool, Some("false"), "kept pairs move their output unprojected (the paper's QK-only row)"),
+            opt("function_words", OptType::Str, Some("\"paper\""), "source tokens never kept: \"paper\" (the paper's list), \"none\", or a JSON file of token ids"),
+        ],
+        tables: &["cspa", "cspa_per_position"],
+        weights_only: false,
+        build: build_cspa,
+    },
+    MetricDef {
+        name: "direct_logit_attribution",
+        about: "per head and position: the head's direct effect on the next token's logit, result / final_scale . W_U[:, target] (TL's apply_ln_to_stack + logit_attrs); with dataset answers also on logit[correct] - logit[wrong] at the last position (docs/metrics.md §9)",
+        options: &[],
+        tables: &["direct_logit_attribution", "direct_logit_attribution_per_sequence", "direct_logit_attribution_per_position"],
+        weights_only: false,
+        build: |_, _| Ok(Built::Metric(Box::<dla::DirectLogitAttribution>::default())),
+    },
+    MetricDef {
+        name: "logit_lens",
+        about: "per layer: resid_pre 0 and every resid_post through ln_final (own scale) and the unembedding: loss on the next token and mean rank of the target, per layer and position, with a layers x positions picture (docs/metrics.md §10)",
+        options: &[],
+        tables: &["logit_lens", "logit_lens_per_position"],
+        weights_only: false,
+        build: |_, _| Ok(Built::Metric(Box::<logit_lens::LogitLens>::default())),
     },
 ];
 
-/// Reads a bool option, rejecting anything else.
+const MEAN_OVER: OptionDef = opt(
+    "mean_over",
+    OptType::Dataset,
+    None,
+    "required: the [[dataset]] whose per-position mean of the head's result replaces it (the paper: OpenWebText)",
+);
+const MEAN_SEQUENCES: OptionDef = opt(
+    "mean_sequences",
+    OptType::Int,
+    Some("100"),
+    "the first this many sequences of mean_over are averaged (the paper: 100)",
+);
+const ALLOW_SHORT_MEAN: OptionDef = opt(
+    "allow_short_mean",
+    OptType::Bool,
+    Some("false"),
+    "true: average what there is when mean_over has fewer than mean_sequences sequences (else an error)",
+);
+
+/// `mean_over`, `mean_sequences`, `allow_short_mean` checked against the spec's datasets.
+fn mean_options(ctx: &BuildCtx, o: &Opts) -> std::result::Result<(String, usize), OptionError> {
+    let Some(over) = o.str("mean_over") else {
+        return Err(OptionError {
+            key: None,
+            msg: "option 'mean_over' is required: the [[dataset]] whose per-position mean replaces the head's output (the paper averages 100 OpenWebText sequences)".into(),
+        });
+    };
+    let n = o.int("mean_sequences").unwrap_or(100);
+    if n < 1 {
+        return Err(OptionError::at(
+            "mean_sequences",
+            format!("option 'mean_sequences' must be at least 1, not {n}"),
+        ));
+    }
+    let mut n = n as usize;
+    if let Some(d) = ctx.dataset(over) {
+        if d.n_sequences < n {
+            if !o.bool("allow_short_mean") {
+                return Err(OptionError::at(
+                    "mean_over",
+                    format!(
+                        "option 'mean_over': dataset '{over}' has {} sequences, fewer than the {n} the mean is over; give it more, lower `mean_sequences`, or set `allow_short_mean = true` to average the {} there are",
+                        d.n_sequences, d.n_sequences
+                    ),
+                ));
+            }
+            n = d.n_sequences;
+        }
+        if let Some(longer) = ctx
+            .datasets
+            .into_iter()
+            .flatten()
+            .find(|x| x.seq_len > d.seq_len)
+        {
+            return Err(OptionError::at(
+                "mean_over",
+                format!(
+                    "option 'mean_over': dataset '{over}' has sequences of {} tokens, but '{}' has {}: the per-position mean needs every position",
+                    d.seq_len, longer.name, longer.seq_len
+                ),
+            ));
+        }
+    }
+    Ok((over.to_string(), n))
+}
+
+fn build_cspa(ctx: &BuildCtx, o: &Opts) -> std::result::Result<Built, OptionError> {
+    let heads = registry::parse_heads("heads", o.list("heads").unwrap_or(&[]), ctx.cfg)?;
+    let (mean_over, mean_sequences) = mean_options(ctx, o)?;
+    let k = o.float("k_fraction").unwrap_or(0.05);
+    if !(k > 0.0 && k <= 1.0) {
+        return Err(OptionError::at(
+            "k_fraction",
+            format!("option 'k_fraction' must be in (0, 1], not {k}"),
+        ));
+    }
+    let mode =
+        match (o.bool("ov_only"), o.bool("qk_only")) {
+            (false, false) => cspa::Mode::Both,
+            (true, false) => cspa::Mode::OvOnly,
+            (false, true) => cspa::Mode::QkOnly,
+            (true, true) => return Err(OptionError::at(
+                "qk_only",
+                "options 'ov_only' and 'qk_only' exclude each other (both false is the full CSPA)",
+            )),
+        };
+    let fw = o.str("function_words").unwrap_or("paper");
+    let function_words = cspa::function_words_option(fw, ctx.spec_dir)
+        .map_err(|e| OptionError::at("function_words", format!("option 'function_words': {e}")))?;
+    Ok(Built::Metric(Box::new(cspa::DirectPath::cspa(
+        cspa::CspaConfig {
+            heads,
+            mean_over,
+            mean_sequences,
+            k_fraction: k,
+            only_negative: o.bool("only_negative"),
+            mode,
+            function_words,
+        },
+    ))))
+}
+
+/// Reads a bool option, rejecting anything else (for metrics outside the registry).
 pub fn bool_option(metric: &str, options: &toml::Table, key: &str, default: bool) -> Result<bool> {
     match options.get(key) {
         None => Ok(default),
@@ -320,82 +491,31 @@ pub fn bool_option(metric: &str, options: &toml::Table, key: &str, default: bool
     }
 }
 
-/// Rejects options a built-in does not know.
-fn check_options(info: &BuiltinInfo, options: &toml::Table) -> Result<()> {
-    for key in options.keys() {
-        if !info.options.iter().any(|(k, _)| k == key) {
-            let known: Vec<&str> = info.options.iter().map(|(k, _)| *k).collect();
-            return Err(Error::Metric {
-                metric: info.name.to_string(),
-                msg: format!(
-                    "unknown option '{key}' (known: {})",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            });
-        }
-    }
-    Ok(())
+/// A built-in by name with its options checked, knowing nothing of the run (tests, bench).
+pub fn build_builtin(kind: &str, options: &toml::Table) -> Result<Built> {
+    let def = registry::find(kind).ok_or_else(|| registry::unknown(kind))?;
+    def.build(&BuildCtx::default(), options)
+        .map_err(|e| e.into_error(kind))
 }
 
 /// A built-in metric by name, with its options checked.
 pub fn builtin(kind: &str, options: &toml::Table) -> Result<Box<dyn Metric>> {
-    let info = BUILTINS
-        .iter()
-        .find(|b| b.name == kind)
-        .ok_or_else(|| Error::Metric {
+    match build_builtin(kind, options)? {
+        Built::Metric(m) => Ok(m),
+        Built::Weights(_) => Err(Error::Metric {
             metric: kind.to_string(),
-            msg: format!(
-                "unknown metric (built-ins: {}; or use `plugin = ...`)",
-                BUILTINS
-                    .iter()
-                    .map(|b| b.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })?;
-    check_options(info, options)?;
-    Ok(match kind {
-        "source_suppression" => Box::new(source_suppression::SourceSuppression::new(bool_option(
-            kind,
-            options,
-            "only_negative",
-            false,
-        )?)),
-        "projection_loss" => Box::new(projection_loss::ProjectionLoss::new(bool_option(
-            kind,
-            options,
-            "only_negative",
-            false,
-        )?)),
-        "loss" => Box::new(loss::Loss::default()),
-        _ if info.weights_only => {
-            return Err(Error::Metric {
-                metric: kind.to_string(),
-                msg: "is computed from the weights (use `weight_builtin`)".into(),
-            })
-        }
-        _ => unreachable!("BUILTINS and this match list the same names"),
-    })
+            msg: "is computed from the weights (use `weight_builtin`)".into(),
+        }),
+    }
 }
 
 /// A built-in weight metric by name, with its options checked.
 pub fn weight_builtin(kind: &str, options: &toml::Table) -> Result<Box<dyn WeightMetric>> {
-    let info = BUILTINS
-        .iter()
-        .find(|b| b.name == kind && b.weights_only)
-        .ok_or_else(|| Error::Metric {
+    match build_builtin(kind, options)? {
+        Built::Weights(m) => Ok(m),
+        Built::Metric(_) => Err(Error::Metric {
             metric: kind.to_string(),
             msg: "not a built-in weight metric".into(),
-        })?;
-    check_options(info, options)?;
-    let circuit = match kind {
-        "ov_circuit" => circuits::Circuit::Ov,
-        "qk_circuit" => circuits::Circuit::Qk,
-        _ => unreachable!("BUILTINS and this match list the same names"),
-    };
-    Ok(Box::new(circuits::CircuitMetric::new(circuit, options)?))
+        }),
+    }
 }

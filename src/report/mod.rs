@@ -8,6 +8,7 @@
 //!   layers x positions with the tokens on the axis, as the IOI notebooks draw `recovered`);
 //! - [`views`]: `view_<metric>_<dataset>.svg` per `[[view]]` (the notebook's
 //!   `investigate_a_few_heads`), and checking `[[view]]` entries before a run;
+//! - [`lens`]: `logit_lens_<dataset>.svg`, stages x positions with the tokens on the axis;
 //! - [`attention`]: `attention_<dataset>.html`, the heads of that dataset's views on its
 //!   first sequences, one at a time (CircuitsVis's `attention_patterns`), from small forward passes;
 //! - [`index`]: `index.html`, linking all of it;
@@ -23,6 +24,7 @@ pub mod draw;
 pub mod heatmap;
 pub mod index;
 pub mod intervention;
+pub mod lens;
 pub mod prompt;
 pub mod views;
 
@@ -87,6 +89,9 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
     let (heatmaps, problems) =
         heatmap::write_head_heatmaps(input.out_dir, input.tables, cfg.n_layers, cfg.n_heads);
     out.problems.extend(problems);
+    let (lens, problems) = lens::write_lens_pictures(input.out_dir, input.tables);
+    out.problems.extend(problems);
+    let heatmaps: Vec<PathBuf> = heatmaps.into_iter().chain(lens).collect();
 
     let token_text = |id: u32| match &input.loaded.tokenizer {
         Some(t) => t.decode_one(id),

@@ -9,6 +9,7 @@ mod checkpoint_errors;
 mod circuits;
 mod common;
 mod compare_cli;
+mod cspa;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod data;

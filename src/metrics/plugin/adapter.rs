@@ -17,6 +17,7 @@ use super::host::{host_emit_row, host_get_activation, host_get_weight, HostCtx, 
 use super::{locate, plugin_error, PluginInfo};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::metrics::registry::OptType;
 use crate::metrics::state::Array;
 use crate::metrics::{BatchView, Metric, RunContext, State};
 use crate::output::Table;
@@ -120,23 +121,20 @@ impl PluginAdapter {
             key,
             error: plugin_error(&label, msg),
         };
-        let declared = &plugin.info.options;
-        for key in options.keys() {
-            if !declared.iter().any(|(n, _)| n == key) {
-                let known: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
-                return Err(option_error(
-                    Some(key.clone()),
-                    format!(
-                        "unknown option '{key}' (known: {})",
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                ));
-            }
-        }
+        // The same checks as a built-in's options (`metrics::registry`): undeclared keys
+        // are errors, and a declared type (the description's first word, e.g. "bool,
+        // default false: ...") is enforced before `create` sees the value.
+        crate::metrics::registry::check_options(
+            &label,
+            plugin
+                .info
+                .options
+                .iter()
+                .map(|(n, about)| (n.as_str(), OptType::from_about(about), None)),
+            options,
+            None,
+        )
+        .map_err(|e| option_error(e.key, e.msg))?;
         let json = options_json(options).map_err(|m| option_error(None, m))?;
         let json = CString::new(json.to_string())
             .map_err(|_| option_error(None, "options contain a NUL character".into()))?;
