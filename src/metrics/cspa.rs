@@ -540,12 +540,10 @@ impl Metric for DirectPath {
         if let Some(m) = self.pending.take() {
             self.set_head_means(ctx, &m)?;
         }
-        if self.means.is_empty() {
-            return Err(Error::Metric {
-                metric: self.name.into(),
-                msg: format!("the mean over '{}' was not computed", self.mean_over),
-            });
-        }
+        // No means is only an error where they are read (`batch`): a merge of shards or a
+        // resumed run past its last batch restores states and finishes without them, so the
+        // heads do not wait for the means either.
+        self.heads = self.heads_of(ctx);
         let s = dataset.seq_len();
         if let Some(short) = self.means.iter().find(|m| m.nrows() < s) {
             return Err(Error::Metric {
@@ -570,6 +568,12 @@ impl Metric for DirectPath {
     }
 
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
+        if self.means.is_empty() {
+            return Err(Error::Metric {
+                metric: self.name.into(),
+                msg: format!("the mean over '{}' was not computed", self.mean_over),
+            });
+        }
         let which = match &self.cspa {
             Some(c) => Which::Cspa(c, &self.function),
             None => Which::Ablation,

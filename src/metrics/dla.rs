@@ -153,16 +153,14 @@ impl Metric for DirectLogitAttribution {
     fn finish_dataset(&mut self, ctx: &RunContext, _dataset: &Dataset) -> Result<Vec<Table>> {
         let s = self.seq_len;
         let lens = &self.lengths;
-        let mut cols = vec!["layer", "head", "dla", "n_tokens"];
-        if self.has_answers {
-            cols.push("logit_diff");
-        }
-        let mut summary =
-            Table::new("direct_logit_attribution", &cols).per_head(if self.has_answers {
-                "logit_diff"
-            } else {
-                "dla"
-            });
+        // The same columns for every dataset (one CSV holds them all): `logit_diff` is NaN,
+        // counted as undefined, on a dataset without answers.
+        let mut summary = Table::new(
+            "direct_logit_attribution",
+            &["layer", "head", "dla", "n_tokens", "logit_diff"],
+        )
+        .per_head("dla")
+        .undefined_as_nan("logit_diff");
         let mut per_seq = Table::new(
             "direct_logit_attribution_per_sequence",
             &["layer", "head", "seq", "value", "logit_diff"],
@@ -180,10 +178,11 @@ impl Metric for DirectLogitAttribution {
             let (mean, n) = direct::pooled(dla, s, |i| lens[i].saturating_sub(1));
             let ld = self.per_seq.get(0, hi);
             let mut row: Vec<Value> = vec![l.into(), h.into(), Value::Float(mean), n.into()];
-            if self.has_answers {
-                let m = ld.iter().map(|&x| x as f64).sum::<f64>() / ld.len().max(1) as f64;
-                row.push(Value::Float(m));
-            }
+            row.push(Value::Float(if self.has_answers {
+                ld.iter().map(|&x| x as f64).sum::<f64>() / ld.len().max(1) as f64
+            } else {
+                f64::NAN
+            }));
             summary.push(row);
             for (i, &len) in lens.iter().enumerate() {
                 let (m, _) = direct::pooled(&dla[i * s..(i + 1) * s], s, |_| len.saturating_sub(1));

@@ -246,14 +246,14 @@ pub fn write_head_heatmaps(
     tables: &[(String, &Table)],
     n_layers: usize,
     n_heads: usize,
+    skip: &[String],
 ) -> (Vec<PathBuf>, Vec<String>) {
     let mut names: Vec<&str> = Vec::new();
     for (_, t) in tables {
-        // Intervention tables have pictures of their own (`super::intervention`).
-        if t.head_score.is_some()
-            && !super::intervention::is_intervention_table(t)
-            && !names.contains(&t.name.as_str())
-        {
+        // Intervention tables (`skip`, named by the plan, not guessed from their columns:
+        // `projection_loss` has a `loss_orig` too) have pictures of their own
+        // (`super::intervention`).
+        if t.head_score.is_some() && !skip.contains(&t.name) && !names.contains(&t.name.as_str()) {
             names.push(&t.name);
         }
     }

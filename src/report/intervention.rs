@@ -452,10 +452,22 @@ pub fn write_intervention_heatmaps(
     n_layers: usize,
     n_heads: usize,
     token_text: &dyn Fn(u32) -> String,
+    planned: &[String],
 ) -> (Vec<PathBuf>, Vec<String>) {
+    // Only the tables the plan names: a metric's table may carry the same columns
+    // (`projection_loss` has `loss_orig`), and it has a picture of its own.
     let mut names: Vec<&str> = Vec::new();
     for (_, t) in tables {
-        if is_intervention_table(t) && !names.contains(&t.name.as_str()) {
+        // Heads swept `together` are keyed by a label ("0+2"), not a head: such a table
+        // has no layers x heads grid to draw, and its CSV says it all.
+        let together = t
+            .col("head")
+            .is_some_and(|c| t.rows.iter().any(|r| matches!(r[c], Value::Str(_))));
+        if planned.contains(&t.name)
+            && is_intervention_table(t)
+            && !together
+            && !names.contains(&t.name.as_str())
+        {
             names.push(&t.name);
         }
     }

@@ -85,9 +85,20 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
     let cfg = input.loaded.cfg();
     let mut out = ReportOutput::default();
     let mut notes = Vec::new();
+    // The intervention tables, by the names the plan gives them (it was checked before the
+    // run, so it plans again without error).
+    let planned: Vec<String> =
+        crate::interventions::plan(input.spec, cfg, input.heads, input.datasets)
+            .map(|p| p.into_iter().map(|p| p.name).collect())
+            .unwrap_or_default();
 
-    let (heatmaps, problems) =
-        heatmap::write_head_heatmaps(input.out_dir, input.tables, cfg.n_layers, cfg.n_heads);
+    let (heatmaps, problems) = heatmap::write_head_heatmaps(
+        input.out_dir,
+        input.tables,
+        cfg.n_layers,
+        cfg.n_heads,
+        &planned,
+    );
     out.problems.extend(problems);
     let (lens, problems) = lens::write_lens_pictures(input.out_dir, input.tables);
     out.problems.extend(problems);
@@ -104,6 +115,7 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
         cfg.n_layers,
         cfg.n_heads,
         &token_text,
+        &planned,
     );
     out.problems.extend(problems);
 

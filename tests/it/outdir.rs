@@ -607,7 +607,8 @@ fn item8_spec_errors_have_line_and_column() {
         ),
         (
             SPEC.replace("n = 3", "n = 3\nseq_len = 4"),
-            "spec.toml:9:1",
+            // At the key itself (`data::build_all` locates dataset errors by their key).
+            "spec.toml:13:1",
             "seq_len",
         ),
         (

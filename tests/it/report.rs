@@ -404,7 +404,7 @@ fn pictures_of_small_and_large_values_read_right() {
         let tables = vec![("ioi".to_string(), &t1), ("webtext".to_string(), &t2)];
         let sub = dir.join(case);
         std::fs::create_dir_all(&sub).unwrap();
-        let (files, problems) = report::heatmap::write_head_heatmaps(&sub, &tables, 12, 12);
+        let (files, problems) = report::heatmap::write_head_heatmaps(&sub, &tables, 12, 12, &[]);
         assert!(problems.is_empty(), "{problems:?}");
         let svg = std::fs::read_to_string(&files[0]).unwrap();
         let texts = svg_texts(&files[0]);
@@ -1029,7 +1029,7 @@ fn demo_results() {
             .collect();
         csvs.push(output::write_csv(&shaped, &parts).unwrap());
     }
-    let (heatmaps, problems) = report::heatmap::write_head_heatmaps(&shaped, &refs, 12, 12);
+    let (heatmaps, problems) = report::heatmap::write_head_heatmaps(&shaped, &refs, 12, 12, &[]);
     assert!(problems.is_empty(), "{problems:?}");
     let view = views::ResolvedView {
         metric: "source_suppression".into(),
@@ -1312,10 +1312,15 @@ fn intervention_heatmap_shows_recovered_per_head() {
         Some(Shown::Column("recovered".into()))
     );
     let tables = vec![("flipped".to_string(), &t)];
-    let (files, problems) =
-        intervention::write_intervention_heatmaps(&dir, &tables, &[], 12, 12, &|id| {
-            format!("#{id}")
-        });
+    let (files, problems) = intervention::write_intervention_heatmaps(
+        &dir,
+        &tables,
+        &[],
+        12,
+        12,
+        &|id| format!("#{id}"),
+        &["patch_z".to_string()],
+    );
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!(files, vec![dir.join("patch_z.svg")]);
     let texts = svg_texts(&files[0]);
@@ -1387,8 +1392,15 @@ fn intervention_heatmap_shows_tokens_on_the_positions_axis() {
         }
     };
     let tables = vec![("clean".to_string(), &t)];
-    let (files, problems) =
-        intervention::write_intervention_heatmaps(&dir, &tables, &[ds], 12, 12, &text);
+    let (files, problems) = intervention::write_intervention_heatmaps(
+        &dir,
+        &tables,
+        &[ds],
+        12,
+        12,
+        &text,
+        &["patch_resid_pre".to_string()],
+    );
     assert!(problems.is_empty(), "{problems:?}");
     let texts = svg_texts(&files[0]);
     for want in ["0 <bos>", "1 ·When", "2 ·Mary", "5 ·went"] {

@@ -38,6 +38,12 @@ short = "pad"
     );
     for b in hookgraph::metrics::BUILTINS {
         text += &format!("[[metric]]\nkind = \"{}\"\n", b.name);
+        // The direct-path metrics average another dataset (the paper takes 100 sequences).
+        match b.name {
+            "cspa" => text += "heads = [\"1.0\"]\nmean_over = \"web\"\nmean_sequences = 6\n",
+            "direct_mean_ablation" => text += "mean_over = \"web\"\nmean_sequences = 6\n",
+            _ => {}
+        }
     }
     text += extra;
     let path = dir.join("spec.toml");

@@ -501,7 +501,8 @@ fn item5_a_misspelt_plugin_option_is_a_spec_error_before_compute() {
     let (code, stderr) = case.run(&[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("mask_bos must be true or false"),
+        // Typed by the registry's one option checker, from the plugin's declaration.
+        stderr.contains("option 'mask_bos' must be a bool, not 3"),
         "{stderr}"
     );
 }
