@@ -29,25 +29,63 @@ use crate::error::{Error, Result};
 /// The most shards `--shard I/N` accepts before looking at the data.
 pub const MAX_SHARDS: usize = 1 << 20;
 
-/// `--shard I/N`: the I-th (from 0) of N slices of the work.
+/// `--shard I/N`: the I-th (from 0) of N slices of the work. Every way in (the command
+/// line, a directory name, a shard's `shard.json`) goes through [`Shard::new`], so a value
+/// of this type always has `0 <= index < count <= MAX_SHARDS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawShard")]
 pub struct Shard {
     pub index: usize,
     pub count: usize,
+}
+
+/// A shard as a file spells it, before [`Shard::new`] has checked it.
+#[derive(Deserialize)]
+struct RawShard {
+    index: usize,
+    count: usize,
+}
+
+impl TryFrom<RawShard> for Shard {
+    type Error = String;
+    fn try_from(raw: RawShard) -> std::result::Result<Self, String> {
+        Shard::new(raw.index, raw.count)
+    }
 }
 
 impl Shard {
     /// The whole run as one shard.
     pub const WHOLE: Shard = Shard { index: 0, count: 1 };
 
+    /// `I/N` with `0 <= I < N <= MAX_SHARDS`. Before anything is touched: no run has a
+    /// million shards, and a count near `usize::MAX` would make a merge enumerate (and
+    /// allocate for) every missing shard. The data's own bound comes at planning
+    /// ([`Shard::check_fits`]).
+    pub fn new(index: usize, count: usize) -> std::result::Result<Shard, String> {
+        if count == 0 || index >= count {
+            return Err(format!(
+                "shard {index}/{count}: expected I/N with 0 <= I < N, e.g. --shard 0/4"
+            ));
+        }
+        if count > MAX_SHARDS {
+            return Err(format!(
+                "shard {index}/{count}: N = {count} shards is more than hookgraph accepts ({MAX_SHARDS}); a shard gets at least one sequence"
+            ));
+        }
+        Ok(Shard { index, count })
+    }
+
     /// Sequences `[start, end)` of a dataset of `n` sequences that this shard runs: whole
     /// batches of `batch_size`, N contiguous slices as even as batches allow (a shard may be
     /// empty when there are fewer batches than shards).
     pub fn range(&self, n: usize, batch_size: usize) -> Range<usize> {
-        let batches = n.div_ceil(batch_size.max(1));
-        let lo = self.index * batches / self.count;
-        let hi = (self.index + 1) * batches / self.count;
-        (lo * batch_size).min(n)..(hi * batch_size).min(n)
+        // In u128: index * batches cannot overflow for any usize inputs, so the slice is
+        // exact even for counts that [`Shard::new`] would refuse.
+        let batches = n.div_ceil(batch_size.max(1)) as u128;
+        let (index, count) = (self.index as u128, self.count.max(1) as u128);
+        let bs = batch_size as u128;
+        let at = |k: u128| (k * batches / count * bs).min(n as u128) as usize;
+        at(index)..at(index + 1)
     }
 
     /// `I-of-N`, the shard's directory name under `shards/`.
@@ -58,11 +96,7 @@ impl Shard {
     /// Parses a directory name made by [`Shard::dir_name`].
     pub fn from_dir_name(s: &str) -> Option<Shard> {
         let (i, n) = s.split_once("-of-")?;
-        let shard = Shard {
-            index: i.parse().ok()?,
-            count: n.parse().ok()?,
-        };
-        (shard.index < shard.count).then_some(shard)
+        Shard::new(i.parse().ok()?, n.parse().ok()?).ok()
     }
 }
 
@@ -84,15 +118,7 @@ impl std::str::FromStr for Shard {
         if count == 0 || index >= count {
             return Err(bad());
         }
-        // Before anything is touched: no run has a million shards, and a count near
-        // usize::MAX overflows the slice arithmetic. The data's own bound comes at planning
-        // ([`Shard::check_fits`]).
-        if count > MAX_SHARDS {
-            return Err(format!(
-                "'{s}': N = {count} shards is more than hookgraph accepts ({MAX_SHARDS}); a shard gets at least one sequence"
-            ));
-        }
-        Ok(Shard { index, count })
+        Shard::new(index, count).map_err(|e| format!("'{s}': {e}"))
     }
 }
 
@@ -372,5 +398,31 @@ mod tests {
             Some(Shard { index: 1, count: 4 })
         );
         assert_eq!(Shard::from_dir_name("4-of-4"), None);
+        assert_eq!(Shard::from_dir_name("0-of-18446744073709551615"), None);
+    }
+
+    /// A `shard.json` is read back through the same checks as `--shard`: an edited count
+    /// near `usize::MAX` (the fuzzer's find) is refused, not multiplied.
+    #[test]
+    fn shard_read_from_a_file_is_checked() {
+        let read = |t: &str| serde_json::from_str::<Shard>(t);
+        assert_eq!(
+            read(r#"{"index":1,"count":2}"#).unwrap(),
+            Shard { index: 1, count: 2 }
+        );
+        for bad in [
+            r#"{"index":2,"count":2}"#,
+            r#"{"index":0,"count":0}"#,
+            r#"{"index":9799832789158199296,"count":18446744073709551615}"#,
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        // And the slice arithmetic itself cannot overflow, whatever the values.
+        let huge = Shard {
+            index: 9799832789158199296,
+            count: 18446744073709551615,
+        };
+        let r = huge.range(usize::MAX, 1);
+        assert!(r.start <= r.end);
     }
 }

@@ -727,3 +727,17 @@ fn regression_config_sizes_beyond_any_gpt2_are_refused() {
         }
     }
 }
+
+#[test]
+fn regression_shard_manifest_with_a_huge_shard_count_is_refused() {
+    // A shard.json edited to index 9799832789158199296 of 8070450532247928832 parsed, then
+    // overflowed `(index + 1) * batches` in `Shard::range` (CI, 2026-12-06).
+    let text = r#"{"index": 9799832789158199296, "count": 8070450532247928832}"#;
+    assert!(serde_json::from_str::<Shard>(text).is_err());
+    let s = Shard {
+        index: 9799832789158199296,
+        count: 8070450532247928832,
+    };
+    let r = s.range(3, 2);
+    assert!(r.start <= r.end && r.end <= 3, "{r:?}");
+}
