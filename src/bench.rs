@@ -266,27 +266,35 @@ fn sweep<D: SeamDevice>(
     tokens: &Array2<u32>,
     batch_size: usize,
 ) -> Result<()> {
+    with_every_head(m, |ctx| {
+        let cfg = ctx.cfg;
+        let ds = Dataset {
+            name: "bench".into(),
+            lengths: unpadded_lengths(tokens, cfg.bos_token_id),
+            tokens: tokens.clone(),
+            ioi: None,
+            answers: None,
+        };
+        let mut metric = metrics::builtin(kind, &toml::Table::new())?;
+        crate::engine::run_metric(&m.model, ctx, metric.as_mut(), &ds, batch_size)?;
+        Ok(())
+    })
+}
+
+/// Calls `f` with the run context of a sweep over every head of `m`, as `heads = "all"`
+/// gives it.
+fn with_every_head<D: SeamDevice, R>(m: &LoadedModel<D>, f: impl FnOnce(&RunContext) -> R) -> R {
     let cfg = m.cfg();
     let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
         .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
         .collect();
-    let ctx = RunContext {
+    f(&RunContext {
         cfg,
         params: &m.params,
         heads: &heads,
         bos: cfg.bos_token_id,
         tokenizer: None,
-    };
-    let ds = Dataset {
-        name: "bench".into(),
-        lengths: unpadded_lengths(tokens, cfg.bos_token_id),
-        tokens: tokens.clone(),
-        ioi: None,
-        answers: None,
-    };
-    let mut metric = metrics::builtin(kind, &toml::Table::new())?;
-    crate::engine::run_metric(&m.model, &ctx, metric.as_mut(), &ds, batch_size)?;
-    Ok(())
+    })
 }
 
 /// One intervention case, as a spec would declare it: `kind` (`ablate` with `value = "zero"`,
@@ -381,32 +389,23 @@ fn run_intervention<D: SeamDevice>(
     datasets: &[Dataset],
     batch_size: usize,
 ) -> Result<()> {
-    let cfg = m.cfg();
-    let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
-        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
-        .collect();
-    let ctx = RunContext {
-        cfg,
-        params: &m.params,
-        heads: &heads,
-        bos: cfg.bos_token_id,
-        tokenizer: None,
-    };
-    let plan = crate::interventions::plan(spec, cfg, &heads, datasets)?
-        .pop()
-        .ok_or_else(|| Error::Other("the bench spec plans no intervention".into()))?;
-    let seq_len = datasets[0].seq_len();
-    let mut sweep =
-        crate::interventions::sweep::Sweep::new(plan, datasets, batch_size, seq_len, cfg);
-    crate::engine::run_metric_with_means(
-        &m.model,
-        &ctx,
-        &mut sweep,
-        &datasets[0],
-        datasets,
-        batch_size,
-    )?;
-    Ok(())
+    with_every_head(m, |ctx| {
+        let plan = crate::interventions::plan(spec, ctx.cfg, ctx.heads, datasets)?
+            .pop()
+            .ok_or_else(|| Error::Other("the bench spec plans no intervention".into()))?;
+        let seq_len = datasets[0].seq_len();
+        let mut sweep =
+            crate::interventions::sweep::Sweep::new(plan, datasets, batch_size, seq_len, ctx.cfg);
+        crate::engine::run_metric_with_means(
+            &m.model,
+            ctx,
+            &mut sweep,
+            &datasets[0],
+            datasets,
+            batch_size,
+        )?;
+        Ok(())
+    })
 }
 
 /// The forward's matmuls per layer (`[M, k] @ [k, n]`), M = tokens per batch: the fused

@@ -128,6 +128,9 @@ pub(crate) struct Prepared<D: SeamDevice> {
     pub metrics: MetricSet<'static>,
     /// Metrics of the weights alone (`ov_circuit`, ...), computed once per run.
     pub weight_metrics: Vec<WeightEntry>,
+    /// The `[[intervention]]` tables as planned (their pictures are the intervention
+    /// heatmaps; the write phase takes the names from here, never planning again).
+    pub intervention_tables: Vec<String>,
 }
 
 /// A weight metric of the run: its name, the metric, and the heads whose per-token table
@@ -323,6 +326,7 @@ pub(crate) fn prepare<D: SeamDevice>(
     let plans = crate::interventions::plan(spec, &cfg, &heads, &datasets)?;
     let owner_names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let seq_len = datasets.iter().map(Dataset::seq_len).max().unwrap_or(1);
+    let intervention_tables: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
     for p in plans {
         let iv = &spec.spec.interventions[p.index];
         let span = iv.name.as_ref().map_or(iv.kind.span(), |n| n.span());
@@ -359,6 +363,7 @@ pub(crate) fn prepare<D: SeamDevice>(
         datasets,
         metrics,
         weight_metrics,
+        intervention_tables,
     })
 }
 
@@ -547,6 +552,7 @@ fn run_on<D: SeamDevice>(
         datasets,
         mut metrics,
         mut weight_metrics,
+        intervention_tables,
     } = prepare(dev, spec, opts.quiet)?;
     // No run writes over what it reads.
     crate::outdir::check_inputs_outside(&Target::check(&out_dir)?, &run_inputs(spec, &loaded))?;
@@ -668,6 +674,7 @@ fn run_on<D: SeamDevice>(
             loaded: &loaded,
             heads: &heads,
             datasets: &datasets,
+            intervention_tables: &intervention_tables,
             quiet: opts.quiet,
             t0,
             load_seconds,
@@ -777,6 +784,8 @@ pub struct WriteInput<'a, D: SeamDevice> {
     pub loaded: &'a LoadedModel<D>,
     pub heads: &'a [(usize, usize)],
     pub datasets: &'a [Dataset],
+    /// The `[[intervention]]` tables ([`Prepared::intervention_tables`]).
+    pub intervention_tables: &'a [String],
     pub quiet: bool,
     /// When the run started, and how long loading took (for the manifest).
     pub t0: Instant,
@@ -893,6 +902,7 @@ pub fn write_results<D: SeamDevice>(
         loaded,
         heads,
         datasets,
+        intervention_tables: w.intervention_tables,
         tables: &report_tables,
         csv_files: &files,
         device: kind.to_string(),

@@ -584,9 +584,18 @@ impl LoadedSpec {
                     .map_or(true, |k| !crate::metrics::is_weight_metric(k.get_ref()))
             });
         if s.datasets.is_empty() && needs_data {
-            return Err(self.error(
-                "at least one [[dataset]] is needed (only weight metrics such as ov_circuit and qk_circuit run without one)",
-            ));
+            // At the first table that reads activations: that is what needs the data.
+            let msg = "at least one [[dataset]] is needed (only weight metrics such as ov_circuit and qk_circuit run without one)";
+            let metric = s.metrics.iter().position(|m| {
+                m.kind
+                    .as_ref()
+                    .map_or(true, |k| !crate::metrics::is_weight_metric(k.get_ref()))
+            });
+            return Err(match (metric, s.interventions.first()) {
+                (Some(i), _) => self.metric_error(i, "kind", msg),
+                (None, Some(iv)) => self.error_at(iv.kind.span(), msg),
+                (None, None) => self.error(msg),
+            });
         }
         let mut seen = BTreeSet::new();
         for (i, d) in s.datasets.iter().enumerate() {
@@ -599,7 +608,14 @@ impl LoadedSpec {
             }
         }
         if s.metrics.is_empty() && s.interventions.is_empty() {
-            return Err(self.error("at least one [[metric]] or [[intervention]] is needed"));
+            // At the end of the file, where the missing table goes.
+            let end = self.text.trim_end().len();
+            let msg = "at least one [[metric]] or [[intervention]] is needed: add one below (`runner list` shows the kinds)";
+            return Err(if end == 0 {
+                self.error(msg)
+            } else {
+                self.error_at(end..end + 1, msg)
+            });
         }
         for (i, m) in s.metrics.iter().enumerate() {
             match (&m.kind, &m.plugin) {
@@ -806,6 +822,33 @@ kind = "loss"
         );
         let err = s.check_heads(1, 3).unwrap_err().to_string();
         assert!(err.starts_with("x.toml:3:9:"), "{err}");
+    }
+
+    /// The two "nothing to run" errors point at the table that needs what is missing, or
+    /// at the end of the file where the missing table goes.
+    #[test]
+    fn missing_tables_are_located() {
+        let err = |t: &str| {
+            LoadedSpec::from_str(t, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        // Without its dataset, OK's `kind = "loss"` is line 7; without its metric, line 9 ends it.
+        let no_data = OK.replace(
+            "[[dataset]]\nname = \"d\"\nkind = \"prompts\"\nprompts = [\"hi\"]\n",
+            "",
+        );
+        assert_ne!(no_data, OK);
+        let e = err(&no_data);
+        assert!(e.starts_with("x.toml:7:1: at least one [[dataset]]"), "{e}");
+        let no_metric = OK.replace("[[metric]]\nkind = \"loss\"\n", "");
+        assert_ne!(no_metric, OK);
+        let e = err(&no_metric);
+        assert!(e.starts_with("x.toml:9:"), "{e}");
+        assert!(
+            e.contains("at least one [[metric]] or [[intervention]]"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use ndarray::{Array2, ArrayD};
 
-use super::measure::{score_seq, SeqScore, Unembed};
+use super::measure::{score, Rows, SeqScore, Unembed};
 use super::write::{write_unit, WriteInputs};
 use super::{Hook, Kind, Plan, Unit, Value};
 use crate::data::Dataset;
@@ -237,27 +237,18 @@ impl Metric for Sweep {
             crate::model::ResumeAt::Pre(nl),
             last.as_slice().expect("standard"),
         )?;
-        let mut scratch = Vec::new();
-        let mut clean_lp: Vec<Vec<f32>> = Vec::new();
-        for i in 0..b {
-            let tok = tokens.row(i);
-            let tok = tok.as_slice().expect("standard");
-            acc.orig[batch.start + i] = score_seq(
-                &u,
-                m,
-                &x_clean,
-                i,
-                s,
-                tok,
-                lens[i],
-                answers[i],
-                None,
-                &mut scratch,
-            );
-            if m.kl {
-                clean_lp.push(scratch[..lens[i] * u.v].to_vec());
-            }
-        }
+        let tok_flat = tokens.as_slice().expect("standard");
+        let batch_rows = Rows {
+            x: &[],
+            n_seq: 0,
+            s,
+            tokens: tok_flat,
+            lens: &lens,
+            answers: &answers,
+            first_changed: None,
+        };
+        let (orig, clean) = score(&u, m, &batch_rows.over(&x_clean, d), None, true);
+        acc.orig[batch.start..batch.start + b].copy_from_slice(&orig);
 
         acc.seen[batch.start..batch.start + b].fill(1);
 
@@ -284,21 +275,8 @@ impl Metric for Sweep {
                     logit_diff: true,
                     ..Default::default()
                 };
-                for i in 0..b {
-                    let tok = tokens.row(i);
-                    acc.source[batch.start + i] = score_seq(
-                        &u,
-                        only_ld,
-                        &x_src,
-                        i,
-                        s,
-                        tok.as_slice().expect("standard"),
-                        lens[i],
-                        answers[i],
-                        None,
-                        &mut scratch,
-                    );
-                }
+                let (src, _) = score(&u, only_ld, &batch_rows.over(&x_src, d), None, false);
+                acc.source[batch.start..batch.start + b].copy_from_slice(&src);
             }
             source_cache = Some(c);
         }
@@ -357,23 +335,20 @@ impl Metric for Sweep {
                     write_unit(&w, &acc.units[j], &mut stacked[c * rows..(c + 1) * rows])?;
                 }
                 let x = model.resume_from(chunk.len() * b, s, at, &stacked)?;
+                // Every unit of the chunk at once: one unembedding per block of rows, from
+                // each unit's position on (the rows before it are the unchanged run's).
+                let firsts: Vec<usize> = chunk
+                    .iter()
+                    .flat_map(|&j| std::iter::repeat(acc.units[j].pos.unwrap_or(0)).take(b))
+                    .collect();
+                let pass_rows = Rows {
+                    first_changed: Some(&firsts),
+                    ..batch_rows.over(&x, d)
+                };
+                let (scores, _) = score(&u, m, &pass_rows, clean.as_ref(), false);
                 for (c, &j) in chunk.iter().enumerate() {
-                    let xs = &x[c * rows..(c + 1) * rows];
-                    for i in 0..b {
-                        let tok = tokens.row(i);
-                        acc.scores[j][batch.start + i] = score_seq(
-                            &u,
-                            m,
-                            xs,
-                            i,
-                            s,
-                            tok.as_slice().expect("standard"),
-                            lens[i],
-                            answers[i],
-                            clean_lp.get(i).map(|v| v.as_slice()),
-                            &mut scratch,
-                        );
-                    }
+                    acc.scores[j][batch.start..batch.start + b]
+                        .copy_from_slice(&scores[c * b..(c + 1) * b]);
                 }
             }
         }

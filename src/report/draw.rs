@@ -443,6 +443,25 @@ pub type GridChart<'a, 'b> = ChartContext<
     Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
 >;
 
+/// A captioned chart of an `nx` x `ny` grid of unit cells centred on integers, row 0 at the
+/// top (as `imshow` shows a matrix, hence the negated y axis), with `label_areas` (x, y)
+/// pixels for the tick labels: the frame of every per-dataset heatmap panel.
+pub fn grid_chart<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    (nx, ny): (usize, usize),
+    margin: u32,
+    (x_label, y_label): (u32, u32),
+) -> Result<GridChart<'a, 'b>> {
+    ChartBuilder::on(area)
+        .caption(clean_text(caption), (LABEL_FONT, px(CAPTION_PX)))
+        .margin(margin)
+        .x_label_area_size(x_label)
+        .y_label_area_size(y_label)
+        .build_cartesian_2d(-0.5f64..(nx as f64 - 0.5), -(ny as f64 - 0.5)..0.5f64)
+        .map_err(svg_err)
+}
+
 /// Axes of an `nx` x `ny` grid of unit cells centred on integers (row 0 at the top): integer
 /// ticks, no mesh lines, axis titles.
 pub fn grid_axes(

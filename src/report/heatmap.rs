@@ -166,19 +166,13 @@ fn draw_panel(
     let (n_layers, n_heads) = (grid.cells.len(), grid.cells[0].len());
     // Cells are centred on integers, so integer ticks label them; layers go down the page
     // (layer 0 on top, as `imshow` shows a matrix), hence the negated y axis.
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            draw::clean_text(&grid.dataset),
-            (draw::LABEL_FONT, draw::px(draw::CAPTION_PX)),
-        )
-        .margin(MARGIN)
-        .x_label_area_size(X_LABEL)
-        .y_label_area_size(Y_LABEL)
-        .build_cartesian_2d(
-            -0.5f64..(n_heads as f64 - 0.5),
-            -(n_layers as f64 - 0.5)..0.5f64,
-        )
-        .map_err(draw::svg_err)?;
+    let mut chart = draw::grid_chart(
+        area,
+        &grid.dataset,
+        (n_heads, n_layers),
+        MARGIN,
+        (X_LABEL, Y_LABEL),
+    )?;
     draw::grid_axes(&mut chart, (n_heads, n_layers), ("head", "layer"), 12.0, 64)?;
 
     let cells: Vec<(usize, usize, &Value)> = grid

@@ -350,19 +350,13 @@ fn draw_panel(
     x_label: u32,
 ) -> Result<()> {
     let (n_layers, n_cols) = (grid.cells.len(), grid.cells[0].len());
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            draw::clean_text(&grid.dataset),
-            (draw::LABEL_FONT, draw::px(draw::CAPTION_PX)),
-        )
-        .margin(MARGIN)
-        .x_label_area_size(x_label)
-        .y_label_area_size(Y_LABEL)
-        .build_cartesian_2d(
-            -0.5f64..(n_cols as f64 - 0.5),
-            -(n_layers as f64 - 0.5)..0.5f64,
-        )
-        .map_err(draw::svg_err)?;
+    let mut chart = draw::grid_chart(
+        area,
+        &grid.dataset,
+        (n_cols, n_layers),
+        MARGIN,
+        (x_label, Y_LABEL),
+    )?;
     match layout {
         Layout::Heads => {
             draw::grid_axes(&mut chart, (n_cols, n_layers), ("head", "layer"), 12.0, 64)?

@@ -46,6 +46,8 @@ pub struct ReportInput<'a, D: SeamDevice> {
     /// The run's heads, sorted.
     pub heads: &'a [(usize, usize)],
     pub datasets: &'a [Dataset],
+    /// The `[[intervention]]` tables, as the plan named them.
+    pub intervention_tables: &'a [String],
     /// Every table written as CSV, with its dataset (per-head and per-position alike).
     pub tables: &'a [(String, &'a Table)],
     /// The CSV files written.
@@ -85,19 +87,12 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
     let cfg = input.loaded.cfg();
     let mut out = ReportOutput::default();
     let mut notes = Vec::new();
-    // The intervention tables, by the names the plan gives them (it was checked before the
-    // run, so it plans again without error).
-    let planned: Vec<String> =
-        crate::interventions::plan(input.spec, cfg, input.heads, input.datasets)
-            .map(|p| p.into_iter().map(|p| p.name).collect())
-            .unwrap_or_default();
-
     let (heatmaps, problems) = heatmap::write_head_heatmaps(
         input.out_dir,
         input.tables,
         cfg.n_layers,
         cfg.n_heads,
-        &planned,
+        input.intervention_tables,
     );
     out.problems.extend(problems);
     let (lens, problems) = lens::write_lens_pictures(input.out_dir, input.tables);
@@ -115,7 +110,7 @@ pub fn write_all<D: SeamDevice>(input: &ReportInput<D>) -> ReportOutput {
         cfg.n_layers,
         cfg.n_heads,
         &token_text,
-        &planned,
+        input.intervention_tables,
     );
     out.problems.extend(problems);
 

@@ -253,6 +253,7 @@ impl OnDevice for Merge<'_> {
             datasets,
             mut metrics,
             mut weight_metrics,
+            intervention_tables,
         } = runner::prepare(dev, spec, quiet)?;
         let load_seconds = t0.elapsed().as_secs_f64();
 
@@ -375,6 +376,7 @@ impl OnDevice for Merge<'_> {
                 loaded: &loaded,
                 heads: &heads,
                 datasets: &datasets,
+                intervention_tables: &intervention_tables,
                 quiet,
                 t0,
                 load_seconds,

@@ -347,8 +347,9 @@ fn datasets_are_needed_only_by_activation_metrics() {
         .arg(&spec)
         .assert()
         .failure()
+        // Located at the metric that reads activations (planted_spec's third [[metric]]).
         .stderr(predicates::str::contains(
-            "at least one [[dataset]] is needed",
+            "planted.toml:12:1: at least one [[dataset]] is needed",
         ));
     // A weight metric's view reads no dataset: naming one is an error, before anything runs.
     let spec = planted_spec(

@@ -160,3 +160,81 @@ pub fn runner() -> assert_cmd::Command {
         .env_remove("HF_HOME");
     cmd
 }
+
+/// A spec in a fresh temp dir, for the tests that run the `runner` CLI on it. In the spec
+/// text `@FIXTURES@`, `@GOLDEN@`, `@TINY@` (the tiny GPT-2 with a tokenizer), `@DIR@` (the
+/// temp dir) and `@OUT@` (`@DIR@/out`) are filled in.
+pub struct SpecCase {
+    pub dir: tempfile::TempDir,
+    pub spec: PathBuf,
+    pub out: PathBuf,
+}
+
+impl SpecCase {
+    pub fn new(spec: &str) -> SpecCase {
+        let dir = tempfile::tempdir().unwrap();
+        let case = SpecCase {
+            spec: dir.path().join("spec.toml"),
+            out: dir.path().join("out"),
+            dir,
+        };
+        case.write(spec);
+        case
+    }
+
+    /// Rewrites the spec (placeholders filled in).
+    pub fn write(&self, spec: &str) {
+        let tiny = root().join("experiments/checkpoints/tiny-gpt2");
+        let text = spec
+            .replace("@FIXTURES@", &fixture("").display().to_string())
+            .replace("@GOLDEN@", &golden_path("").display().to_string())
+            .replace("@TINY@", &tiny.display().to_string())
+            .replace("@OUT@", &self.out.display().to_string())
+            .replace("@DIR@", &self.dir.path().display().to_string());
+        std::fs::write(&self.spec, text).unwrap();
+    }
+
+    /// A path inside the temp dir.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `runner run -q SPEC extra...`: (exit code, stdout, stderr).
+    pub fn run(&self, extra: &[&str]) -> (Option<i32>, String, String) {
+        output3(runner().args(["run", "-q"]).arg(&self.spec).args(extra))
+    }
+
+    /// `runner validate SPEC`: (exit code, stderr).
+    pub fn validate(&self) -> (Option<i32>, String) {
+        let (code, _, stderr) = output3(runner().arg("validate").arg(&self.spec));
+        (code, stderr)
+    }
+
+    /// Every entry under the temp dir but the spec, recursively (links not followed), sorted.
+    pub fn entries(&self) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+                if p.is_dir() && !p.is_symlink() {
+                    walk(root, &p, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir.path(), self.dir.path(), &mut out);
+        out.retain(|e| e != "spec.toml");
+        out.sort();
+        out
+    }
+}
+
+/// Runs a command: (exit code, stdout, stderr).
+pub fn output3(cmd: &mut assert_cmd::Command) -> (Option<i32>, String, String) {
+    let o = cmd.output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}

@@ -6,7 +6,7 @@
 //! Each test failed on the code before the fix; the item of the issue is in its name.
 
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use crate::common::*;
@@ -28,73 +28,7 @@ n = 3
 kind = "loss"
 "#;
 
-struct Case {
-    dir: tempfile::TempDir,
-    spec: PathBuf,
-    out: PathBuf,
-}
-
-impl Case {
-    fn new() -> Case {
-        Case::with(SPEC)
-    }
-
-    fn with(spec: &str) -> Case {
-        let dir = tempfile::tempdir().unwrap();
-        let case = Case {
-            spec: dir.path().join("spec.toml"),
-            out: dir.path().join("out"),
-            dir,
-        };
-        case.write(spec);
-        case
-    }
-
-    fn write(&self, spec: &str) {
-        let text = spec
-            .replace("@FIXTURES@", &fixture("").display().to_string())
-            .replace("@GOLDEN@", &golden_path("").display().to_string())
-            .replace("@OUT@", &self.out.display().to_string());
-        std::fs::write(&self.spec, text).unwrap();
-    }
-
-    /// `runner run SPEC -q extra...`: (exit code, stdout, stderr).
-    fn run(&self, extra: &[&str]) -> (Option<i32>, String, String) {
-        out3(runner().arg("run").arg(&self.spec).arg("-q").args(extra))
-    }
-
-    /// Every entry under the temp dir but the spec, recursively, sorted.
-    fn entries(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        walk(self.dir.path(), self.dir.path(), &mut out);
-        out.retain(|e| e != "spec.toml");
-        out.sort();
-        out
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-}
-
-fn out3(cmd: &mut assert_cmd::Command) -> (Option<i32>, String, String) {
-    let o = cmd.output().unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        out.push(p.strip_prefix(root).unwrap().display().to_string());
-        if p.is_dir() && !p.is_symlink() {
-            walk(root, &p, out);
-        }
-    }
-}
+type Case = SpecCase;
 
 fn manifest(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap()
@@ -115,7 +49,7 @@ fn users_webapp(dir: &Path) {
 
 #[test]
 fn item1_a_users_directory_with_a_manifest_json_is_refused_in_a_fresh_run_and_a_rerun() {
-    let case = Case::new();
+    let case = Case::new(SPEC);
     users_webapp(&case.out);
     let before = case.entries();
     for _ in 0..2 {
@@ -144,7 +78,7 @@ fn item1_a_users_directory_with_a_manifest_json_is_refused_in_a_fresh_run_and_a_
 #[test]
 fn item1_partial_or_shards_subfolders_do_not_make_a_results_directory() {
     for sub in [".partial", "shards", "shards/0-of-2"] {
-        let case = Case::new();
+        let case = Case::new(SPEC);
         std::fs::create_dir_all(case.out.join(sub)).unwrap();
         std::fs::write(case.out.join(sub).join("notes.txt"), "mine").unwrap();
         std::fs::write(case.out.join("data.csv"), "a,b\n1,2\n").unwrap();
@@ -161,7 +95,7 @@ fn item1_partial_or_shards_subfolders_do_not_make_a_results_directory() {
 
 #[test]
 fn item1_results_carry_the_marker_and_identity_and_a_file_added_to_them_is_never_moved() {
-    let case = Case::new();
+    let case = Case::new(SPEC);
     assert_eq!(case.run(&[]).0, Some(0));
     let m = manifest(&case.out);
     assert_eq!(m["format"], "hookgraph-results");
@@ -188,7 +122,7 @@ fn item1_results_carry_the_marker_and_identity_and_a_file_added_to_them_is_never
 // ---- 2. no command writes over its own inputs -----------------------------------------------
 
 fn cache(out: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
-    out3(
+    output3(
         runner()
             .args(["cache", "--model"])
             .arg(fixture("ckpt_a"))
@@ -206,7 +140,7 @@ fn item2_cache_never_replaces_its_checkpoint_even_with_force() {
     let weights = dir.path().join("ck/model.safetensors");
     let before = std::fs::read(&weights).unwrap();
     for force in [&[][..], &["--force"][..]] {
-        let (code, _, stderr) = out3(
+        let (code, _, stderr) = output3(
             runner()
                 .args(["cache", "--model"])
                 .arg(dir.path().join("ck"))
@@ -224,7 +158,7 @@ fn item2_cache_never_replaces_its_checkpoint_even_with_force() {
     std::fs::copy(golden_path("tokens_a.json"), &tokens).unwrap();
     std::os::unix::fs::symlink(&tokens, dir.path().join("link.json")).unwrap();
     for out in [&tokens, &dir.path().join("link.json")] {
-        let (code, _, stderr) = out3(
+        let (code, _, stderr) = output3(
             runner()
                 .args(["cache", "--model"])
                 .arg(fixture("ckpt_a"))
@@ -271,7 +205,7 @@ fn item2_cache_replaces_an_existing_file_only_with_force_and_never_a_fifo() {
 fn item2_a_run_whose_spec_or_data_lies_in_its_output_is_refused() {
     // The dataset's token file lies in the results the run would replace: it is listed in
     // their manifest (so the directory is hookgraph's) yet read by the run.
-    let case = Case::new();
+    let case = Case::new(SPEC);
     assert_eq!(case.run(&[]).0, Some(0));
     let m = manifest(&case.out);
     let listed = m["files"][0].as_str().unwrap().to_string();
@@ -343,7 +277,7 @@ fn whole(dir: &Path) -> f64 {
 
 /// Two shards of SPEC, merged once: the state for the swap tests (results and shards/).
 fn sharded() -> Case {
-    let case = Case::with(&SPEC.replace("batch_size = 1", "batch_size = 1\ndevice = \"cpu\""));
+    let case = Case::new(&SPEC.replace("batch_size = 1", "batch_size = 1\ndevice = \"cpu\""));
     for s in ["0/2", "1/2"] {
         let (code, _, stderr) = case.run(&["--shard", s]);
         assert_eq!(code, Some(0), "{stderr}");
@@ -358,7 +292,7 @@ fn merge(case: &Case, env: &[(&str, &str)]) -> (Option<i32>, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let (code, _, stderr) = out3(&mut cmd);
+    let (code, _, stderr) = output3(&mut cmd);
     assert_eq!(code, Some(0), "{stderr}");
     (code, stderr)
 }
@@ -452,7 +386,7 @@ fn item4_a_second_signal_during_the_swap_says_what_the_directory_holds() {
 #[cfg(unix)]
 #[test]
 fn item7_a_second_run_fails_at_once_and_a_killed_runs_lock_does_not_block() {
-    let case = Case::new();
+    let case = Case::new(SPEC);
     let spec = case.spec.display().to_string();
     let (code, stderr) = at_line(
         &["run", &spec, "-q"],
@@ -487,7 +421,7 @@ fn item7_a_second_run_fails_at_once_and_a_killed_runs_lock_does_not_block() {
 
 #[test]
 fn item8_checkpoint_every_takes_finite_seconds_up_to_a_day() {
-    let case = Case::new();
+    let case = Case::new(SPEC);
     for bad in ["1e20", "NaN", "inf", "-1", "86401", "soon"] {
         let (code, _, stderr) = case.run(&["--checkpoint-every", bad]);
         assert_eq!(code, Some(2), "{bad}: {stderr}");
@@ -507,7 +441,7 @@ fn item8_global_flags_work_before_or_after_the_subcommand() {
         vec!["merge", "-q"],
         vec!["--quiet", "merge"],
     ] {
-        let (code, _, stderr) = out3(runner().args(&args).arg(&dir));
+        let (code, _, stderr) = output3(runner().args(&args).arg(&dir));
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("no shards to merge"), "{args:?}: {stderr}");
     }
@@ -516,7 +450,7 @@ fn item8_global_flags_work_before_or_after_the_subcommand() {
 #[cfg(unix)]
 #[test]
 fn item8_an_output_that_is_a_symlink_to_a_directory_is_followed() {
-    let case = Case::new();
+    let case = Case::new(SPEC);
     std::fs::create_dir(case.path("real")).unwrap();
     std::os::unix::fs::symlink(case.path("real"), &case.out).unwrap();
     let (code, _, stderr) = case.run(&[]);
@@ -533,7 +467,7 @@ fn item8_an_output_that_is_a_symlink_to_a_directory_is_followed() {
 #[cfg(unix)]
 #[test]
 fn item8_symlink_loops_are_called_loops_and_dangling_links_named() {
-    let case = Case::new();
+    let case = Case::new(SPEC);
     std::os::unix::fs::symlink(case.path("b"), case.path("a")).unwrap();
     std::os::unix::fs::symlink(case.path("a"), case.path("b")).unwrap();
     for out in ["a", "a/sub"] {
@@ -552,14 +486,14 @@ fn item8_symlink_loops_are_called_loops_and_dangling_links_named() {
 #[test]
 fn item8_validate_writes_nothing() {
     use std::os::unix::fs::MetadataExt;
-    let case = Case::new();
+    let case = Case::new(SPEC);
     let mtime = |p: &Path| {
         let m = std::fs::metadata(p).unwrap();
         (m.mtime(), m.mtime_nsec())
     };
     let before = (mtime(case.dir.path()), case.entries());
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let (code, _, stderr) = out3(runner().arg("validate").arg(&case.spec));
+    let (code, _, stderr) = output3(runner().arg("validate").arg(&case.spec));
     assert_eq!(code, Some(0), "{stderr}");
     // Not even a probe created and removed: the directory's mtime would move.
     assert_eq!((mtime(case.dir.path()), case.entries()), before);
@@ -567,9 +501,9 @@ fn item8_validate_writes_nothing() {
 
 #[test]
 fn item8_a_tilde_in_output_is_home() {
-    let case = Case::with(&SPEC.replace("output = \"@OUT@\"", "output = \"~/res/od\""));
+    let case = Case::new(&SPEC.replace("output = \"@OUT@\"", "output = \"~/res/od\""));
     let home = tempfile::tempdir().unwrap();
-    let (code, _, stderr) = out3(
+    let (code, _, stderr) = output3(
         runner()
             .env("HOME", home.path())
             .arg("run")
@@ -621,7 +555,7 @@ fn item8_spec_errors_have_line_and_column() {
         ),
     ];
     for (spec, at, what) in cases {
-        let case = Case::with(&spec);
+        let case = Case::new(&spec);
         let (code, _, stderr) = case.run(&[]);
         assert_eq!(code, Some(1), "{stderr}");
         assert!(

@@ -7,90 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::common::*;
 
-/// A spec in a fresh temp dir: `@FIXTURES@`, `@GOLDEN@`, `@TINY@` (the tiny GPT-2 with a
-/// tokenizer), `@DIR@` (the temp dir) and `@OUT@` (`@DIR@/out`) are filled in.
-struct Case {
-    dir: tempfile::TempDir,
-    spec: PathBuf,
-    out: PathBuf,
-}
-
-impl Case {
-    fn new(spec: &str) -> Case {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        let case = Case {
-            spec: dir.path().join("spec.toml"),
-            out,
-            dir,
-        };
-        case.write(spec);
-        case
-    }
-
-    fn write(&self, spec: &str) {
-        let text = spec
-            .replace("@FIXTURES@", &fixture("").display().to_string())
-            .replace("@GOLDEN@", &golden_path("").display().to_string())
-            .replace(
-                "@TINY@",
-                &root()
-                    .join("experiments/checkpoints/tiny-gpt2")
-                    .display()
-                    .to_string(),
-            )
-            .replace("@OUT@", &self.out.display().to_string())
-            .replace("@DIR@", &self.dir.path().display().to_string());
-        std::fs::write(&self.spec, text).unwrap();
-    }
-
-    /// `runner -q SPEC extra...`: (exit code, stdout, stderr).
-    fn run(&self, extra: &[&str]) -> (Option<i32>, String, String) {
-        let out = runner()
-            .arg(&self.spec)
-            .arg("-q")
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    fn validate(&self) -> (Option<i32>, String) {
-        let out = runner().arg("validate").arg(&self.spec).output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-
-    /// Every entry of the temp dir except the spec and its inputs, recursively.
-    fn entries(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        walk(self.dir.path(), self.dir.path(), &mut out);
-        out.retain(|e| e != "spec.toml");
-        out
-    }
-}
-
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        out.push(p.strip_prefix(root).unwrap().display().to_string());
-        if p.is_dir() {
-            walk(root, &p, out);
-        }
-    }
-    out.sort();
-}
+type Case = SpecCase;
 
 /// Every file of a directory (not its subdirectories, such as a run's `.partial/`
 /// checkpoint) with its bytes.

@@ -158,6 +158,7 @@ fn run_report(extra: &str) -> Run {
         datasets: &datasets,
         tables: &refs,
         csv_files: &csvs,
+        intervention_tables: &[],
         device: "cpu".into(),
         seconds: 1.5,
     });

@@ -9,53 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 use crate::plugins::library;
 
-/// A spec in a fresh temp dir, as `reliability.rs` writes them: `@FIXTURES@`, `@GOLDEN@`,
-/// `@DIR@` and `@OUT@` are filled in.
-struct Case {
-    dir: tempfile::TempDir,
-    spec: PathBuf,
-    out: PathBuf,
-}
-
-impl Case {
-    fn new(spec: &str) -> Case {
-        let dir = tempfile::tempdir().unwrap();
-        let case = Case {
-            spec: dir.path().join("spec.toml"),
-            out: dir.path().join("out"),
-            dir,
-        };
-        case.write(spec);
-        case
-    }
-
-    fn write(&self, spec: &str) {
-        let text = spec
-            .replace("@FIXTURES@", &fixture("").display().to_string())
-            .replace("@GOLDEN@", &golden_path("").display().to_string())
-            .replace("@OUT@", &self.out.display().to_string())
-            .replace("@DIR@", &self.dir.path().display().to_string());
-        std::fs::write(&self.spec, text).unwrap();
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// `runner run -q SPEC extra...`: (exit code, stderr).
-    fn run(&self, extra: &[&str]) -> (Option<i32>, String) {
-        let out = runner()
-            .args(["run", "-q"])
-            .arg(&self.spec)
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
+type Case = SpecCase;
 
 /// Four sequences of `tokens_a.json` on a copy of `ckpt_a` (`@DIR@/ckpt`, so a test may
 /// edit it), one sequence per batch, two resumable built-ins.
@@ -239,7 +193,7 @@ fn item3_a_plugin_others_can_write_is_refused_naming_the_fix() {
     let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
     // Writable by group and others: refused, the metric fails, the message says the fix.
     mode(&lib, 0o777).unwrap();
-    let (code, stderr) = case.run(&[]);
+    let (code, _, stderr) = case.run(&[]);
     assert_eq!(code, Some(3), "{stderr}");
     assert!(
         stderr.contains("writable by group and others") && stderr.contains("chmod go-w"),
@@ -248,7 +202,7 @@ fn item3_a_plugin_others_can_write_is_refused_naming_the_fix() {
     // Its directory writable by others (no sticky bit): refused too.
     mode(&lib, 0o755).unwrap();
     mode(&dir, 0o777).unwrap();
-    let (code, stderr) = case.run(&[]);
+    let (code, _, stderr) = case.run(&[]);
     assert_eq!(code, Some(3), "{stderr}");
     assert!(
         stderr.contains("directory") && stderr.contains("writable by"),
@@ -259,7 +213,7 @@ fn item3_a_plugin_others_can_write_is_refused_naming_the_fix() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         std::os::unix::fs::chown(&lib, Some(4242), None).unwrap();
-        let (code, stderr) = case.run(&[]);
+        let (code, _, stderr) = case.run(&[]);
         assert_eq!(code, Some(3), "{stderr}");
         assert!(
             stderr.contains("owned by another user (uid 4242"),
@@ -267,7 +221,7 @@ fn item3_a_plugin_others_can_write_is_refused_naming_the_fix() {
         );
         std::os::unix::fs::chown(&lib, Some(0), None).unwrap();
     }
-    let (code, stderr) = case.run(&[]);
+    let (code, _, stderr) = case.run(&[]);
     assert_eq!(code, Some(0), "a private copy loads: {stderr}");
 }
 
@@ -329,7 +283,7 @@ fn item5_an_edited_progress_record_is_refused_on_resume() {
         let case = case_with_model();
         let ck = killed_after(&case, 2);
         edit_progress(&ck, |p| p[field] = value.clone());
-        let (code, stderr) = case.run(&["--resume"]);
+        let (code, _, stderr) = case.run(&["--resume"]);
         assert_eq!(code, Some(1), "{field}: {stderr}");
         assert!(
             stderr.contains("changed after it was written") && stderr.contains("state.safetensors"),
@@ -383,7 +337,7 @@ fn item5_a_changed_config_is_another_run() {
     let cfg = case.path("ckpt/config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replacen('{', "{\"note\": \"edited\",", 1)).unwrap();
-    let (code, stderr) = case.run(&["--resume"]);
+    let (code, _, stderr) = case.run(&["--resume"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("config.json: sha256"), "{stderr}");
 
@@ -414,12 +368,12 @@ fn cfg_of(case: &Case) -> PathBuf {
 fn item5_a_shard_count_beyond_the_data_is_refused_before_compute() {
     let case = case_with_model();
     // Refused as an argument, before anything is touched.
-    let (code, stderr) = case.run(&["--shard", "0/18446744073709551615"]);
+    let (code, _, stderr) = case.run(&["--shard", "0/18446744073709551615"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("more than hookgraph accepts"), "{stderr}");
     assert!(!case.out.exists());
     // More shards than sequences: refused at planning, before compute; no shard state.
-    let (code, stderr) = case.run(&["--shard", "0/5"]);
+    let (code, _, stderr) = case.run(&["--shard", "0/5"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("use N <= 3"), "{stderr}");
     assert!(!case.out.join("shards/0-of-5").exists());
@@ -433,7 +387,7 @@ fn item5_a_shard_count_beyond_the_data_is_refused_before_compute() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("18446744073709551614 of"), "{stderr}");
+    assert!(stderr.contains("0-of-18446744073709551615"), "{stderr}");
     assert!(t.elapsed().as_secs() < 20);
 }
 
@@ -451,7 +405,7 @@ fn item5_layer_norm_epsilon_outside_gpt2_is_an_error() {
             ),
         )
         .unwrap();
-        let (code, stderr) = case.run(&[]);
+        let (code, _, stderr) = case.run(&[]);
         assert_eq!(code, Some(1), "{eps}: {stderr}");
         assert!(stderr.contains("layer_norm_epsilon"), "{eps}: {stderr}");
         assert!(!case.out.exists(), "{eps}: wrote results");
@@ -464,7 +418,7 @@ fn item5_a_table_picture_that_would_overwrite_a_view_is_refused_before_compute()
     case.write(&format!(
         "{SPEC}\n[[metric]]\nkind = \"source_suppression\"\nname = \"B\"\n[[metric]]\nkind = \"source_suppression\"\nname = \"view_B_tok\"\n[[view]]\nmetric = \"B\"\ndataset = \"tok\"\nheads = [\"0.1\"]\n"
     ));
-    let (code, stderr) = case.run(&[]);
+    let (code, _, stderr) = case.run(&[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("view_B_tok.svg") && stderr.contains("spec.toml:"),
@@ -480,7 +434,7 @@ fn item5_a_misspelt_plugin_option_is_a_spec_error_before_compute() {
         "{SPEC}\n[[metric]]\nplugin = {:?}\nmask_boss = true\n",
         library("hg_attention_entropy").display().to_string()
     ));
-    let (code, stderr) = case.run(&[]);
+    let (code, _, stderr) = case.run(&[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("unknown option 'mask_boss'") && stderr.contains("spec.toml:"),
@@ -498,7 +452,7 @@ fn item5_a_misspelt_plugin_option_is_a_spec_error_before_compute() {
         "{SPEC}\n[[metric]]\nplugin = {:?}\nmask_bos = 3\n",
         library("hg_attention_entropy").display().to_string()
     ));
-    let (code, stderr) = case.run(&[]);
+    let (code, _, stderr) = case.run(&[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         // Typed by the registry's one option checker, from the plugin's declaration.
@@ -558,7 +512,7 @@ fn item5_weights_that_shrink_while_loading_are_an_error_not_a_signal() {
 fn two_shards() -> Case {
     let case = case_with_model();
     for s in ["0/2", "1/2"] {
-        let (code, stderr) = case.run(&["--shard", s]);
+        let (code, _, stderr) = case.run(&["--shard", s]);
         assert_eq!(code, Some(0), "{stderr}");
     }
     case
@@ -676,7 +630,7 @@ fn item8_stray_tensors_are_an_error_naming_them() {
         h[name] = serde_json::json!({"dtype": "F32", "shape": [4], "data_offsets": [a, a + 16]});
     }
     write_with_header(&weights, &h, &data);
-    let (code, stderr) = case.run(&[]);
+    let (code, _, stderr) = case.run(&[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("h.7.attn.c_proj.bias") && stderr.contains("v_head.weight"),
