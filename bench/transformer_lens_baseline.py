@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="each case's best of this many runs")
     ap.add_argument("--patching", action="store_true",
                     help="only the intervention cases (TransformerLens's patching.py sweeps)")
+    ap.add_argument("--only", metavar="TEXT",
+                    help="only the cases whose name contains TEXT (as `runner bench --only`)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     # Same cores as `runner bench` (torch may default to fewer under a CPU quota).
@@ -85,6 +87,8 @@ def main():
     bos = hf.config.bos_token_id
 
     def best_of(name, f, repeats):
+        if args.only is not None and args.only not in name:
+            return
         f_secs = min(_timed(f) for _ in range(repeats))
         out[name] = f_secs
         print(f"{name}: {f_secs:.3f} s (best of {repeats})", flush=True)

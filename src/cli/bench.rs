@@ -24,7 +24,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Run `bench/transformer_lens_baseline.py` with this Python first (torch,
-    /// transformer_lens 3.x, transformers) and compare against what it writes: the PyTorch
+    /// transformer_lens 2.x, transformers) and compare against what it writes: the PyTorch
     /// figures and ours then come from one run, side by side on the same machine.
     #[arg(long, conflicts_with = "baseline")]
     pub python: Option<PathBuf>,
