@@ -7,18 +7,32 @@ use crate::common::*;
 /// `spec.toml:LINE:COL` of the value of the line `needle` (1-based; the column is where the
 /// value after `key = ` starts, as the spec errors point at values).
 fn at(spec: &str, needle: &str) -> String {
+    at_col(spec, needle, false)
+}
+
+/// As [`at`], or with `key` the column of the key (metric option errors point at the key).
+fn at_col(spec: &str, needle: &str, key: bool) -> String {
     let (i, line) = spec
         .lines()
         .enumerate()
         .find(|(_, l)| l.trim() == needle)
         .unwrap_or_else(|| panic!("no line {needle:?} in the spec"));
-    let col = line.find(" = ").map_or(1, |c| c + 4);
+    let col = if key {
+        line.find(|c: char| !c.is_whitespace()).unwrap_or(0) + 1
+    } else {
+        line.find(" = ").map_or(1, |c| c + 4)
+    };
     format!("spec.toml:{}:{}", i + 1, col)
 }
 
 /// Runs the spec (extra files written first into its dir) and checks the error and that
 /// nothing was written.
 fn fails(spec: &str, files: &[(&str, &str)], needle: &str, words: &str) {
+    fails_at(spec, files, needle, false, words)
+}
+
+/// [`fails`], pointing at the key's column when `key`.
+fn fails_at(spec: &str, files: &[(&str, &str)], needle: &str, key: bool, words: &str) {
     let case = SpecCase::new(spec);
     for (name, text) in files {
         std::fs::write(case.path(name), text).unwrap();
@@ -26,7 +40,7 @@ fn fails(spec: &str, files: &[(&str, &str)], needle: &str, words: &str) {
     let before = case.entries();
     let (code, _, stderr) = case.run(&[]);
     assert_ne!(code, Some(0), "{spec}\nran without error");
-    let want = at(spec, needle);
+    let want = at_col(spec, needle, key);
     assert!(
         stderr.contains(&want) && stderr.contains(words),
         "{spec}\n-> {stderr}\n(want {want} ... {words})"
@@ -111,7 +125,7 @@ fn bad_answers_are_located_cli_errors() {
 /// `[[metric]]` with `rest`.
 fn cspa_spec(n_mean: usize, rest: &str) -> String {
     format!(
-        "name = \"bad\"\noutput = \"@OUT@\"\n[model]\npath = \"@FIXTURES@/ckpt_a\"\n\
+        "name = \"bad\"\noutput = \"@OUT@\"\nheads = \"all\"\n[model]\npath = \"@FIXTURES@/ckpt_a\"\n\
          [[dataset]]\nname = \"eval\"\nkind = \"tokens\"\npath = \"@GOLDEN@/cspa_tokens_a.json\"\n\
          [[dataset]]\nname = \"mean\"\nkind = \"tokens\"\npath = \"@GOLDEN@/cspa_mean_tokens_a.json\"\nn = {n_mean}\n\
          [[metric]]\n{rest}"
@@ -126,7 +140,7 @@ fn bad_cspa_options_are_located_cli_errors() {
             100,
             &format!("kind = \"cspa\"\nheads = [\"{h}\"]\nmean_over = \"mean\"\n"),
         );
-        fails(&s, &[], &format!("heads = [\"{h}\"]"), "heads");
+        fails_at(&s, &[], &format!("heads = [\"{h}\"]"), true, "heads");
     }
     // mean_over naming no dataset.
     for kind in ["cspa", "direct_mean_ablation"] {
@@ -134,13 +148,13 @@ fn bad_cspa_options_are_located_cli_errors() {
             100,
             &format!("kind = \"{kind}\"\nmean_over = \"webtext\"\n"),
         );
-        fails(&s, &[], "mean_over = \"webtext\"", "webtext");
+        fails_at(&s, &[], "mean_over = \"webtext\"", true, "webtext");
     }
     // A mean dataset of fewer than 100 sequences: an error that says so and names the opt-in.
     for kind in ["cspa", "direct_mean_ablation"] {
         let s = cspa_spec(40, &format!("kind = \"{kind}\"\nmean_over = \"mean\"\n"));
-        fails(&s, &[], "mean_over = \"mean\"", "fewer than the 100");
-        fails(&s, &[], "mean_over = \"mean\"", "allow_short_mean");
+        fails_at(&s, &[], "mean_over = \"mean\"", true, "fewer than the 100");
+        fails_at(&s, &[], "mean_over = \"mean\"", true, "allow_short_mean");
     }
     // k_fraction outside (0, 1].
     for k in ["0.0", "-0.1", "1.5"] {
@@ -148,7 +162,7 @@ fn bad_cspa_options_are_located_cli_errors() {
             100,
             &format!("kind = \"cspa\"\nmean_over = \"mean\"\nk_fraction = {k}\n"),
         );
-        fails(&s, &[], &format!("k_fraction = {k}"), "(0, 1]");
+        fails_at(&s, &[], &format!("k_fraction = {k}"), true, "(0, 1]");
     }
 }
 
