@@ -6,11 +6,7 @@ use crate::common::*;
 
 /// `spec.toml:LINE:COL` of the value of the line `needle` (1-based; the column is where the
 /// value after `key = ` starts, as the spec errors point at values).
-fn at(spec: &str, needle: &str) -> String {
-    at_col(spec, needle, false)
-}
-
-/// As [`at`], or with `key` the column of the key (metric option errors point at the key).
+/// With `key`, the column of the key instead (metric option errors point at the key).
 fn at_col(spec: &str, needle: &str, key: bool) -> String {
     let (i, line) = spec
         .lines()
@@ -132,6 +128,15 @@ fn cspa_spec(n_mean: usize, rest: &str) -> String {
     )
 }
 
+/// cspa's own `heads` (its default, 10.7, is not in ckpt_a); direct_mean_ablation has none.
+fn cspa_heads(kind: &str) -> &'static str {
+    if kind == "cspa" {
+        "heads = [\"1.0\"]\n"
+    } else {
+        ""
+    }
+}
+
 #[test]
 fn bad_cspa_options_are_located_cli_errors() {
     // A head out of range.
@@ -146,13 +151,22 @@ fn bad_cspa_options_are_located_cli_errors() {
     for kind in ["cspa", "direct_mean_ablation"] {
         let s = cspa_spec(
             100,
-            &format!("kind = \"{kind}\"\nmean_over = \"webtext\"\n"),
+            &format!(
+                "kind = \"{kind}\"\n{}mean_over = \"webtext\"\n",
+                cspa_heads(kind)
+            ),
         );
         fails_at(&s, &[], "mean_over = \"webtext\"", true, "webtext");
     }
     // A mean dataset of fewer than 100 sequences: an error that says so and names the opt-in.
     for kind in ["cspa", "direct_mean_ablation"] {
-        let s = cspa_spec(40, &format!("kind = \"{kind}\"\nmean_over = \"mean\"\n"));
+        let s = cspa_spec(
+            40,
+            &format!(
+                "kind = \"{kind}\"\n{}mean_over = \"mean\"\n",
+                cspa_heads(kind)
+            ),
+        );
         fails_at(&s, &[], "mean_over = \"mean\"", true, "fewer than the 100");
         fails_at(&s, &[], "mean_over = \"mean\"", true, "allow_short_mean");
     }
@@ -160,7 +174,9 @@ fn bad_cspa_options_are_located_cli_errors() {
     for k in ["0.0", "-0.1", "1.5"] {
         let s = cspa_spec(
             100,
-            &format!("kind = \"cspa\"\nmean_over = \"mean\"\nk_fraction = {k}\n"),
+            &format!(
+                "kind = \"cspa\"\nheads = [\"1.0\"]\nmean_over = \"mean\"\nk_fraction = {k}\n"
+            ),
         );
         fails_at(&s, &[], &format!("k_fraction = {k}"), true, "(0, 1]");
     }
