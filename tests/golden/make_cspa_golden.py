@@ -18,8 +18,14 @@ What it makes (tests/golden/):
   cspa_{a,t}.safetensors        per head: the paper's kl/loss arrays for CSPA (full, OV-only,
                                 QK-only), the mean ablation, effect_explained; TL's DLA and
                                 logit-lens values
-with a = tests/fixtures/ckpt_a (vocab 512, no tokenizer) and t = experiments/checkpoints/
-tiny-gpt2 (GPT-2's vocabulary and tokenizer).
+with a = tests/fixtures/ckpt_a (vocab 512, no tokenizer), t = experiments/checkpoints/
+tiny-gpt2 (GPT-2's vocabulary and tokenizer), and small = the GPT-2-small-shaped checkpoint
+the Rust tests generate (`small_checkpoint` in tests/it/common.rs; ~500 MB, never committed;
+heads 5.3, 10.7, 11.11 only; GPT-2's tokenizer). cspa_small.safetensors records the
+checkpoint's sha256 in its metadata and the test checks it first. Make the checkpoint with
+    HOOKGRAPH_GOLDEN_CKPT_DIR=/tmp/hg_ckpts cargo test --test it cspa_matches_the_papers_functions_small
+(it writes /tmp/hg_ckpts/small, then fails while the golden is missing or stale) and pass the
+same HOOKGRAPH_GOLDEN_CKPT_DIR here, with `small` as the argument after the paper path.
 
 Choices the paper's code leaves open, made here and in hookgraph alike:
   * function words on a model without GPT-2's tokenizer (ckpt_a): each string's GPT-2 id
@@ -139,7 +145,9 @@ def make_tokens(vocab, bos, n, s, seed):
 
 
 def load_model(name):
-    if name == "a":
+    if name == "small":
+        hf = GPT2LMHeadModel.from_pretrained(os.path.join(os.environ["HOOKGRAPH_GOLDEN_CKPT_DIR"], "small"), dtype=torch.float32).eval()
+    elif name == "a":
         hf = GPT2LMHeadModel.from_pretrained(os.path.join(ROOT, "tests/fixtures/ckpt_a"), dtype=torch.float32).eval()
     else:
         hf = GPT2LMHeadModel.from_pretrained(os.path.join(ROOT, "experiments/checkpoints/tiny-gpt2"), dtype=torch.float32).eval()
@@ -149,19 +157,34 @@ def load_model(name):
 
 def main():
     repo = os.environ.get("PAPER_REPO") or (sys.argv[1] if len(sys.argv) > 1 else None)
+    which = sys.argv[2:] or ["a", "t"]
     assert repo, "set PAPER_REPO to a checkout of callummcdougall/SERI-MATS-2023-Streamlit-pages"
     paper = load_paper(repo)
     tok = tokenizer()
     fn_ids = gpt2_function_ids(paper, tok)
     print(f"function words: {len(fn_ids)} strings, {len(set(fn_ids))} distinct GPT-2 ids")
 
-    for name, n, s in [("a", 6, 24), ("t", 4, 40)]:
+    for name, n, s in [("a", 6, 24), ("t", 4, 40), ("small", 3, 20)]:
+        if name not in which:
+            continue
         model = load_model(name)
+        meta = {}
+        if name == "small":
+            import hashlib
+            h = hashlib.sha256()
+            with open(os.path.join(os.environ["HOOKGRAPH_GOLDEN_CKPT_DIR"], "small", "model.safetensors"), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            meta["sha256"] = h.hexdigest()
+        # The heads the paper's functions run on (all of layers >= 1 on the tiny ones).
+        heads = [(5, 3), (10, 7), (11, 11)] if name == "small" else [
+            (l, h) for l in range(1, model.cfg.n_layers) for h in range(model.cfg.n_heads)]
         cfg = model.cfg
         bos = 511 if name == "a" else 50256
         vocab = cfg.d_vocab
-        toks = make_tokens(vocab, bos, n, s, seed=20 if name == "a" else 21)
-        mean_toks = make_tokens(vocab, bos, 100, s, seed=30 if name == "a" else 31)
+        seed = {"a": 20, "t": 21, "small": 22}[name]
+        toks = make_tokens(vocab, bos, n, s, seed=seed)
+        mean_toks = make_tokens(vocab, bos, 100, s, seed=seed + 10)
         json.dump(toks.tolist(), open(os.path.join(HERE, f"cspa_tokens_{name}.json"), "w"))
         json.dump(mean_toks.tolist(), open(os.path.join(HERE, f"cspa_mean_tokens_{name}.json"), "w"))
 
@@ -172,23 +195,26 @@ def main():
         else:
             model.set_tokenizer(tok)
 
-        _, mcache = model.run_with_cache(mean_toks, names_filter=lambda x: x.endswith("attn.hook_result"))
+        # The mean of every head of the layers used (all layers but on `small`, where a cache
+        # of every layer's result over 100 sequences would be ~1 GB).
+        layers = sorted({l for l, _ in heads} | ({0} if name != "small" else set()))
+        _, mcache = model.run_with_cache(mean_toks, names_filter=lambda x: x in {f"blocks.{l}.attn.hook_result" for l in layers})
         result_mean = {
             (l, h): mcache[f"blocks.{l}.attn.hook_result"][:, :, h].mean(0)
-            for l in range(cfg.n_layers) for h in range(cfg.n_heads)
+            for l in layers for h in range(cfg.n_heads)
         }
         out = {}
         logits, cache = model.run_with_cache(toks)
         # get_cspa_results reads the result of layer L - 1: heads of layer 0 are out of its
         # reach. Their mean ablation is the same formula as its step 1, written out here.
-        for h in range(cfg.n_heads):
+        for h in range(cfg.n_heads if name != "small" else 0):
             r = cache["blocks.0.attn.hook_result"][:, :, h]
             resid = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"] + (result_mean[(0, h)][:s] - r)
             lg = (resid / cache["ln_final.hook_scale"]) @ model.W_U + model.b_U
             out[f"0.{h}.kl_ablated"] = paper["kl_div"](logits, lg)
             out[f"0.{h}.loss_ablated"] = model.loss_fn(lg, toks, per_token=True)
-        for l in range(1, cfg.n_layers):
-            for h in range(cfg.n_heads):
+        for (l, h) in heads:
+            if True:
                 for mode, kw in [
                     ("both", dict(interventions=["qk", "ov"], K_unembeddings=0.05, only_keep_negative_components=True)),
                     ("ov_only", dict(interventions=["qk", "ov"], K_unembeddings=1 - 1e-9, only_keep_negative_components=True)),
@@ -230,8 +256,8 @@ def main():
         out["lens_loss"] = torch.stack(losses)
         out["lens_rank"] = torch.stack(ranks)
         out = {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
-        save_file(out, os.path.join(HERE, f"cspa_{name}.safetensors"))
-        ee = [out[f"{l}.{h}.both.effect_explained"].item() for l in range(1, cfg.n_layers) for h in range(cfg.n_heads)]
+        save_file(out, os.path.join(HERE, f"cspa_{name}.safetensors"), metadata=meta or None)
+        ee = [out[f"{l}.{h}.both.effect_explained"].item() for (l, h) in heads]
         print(name, "effect_explained per head:", [round(x, 4) for x in ee])
 
 

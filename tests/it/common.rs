@@ -238,3 +238,166 @@ pub fn output3(cmd: &mut assert_cmd::Command) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
 }
+
+/// Spreads of the uniform init of a generated checkpoint: each weight is
+/// `center + spread * U(-1, 1)` (LayerNorm weights centre on 1, everything else on 0).
+/// Chosen per checkpoint so logits are far from uniform and interventions move them far
+/// above f32 noise (a GPT-2-style 0.02 init gives near-uniform logits).
+#[derive(Clone, Copy, Debug)]
+pub struct InitScales {
+    pub wte: f32,
+    pub wpe: f32,
+    pub ln_weight: f32,
+    pub ln_bias: f32,
+    pub attn_in: f32,
+    pub attn_out: f32,
+    pub mlp_in: f32,
+    pub mlp_out: f32,
+    pub bias: f32,
+}
+
+/// A checkpoint generated at test time (too large to commit), with the sha256 of its
+/// `model.safetensors`. The goldens record that hash, so a changed generator fails as
+/// "checkpoint changed", not as a numeric mismatch.
+pub struct GeneratedCheckpoint {
+    /// Kept alive so the directory outlives the test (None: a directory the user asked for).
+    pub _tmp: Option<tempfile::TempDir>,
+    pub dir: PathBuf,
+    pub sha256: String,
+}
+
+/// Writes a GPT-2 checkpoint of shape `cfg` (hub layout: unprefixed keys, tied lm_head,
+/// `config.json`) from a ChaCha8 stream seeded with `seed`, tensor by tensor in a fixed order.
+///
+/// `HOOKGRAPH_GOLDEN_CKPT_DIR=/some/dir` makes it write to `/some/dir/<name>` and keep it:
+/// that is how the golden scripts (tests/golden/make_intervention_golden.py,
+/// make_cspa_golden.py) get the very same file.
+pub fn generated_checkpoint(
+    name: &str,
+    cfg: &hookgraph::model::ModelConfig,
+    seed: u64,
+    sc: InitScales,
+) -> GeneratedCheckpoint {
+    use rand::{Rng, SeedableRng};
+    use sha2::{Digest, Sha256};
+    let (tmp, dir) = match std::env::var_os("HOOKGRAPH_GOLDEN_CKPT_DIR") {
+        Some(d) => (None, PathBuf::from(d).join(name)),
+        None => {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path().to_path_buf();
+            (Some(t), d)
+        }
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (d, m, v) = (cfg.d_model, cfg.d_mlp, cfg.d_vocab);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, center: f32, spread: f32| {
+        let n: usize = shape.iter().product();
+        let mut bytes = Vec::with_capacity(4 * n);
+        for _ in 0..n {
+            let x = center + spread * (rng.gen::<f32>() * 2.0 - 1.0);
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        tensors.push((name, shape, bytes));
+    };
+    add("wte.weight".into(), vec![v, d], 0.0, sc.wte);
+    add("wpe.weight".into(), vec![cfg.n_ctx, d], 0.0, sc.wpe);
+    for l in 0..cfg.n_layers {
+        let p = |s: &str| format!("h.{l}.{s}");
+        for ln in ["ln_1", "ln_2"] {
+            add(p(&format!("{ln}.weight")), vec![d], 1.0, sc.ln_weight);
+            add(p(&format!("{ln}.bias")), vec![d], 0.0, sc.ln_bias);
+        }
+        add(p("attn.c_attn.weight"), vec![d, 3 * d], 0.0, sc.attn_in);
+        add(p("attn.c_attn.bias"), vec![3 * d], 0.0, sc.bias);
+        add(p("attn.c_proj.weight"), vec![d, d], 0.0, sc.attn_out);
+        add(p("attn.c_proj.bias"), vec![d], 0.0, sc.bias);
+        add(p("mlp.c_fc.weight"), vec![d, m], 0.0, sc.mlp_in);
+        add(p("mlp.c_fc.bias"), vec![m], 0.0, sc.bias);
+        add(p("mlp.c_proj.weight"), vec![m, d], 0.0, sc.mlp_out);
+        add(p("mlp.c_proj.bias"), vec![d], 0.0, sc.bias);
+    }
+    add("ln_f.weight".into(), vec![d], 1.0, sc.ln_weight);
+    add("ln_f.bias".into(), vec![d], 0.0, sc.ln_bias);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, b)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let st_path = dir.join("model.safetensors");
+    safetensors::tensor::serialize_to_file(views, &None, &st_path).unwrap();
+    drop(tensors);
+    let config = serde_json::json!({
+        "model_type": "gpt2", "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_embd": d,
+        "n_positions": cfg.n_ctx, "n_ctx": cfg.n_ctx, "vocab_size": v,
+        "layer_norm_epsilon": cfg.eps, "activation_function": "gelu_new", "n_inner": m,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.bos_token_id,
+        "architectures": ["GPT2LMHeadModel"]
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(&st_path).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    GeneratedCheckpoint {
+        _tmp: tmp,
+        dir,
+        sha256: hex::encode(h.finalize()),
+    }
+}
+
+/// The vocab-50k checkpoint: tiny layers (2 x 4 heads, d_model 64), GPT-2's 50257 tokens.
+pub fn vocab50k_checkpoint() -> GeneratedCheckpoint {
+    let cfg = hookgraph::model::ModelConfig {
+        n_layers: 2,
+        n_heads: 4,
+        d_model: 64,
+        d_head: 16,
+        d_mlp: 256,
+        d_vocab: 50257,
+        n_ctx: 64,
+        eps: 1e-5,
+        bos_token_id: 50256,
+    };
+    // wte 0.5: logits (LN output, norm ~8, against rows of std 0.29) have std ~2.3.
+    let sc = InitScales {
+        wte: 0.5,
+        wpe: 0.2,
+        ln_weight: 0.2,
+        ln_bias: 0.1,
+        attn_in: 0.4,
+        attn_out: 0.3,
+        mlp_in: 0.3,
+        mlp_out: 0.15,
+        bias: 0.05,
+    };
+    generated_checkpoint("vocab50k", &cfg, 50_257, sc)
+}
+
+/// The GPT-2-small-shaped checkpoint: 12 layers x 12 heads, d_model 768, 50257 tokens, 1024
+/// positions (~500 MB, so generated, never committed).
+pub fn small_checkpoint() -> GeneratedCheckpoint {
+    // wte 0.15: logits have std ~2.4; attn_in 0.08 gives attention scores of std ~1.5, so
+    // patterns are far from uniform; attn_out 0.04 makes one head move the residual by
+    // roughly as much as the embeddings.
+    let sc = InitScales {
+        wte: 0.15,
+        wpe: 0.05,
+        ln_weight: 0.2,
+        ln_bias: 0.1,
+        attn_in: 0.08,
+        attn_out: 0.04,
+        mlp_in: 0.06,
+        mlp_out: 0.03,
+        bias: 0.02,
+    };
+    generated_checkpoint("small", &hookgraph::bench::SMALL, 124_439_808, sc)
+}

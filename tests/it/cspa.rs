@@ -23,13 +23,27 @@ struct Case {
     /// The 100 sequences of the mean pass (the paper's `result_mean`).
     mean_ds: Dataset,
     gold: std::collections::HashMap<String, ArrayD<f32>>,
+    /// The generated checkpoint (kept alive while the case is).
+    _generated: Option<GeneratedCheckpoint>,
 }
 
 fn case(name: &str) -> Case {
+    let generated = (name == "small").then(small_checkpoint);
     let dir = match name {
         "a" => fixture("ckpt_a"),
+        "small" => generated.as_ref().unwrap().dir.clone(),
         _ => root().join("experiments/checkpoints/tiny-gpt2"),
     };
+    if let Some(g) = &generated {
+        let meta = read_tensor_file(&golden_path(&format!("cspa_{name}.safetensors"))).metadata;
+        assert_eq!(
+            meta.get("sha256"),
+            Some(&g.sha256),
+            "the generated checkpoint '{name}' is not the one cspa_{name}.safetensors was made \
+             from: the generator in tests/it/common.rs changed; rerun make_cspa_golden.py on its \
+             output (HOOKGRAPH_GOLDEN_CKPT_DIR)"
+        );
+    }
     let files = CheckpointFiles::in_dir(&dir).unwrap();
     let m = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
     let bos = m.cfg().bos_token_id;
@@ -59,6 +73,7 @@ fn case(name: &str) -> Case {
         ds,
         mean_ds,
         gold,
+        _generated: generated,
     }
 }
 
@@ -160,20 +175,39 @@ fn summary(t: &Table, l: usize, h: usize, col: &str) -> f64 {
 
 fn check_cspa(name: &str) {
     let c = case(name);
-    let (b, s) = c.ds.tokens.dim();
     let heads: Vec<(usize, usize)> = all_heads(&c.m)
         .into_iter()
         .filter(|&(l, _)| l >= 1)
         .collect();
     let dfdx_path = generic(&c.m);
+    check_cspa_heads(name, &c, &heads, &[(&c.m.model, 4), (&dfdx_path, 1)]);
+}
+
+/// The GPT-2-small-shaped checkpoint (generated, sha256 checked): heads 5.3, 10.7 and 11.11,
+/// the three modes, the host kernels at batch sizes 1 and 3.
+#[test]
+fn cspa_matches_the_papers_functions_small() {
+    let c = case("small");
+    let heads = [(5, 3), (10, 7), (11, 11)];
+    check_cspa_heads("small", &c, &heads, &[(&c.m.model, 3), (&c.m.model, 1)]);
+}
+
+fn check_cspa_heads(
+    name: &str,
+    c: &Case,
+    heads: &[(usize, usize)],
+    paths: &[(&HookedGpt2<Cpu>, usize)],
+) {
+    let (b, s) = c.ds.tokens.dim();
+    let heads = heads.to_vec();
     for (mode, key) in [
         (Mode::Both, "both"),
         (Mode::OvOnly, "ov_only"),
         (Mode::QkOnly, "qk_only"),
     ] {
-        for (model, bs) in [(&c.m.model, 4), (&dfdx_path, 1)] {
+        for &(model, bs) in paths {
             let mut metric = cspa(heads.clone(), mode);
-            let t = run(model, &c, &heads, &mut metric, bs);
+            let t = run(model, c, &heads, &mut metric, bs);
             for &(l, h) in &heads {
                 let g = |k: &str| c.gold[&format!("{l}.{h}.{k}")].clone();
                 let what = |x: &str| format!("{name} {l}.{h} {key} {x} (batch {bs})");

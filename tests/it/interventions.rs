@@ -104,22 +104,44 @@ fn check_table(what: &str, t: &Table, rows: &[J]) {
 }
 
 fn check_ckpt(ckpt: &str) {
-    let files = CheckpointFiles::in_dir(&fixture(&format!("ckpt_{ckpt}"))).unwrap();
-    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
-    let generic =
-        HookedGpt2::new_generic(Cpu::default(), loaded.cfg().clone(), &loaded.params).unwrap();
-    let text = std::fs::read_to_string(golden_path(&format!("interventions_{ckpt}.json"))).unwrap();
+    check_dir(ckpt, &fixture(&format!("ckpt_{ckpt}")), None, true);
+}
+
+/// Compares every golden case of `interventions_{golden}.json` on the checkpoint in `dir`:
+/// the host kernels at batch sizes 1 and 3 and, with `dfdx`, dfdx's ops at batch size 2.
+/// With `sha256`, the golden must record that hash of the checkpoint first.
+fn check_dir(golden: &str, dir: &std::path::Path, sha256: Option<&str>, dfdx: bool) {
+    let text = std::fs::read_to_string(golden_path(&format!("interventions_{golden}.json")))
+        .unwrap_or_else(|e| {
+            panic!("interventions_{golden}.json: {e} (make it with tests/golden/make_intervention_golden.py)")
+        });
     let g: J = serde_json::from_str(&text).unwrap();
+    if let Some(sha) = sha256 {
+        assert_eq!(
+            g["sha256"].as_str(),
+            Some(sha),
+            "the generated checkpoint '{golden}' is not the one the golden was made from: \
+             the generator in tests/it/common.rs changed; rerun the golden script on its output \
+             (HOOKGRAPH_GOLDEN_CKPT_DIR, see tests/golden/make_intervention_golden.py)"
+        );
+    }
+    let files = CheckpointFiles::in_dir(dir).unwrap();
+    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
     let ds = datasets(&g, loaded.cfg().bos_token_id);
+    let generic = dfdx.then(|| {
+        HookedGpt2::new_generic(Cpu::default(), loaded.cfg().clone(), &loaded.params).unwrap()
+    });
     for case in g["cases"].as_array().unwrap() {
         let rows = case["rows"].as_array().unwrap();
         let spec = &case["spec"];
         for bs in [1, 3] {
             let t = run_case(&loaded.model, &loaded, spec, &ds, bs);
-            check_table(&format!("{ckpt} host bs={bs} {spec}"), &t, rows);
+            check_table(&format!("{golden} host bs={bs} {spec}"), &t, rows);
         }
-        let t = run_case(&generic, &loaded, spec, &ds, 2);
-        check_table(&format!("{ckpt} dfdx {spec}"), &t, rows);
+        if let Some(generic) = &generic {
+            let t = run_case(generic, &loaded, spec, &ds, 2);
+            check_table(&format!("{golden} dfdx {spec}"), &t, rows);
+        }
     }
 }
 
@@ -131,6 +153,22 @@ fn interventions_match_transformer_lens_on_a() {
 #[test]
 fn interventions_match_transformer_lens_on_b() {
     check_ckpt("b");
+}
+
+/// Tiny layers with GPT-2's real 50257-token vocabulary (generated, checked by sha256).
+#[test]
+fn interventions_match_transformer_lens_on_vocab50k() {
+    let ck = vocab50k_checkpoint();
+    check_dir("vocab50k", &ck.dir, Some(&ck.sha256), true);
+}
+
+/// The GPT-2-small shape (generated, ~500 MB, checked by sha256): four heads across the
+/// layers, every layer hook, padded sequences; host kernels only (dfdx's path is covered
+/// on the other checkpoints and would triple the time).
+#[test]
+fn interventions_match_transformer_lens_on_small_shape() {
+    let ck = small_checkpoint();
+    check_dir("small", &ck.dir, Some(&ck.sha256), false);
 }
 
 /// A write at `hook_result` reaches the model on both paths (it used to be dropped): zeroing

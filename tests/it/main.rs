@@ -4,6 +4,7 @@
 //! Shared helpers live in [`common`]; fixtures and goldens sit beside this folder in
 //! `tests/fixtures` and `tests/golden`.
 
+mod bad_specs;
 mod cache_cli;
 mod checkpoint_errors;
 mod circuits;
