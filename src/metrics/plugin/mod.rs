@@ -20,6 +20,7 @@ pub mod abi_check;
 pub mod adapter;
 mod host;
 pub mod locate;
+pub mod testing;
 mod trust;
 
 use std::path::{Path, PathBuf};
