@@ -29,7 +29,13 @@ impl Matrix {
 
 /// `a · b`, accumulated in `f32` in index order; panics when the lengths differ.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot of vectors of lengths {} and {}", a.len(), b.len());
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "dot of vectors of lengths {} and {}",
+        a.len(),
+        b.len()
+    );
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
@@ -57,7 +63,11 @@ impl<'a> OutProj<'a> {
     /// `W_O[head]` as `d_head` rows of `d_model`.
     fn head(&self, head: usize) -> &'a [f32] {
         let (dh, d) = (self.d_head(), self.d_model());
-        assert!(head < self.w.shape()[0], "head {head} of {}", self.w.shape()[0]);
+        assert!(
+            head < self.w.shape()[0],
+            "head {head} of {}",
+            self.w.shape()[0]
+        );
         &self.w.data()[head * dh * d..(head + 1) * dh * d]
     }
 
@@ -65,7 +75,13 @@ impl<'a> OutProj<'a> {
     /// `hook_z` lane (`[d_head]`).
     pub fn z_w_o(&self, head: usize, z: &[f32]) -> Vec<f32> {
         let d = self.d_model();
-        assert_eq!(z.len(), self.d_head(), "z has {} entries, d_head is {}", z.len(), self.d_head());
+        assert_eq!(
+            z.len(),
+            self.d_head(),
+            "z has {} entries, d_head is {}",
+            z.len(),
+            self.d_head()
+        );
         let mut out = vec![0f32; d];
         for (&zi, row) in z.iter().zip(self.head(head).chunks_exact(d)) {
             for (o, &w) in out.iter_mut().zip(row) {
@@ -81,7 +97,10 @@ impl<'a> OutProj<'a> {
     pub fn w_o_u(&self, head: usize, u: &[f32]) -> Vec<f32> {
         let d = self.d_model();
         assert_eq!(u.len(), d, "u has {} entries, d_model is {d}", u.len());
-        self.head(head).chunks_exact(d).map(|row| dot(row, u)).collect()
+        self.head(head)
+            .chunks_exact(d)
+            .map(|row| dot(row, u))
+            .collect()
     }
 }
 
@@ -131,9 +150,15 @@ mod tests {
         let w = OutProj {
             w: TensorRef::from_parts(&shape, &data),
         };
-        assert_eq!(w.z_w_o(1, &[1.0, 2.0]), vec![6.0 + 18.0, 7.0 + 20.0, 8.0 + 22.0]);
+        assert_eq!(
+            w.z_w_o(1, &[1.0, 2.0]),
+            vec![6.0 + 18.0, 7.0 + 20.0, 8.0 + 22.0]
+        );
         let u = [1.0, -1.0, 2.0];
-        assert_eq!(dot(&w.z_w_o(1, &[1.0, 2.0]), &u), dot(&[1.0, 2.0], &w.w_o_u(1, &u)));
+        assert_eq!(
+            dot(&w.z_w_o(1, &[1.0, 2.0]), &u),
+            dot(&[1.0, 2.0], &w.w_o_u(1, &u))
+        );
         assert_eq!(centred(&[1.0, 2.0, 3.0]), vec![-1.0, 0.0, 1.0]);
     }
 }

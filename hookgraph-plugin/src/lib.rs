@@ -141,7 +141,7 @@
 //! | strings, lists | NUL-terminated UTF-8; pointer + length |
 //! | ownership | the plugin owns its descriptor (static) and its state (`create` .. `destroy`); the host owns contexts, tensor views and message buffers; `emit_row` copies the row before returning |
 //! | version 3 | appended `ctx_size`, `token_text`, `answers` to the host-owned `HgCallCtx`; `emit_row` works in `batch` too |
-| partial state | ABI version 2, optional: [`PluginMetric::PARTIAL_STATE`] with [`PluginMetric::save_state`] / [`PluginMetric::merge_state`] lets the runner shard (`--shard I/N`, `runner merge`) and resume (`--resume`) the plugin; the host still loads version-1 plugins and refuses to shard them, by name |
+//! | partial state | ABI version 2, optional: [`PluginMetric::PARTIAL_STATE`] with [`PluginMetric::save_state`] / [`PluginMetric::merge_state`] lets the runner shard (`--shard I/N`, `runner merge`) and resume (`--resume`) the plugin; the host still loads version-1 plugins and refuses to shard them, by name |
 //! | views | read-only, row-major, valid only during the call that produced them |
 //! | status | `0` ok, `1` error, `2` panic (message written into the host's buffer, truncated at its capacity), `3` not found, `4` invalid |
 //! | threading | calls on one state are serialised (maybe from different threads over time: the state must be `Send`); callbacks may be called from any thread during the call |

@@ -366,7 +366,11 @@ impl<'a, T: Copy> TensorRef<'a, T> {
     /// A view of plugin-owned memory (tests, or a plugin's own arrays); panics when `data`
     /// does not have `shape`'s length.
     pub fn from_parts(shape: &'a [usize], data: &'a [T]) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?}");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?}"
+        );
         TensorRef { shape, data }
     }
     pub fn shape(&self) -> &'a [usize] {
