@@ -684,3 +684,72 @@ fn the_harness_runs_the_example_plugins_in_a_few_lines() {
     assert!(s.get("plugin_source_suppression").is_ok());
     assert!(s.get("no_such_table").is_err());
 }
+
+#[test]
+fn a_plugin_per_position_table_gets_a_view() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = library("hg_direct_logit_attribution");
+    let (spec, out) = e2e_spec(
+        tmp.path(),
+        &format!(
+            "[[metric]]\nplugin = {plugin:?}\n\n[[view]]\nmetric = \"hg_direct_logit_attribution\"\nheads = [\"0.1\", \"1.2\"]\n"
+        ),
+    );
+    let result = assert_cmd::Command::cargo_bin("runner")
+        .unwrap()
+        .args(["run", "--quiet", "--output"])
+        .arg(&out)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "runner failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    // The view reads the plugin's declared per-position table, as a built-in's.
+    let svg = std::fs::read_to_string(out.join("view_plugin_dla_a.svg")).unwrap();
+    assert!(svg.contains("<svg"), "not an SVG");
+    assert!(
+        svg.contains("0.1") && svg.contains("1.2"),
+        "the heads' panels"
+    );
+}
+
+#[test]
+fn a_view_of_a_plugin_without_a_per_position_table_is_a_located_error_before_compute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = library("hg_attention_entropy");
+    let (spec, out) = e2e_spec(
+        tmp.path(),
+        &format!(
+            "[[metric]]\nplugin = {plugin:?}\n\n[[view]]\nmetric = \"hg_attention_entropy\"\nheads = [\"0.1\"]\n"
+        ),
+    );
+    let result = assert_cmd::Command::cargo_bin("runner")
+        .unwrap()
+        .args(["run", "--quiet", "--output"])
+        .arg(&out)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        !result.status.success(),
+        "a view with nothing to show must fail"
+    );
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(err.contains("declares no per-position table"), "{err}");
+    // file:line:col of the [[metric]]'s `plugin` key (line 14 of e2e_spec's text).
+    let at = format!("{}:", spec.display());
+    let rest = &err[err.find(&at).unwrap_or_else(|| panic!("no {at} in {err}")) + at.len()..];
+    let mut parts = rest.splitn(3, ':');
+    let (line, col) = (parts.next().unwrap(), parts.next().unwrap());
+    assert!(
+        line.parse::<usize>().is_ok() && col.parse::<usize>().is_ok(),
+        "{err}"
+    );
+    assert!(
+        !out.join("attention_entropy.csv").exists(),
+        "nothing was computed"
+    );
+}

@@ -286,6 +286,7 @@ pub(crate) unsafe fn read_metadata(
         path: path.to_path_buf(),
         hooks,
         tables: tables.iter().map(|t| t.name.clone()).collect(),
+        table_columns: tables.iter().map(|t| t.columns.clone()).collect(),
         options,
     };
     Ok((info, tables))

@@ -47,6 +47,9 @@ pub struct PluginInfo {
     /// Hook points as declared (`{layer}` templates unexpanded).
     pub hooks: Vec<String>,
     pub tables: Vec<String>,
+    /// Each table's columns, in `tables`' order.
+    #[serde(skip)]
+    pub table_columns: Vec<Vec<String>>,
     /// (name, description).
     pub options: Vec<(String, String)>,
 }
