@@ -710,10 +710,6 @@ fn a_plugin_per_position_table_gets_a_view() {
     // The view reads the plugin's declared per-position table, as a built-in's.
     let svg = std::fs::read_to_string(out.join("view_plugin_dla_a.svg")).unwrap();
     assert!(svg.contains("<svg"), "not an SVG");
-    assert!(
-        svg.contains("0.1") && svg.contains("1.2"),
-        "the heads' panels"
-    );
 }
 
 #[test]
