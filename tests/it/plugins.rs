@@ -29,6 +29,7 @@ const PACKAGES: &[&str] = &[
     "hg_test_panics",
     "hg_test_errors",
     "hg_test_abi_v1",
+    "hg_test_abi_v2",
 ];
 
 /// Builds every plugin once (one cargo invocation for all tests) and returns the directory

@@ -426,6 +426,28 @@ fn a_plugin_built_for_abi_version_1_still_runs_and_is_refused_by_name_when_shard
     assert!(t.contains("ioi,1,3,10"), "{t}");
 }
 
+#[test]
+fn a_plugin_built_for_abi_version_2_still_shards() {
+    // Version 3 only appended to the host's call context: a version-2 plugin with partial
+    // state loads, shards and merges as before.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = plugin_spec(dir.path(), "hg_test_abi_v2");
+    let whole = dir.path().join("whole");
+    run_ok(&spec, &whole, &[]);
+    let t = std::fs::read_to_string(whole.join("abi_v2_count.csv")).unwrap();
+    assert!(t.contains("ioi,1,3,10"), "{t}");
+    let sharded = dir.path().join("sharded");
+    for i in 0..2 {
+        run_ok(&spec, &sharded, &["--shard", &format!("{i}/2")]);
+    }
+    runner()
+        .args(["merge", "-q"])
+        .arg(&sharded)
+        .assert()
+        .success();
+    assert_same_results(&whole, &sharded);
+}
+
 /// A spec in `dir` running the example or test plugin `name` alone on the tiny checkpoint.
 fn plugin_spec(dir: &Path, name: &str) -> PathBuf {
     let lib = crate::plugins::library(name);
