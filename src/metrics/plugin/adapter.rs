@@ -496,35 +496,48 @@ fn encode_rows(tables: &[Table]) -> Vec<u8> {
     out
 }
 
+/// Reads [`encode_rows`]'s bytes front to back.
+struct Reader<'b> {
+    bytes: &'b [u8],
+    at: usize,
+}
+
+impl<'b> Reader<'b> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'b [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or("truncated")?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn word(&mut self) -> std::result::Result<u64, String> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+}
+
 /// The inverse of [`encode_rows`] for the declared `tables`.
 fn decode_rows(bytes: &[u8], tables: &[TableDesc]) -> std::result::Result<Vec<Table>, String> {
-    let mut at = 0usize;
-    let mut take = |n: usize| -> std::result::Result<&[u8], String> {
-        let end = at
-            .checked_add(n)
-            .filter(|&e| e <= bytes.len())
-            .ok_or("truncated")?;
-        let s = &bytes[at..end];
-        at = end;
-        Ok(s)
-    };
-    fn word(b: &[u8]) -> [u8; 8] {
-        b.try_into().expect("8 bytes")
-    }
+    let mut r = Reader { bytes, at: 0 };
     let mut out = Vec::with_capacity(tables.len());
     for desc in tables {
         let mut t = desc.empty();
-        let n = u64::from_le_bytes(word(take(8)?)) as usize;
+        let n = r.word()? as usize;
         for _ in 0..n {
             let mut row = Vec::with_capacity(desc.columns.len());
             for _ in &desc.columns {
-                let cell = match take(1)?[0] {
-                    CELL_INT => Value::Int(i64::from_le_bytes(word(take(8)?))),
-                    CELL_FLOAT => Value::Float(f64::from_bits(u64::from_le_bytes(word(take(8)?)))),
+                let tag = r.take(1)?[0];
+                let cell = match tag {
+                    CELL_INT => Value::Int(r.word()? as i64),
+                    CELL_FLOAT => Value::Float(f64::from_bits(r.word()?)),
                     CELL_STR => {
-                        let len = u64::from_le_bytes(word(take(8)?)) as usize;
-                        let s =
-                            std::str::from_utf8(take(len)?).map_err(|_| "a string is not UTF-8")?;
+                        let len = r.word()? as usize;
+                        let s = std::str::from_utf8(r.take(len)?)
+                            .map_err(|_| "a string is not UTF-8".to_string())?;
                         Value::Str(s.to_string())
                     }
                     k => return Err(format!("unknown cell tag {k}")),
@@ -535,35 +548,10 @@ fn decode_rows(bytes: &[u8], tables: &[TableDesc]) -> std::result::Result<Vec<Ta
         }
         out.push(t);
     }
-    if at != bytes.len() {
-        return Err(format!("{} bytes left over", bytes.len() - at));
+    if r.at != bytes.len() {
+        return Err(format!("{} bytes left over", bytes.len() - r.at));
     }
     Ok(out)
-}
-
-/// Expands `{layer}` templates for each layer that has a selected head; keeps order, drops
-/// duplicates.
-pub fn expand_hooks(templates: &[String], heads: &[(usize, usize)]) -> Vec<String> {
-    let mut layers: Vec<usize> = heads.iter().map(|&(l, _)| l).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    let mut out: Vec<String> = Vec::new();
-    for t in templates {
-        let names: Vec<String> = if t.contains("{layer}") {
-            layers
-                .iter()
-                .map(|l| t.replace("{layer}", &l.to_string()))
-                .collect()
-        } else {
-            vec![t.clone()]
-        };
-        for n in names {
-            if !out.contains(&n) {
-                out.push(n);
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
