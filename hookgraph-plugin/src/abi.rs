@@ -32,8 +32,8 @@ pub const HG_PLUGIN_MAGIC: u64 = u64::from_le_bytes(*b"HGPLUGIN");
 /// in the middle of one, never in an array's element type). Version 2 appended
 /// `save_state` / `merge_state` (partial state, for sharded and resumable runs) to
 /// [`HgPluginDescriptor`]. Version 3 appended `ctx_size`, `token_text` and `answers` to the
-/// host-owned [`HgCallCtx`] (older plugins read its first fields only), and lets `emit_row`
-/// work in `batch` too; the descriptor is the same as version 2's.
+/// host-owned [`HgCallCtx`] (older plugins read its first fields only), lets `emit_row`
+/// work in `batch` too, and appended `undefined_nan` / `n_undefined_nan` to the descriptor.
 pub const HG_PLUGIN_ABI_VERSION: u32 = 3;
 
 /// The oldest ABI version a host of this crate still loads: a version-1 plugin (no partial
@@ -94,6 +94,16 @@ pub struct HgTableDesc {
     /// For a per-head table (it has `layer` and `head` columns): the headline column the
     /// summary and heatmaps show. Null otherwise.
     pub score_column: *const c_char,
+}
+
+/// A column of a declared table where NaN means "undefined here" (a 0/0 the metric counts,
+/// e.g. the last position's attribution, which has no next token), not a failure. The
+/// runner fails a metric whose table holds any other NaN or infinity.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct HgColumnRef {
+    pub table: *const c_char,
+    pub column: *const c_char,
 }
 
 /// One option the plugin accepts (keys of its `[[metric]]` table besides `plugin`/`name`).
@@ -311,6 +321,60 @@ pub struct HgPluginDescriptor {
     /// resumed); both set: it can. One without the other is rejected.
     pub save_state: Option<HgSaveStateFn>,
     pub merge_state: Option<HgMergeStateFn>,
+    /// ABI >= 3: the columns where NaN is an undefined value (see [`HgColumnRef`]).
+    pub undefined_nan: *const HgColumnRef,
+    pub n_undefined_nan: usize,
+}
+
+/// The descriptor of ABI version 2 (the version-3 one without its last two fields), which
+/// hosts read from version-2 plugins.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HgPluginDescriptorV2 {
+    pub header: HgPluginHeader,
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub description: *const c_char,
+    pub hooks: *const *const c_char,
+    pub n_hooks: usize,
+    pub tables: *const HgTableDesc,
+    pub n_tables: usize,
+    pub options: *const HgOptionDesc,
+    pub n_options: usize,
+    pub create: Option<HgCreateFn>,
+    pub begin_dataset: Option<HgCallFn>,
+    pub batch: Option<HgCallFn>,
+    pub finish_dataset: Option<HgCallFn>,
+    pub destroy: Option<HgDestroyFn>,
+    pub save_state: Option<HgSaveStateFn>,
+    pub merge_state: Option<HgMergeStateFn>,
+}
+
+impl HgPluginDescriptorV2 {
+    /// The same descriptor in the current layout, with no undefined-NaN columns.
+    pub fn upgrade(&self) -> HgPluginDescriptor {
+        HgPluginDescriptor {
+            header: self.header,
+            name: self.name,
+            version: self.version,
+            description: self.description,
+            hooks: self.hooks,
+            n_hooks: self.n_hooks,
+            tables: self.tables,
+            n_tables: self.n_tables,
+            options: self.options,
+            n_options: self.n_options,
+            create: self.create,
+            begin_dataset: self.begin_dataset,
+            batch: self.batch,
+            finish_dataset: self.finish_dataset,
+            destroy: self.destroy,
+            save_state: self.save_state,
+            merge_state: self.merge_state,
+            undefined_nan: std::ptr::null(),
+            n_undefined_nan: 0,
+        }
+    }
 }
 
 /// The descriptor of ABI version 1 (the version-2 one without its last two fields), which
@@ -356,6 +420,8 @@ impl HgPluginDescriptorV1 {
             destroy: self.destroy,
             save_state: None,
             merge_state: None,
+            undefined_nan: std::ptr::null(),
+            n_undefined_nan: 0,
         }
     }
 }
@@ -381,6 +447,19 @@ mod tests {
         assert_eq!(
             offset_of!(HgCallCtx, emit_row) + std::mem::size_of::<usize>(),
             offset_of!(HgCallCtx, ctx_size)
+        );
+    }
+
+    #[test]
+    fn version_3_only_appends_to_version_2() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(
+            offset_of!(HgPluginDescriptor, undefined_nan),
+            size_of::<HgPluginDescriptorV2>()
+        );
+        assert_eq!(
+            offset_of!(HgPluginDescriptor, merge_state),
+            offset_of!(HgPluginDescriptorV2, merge_state)
         );
     }
 

@@ -168,7 +168,9 @@ pub use serde_json;
 ///     hooks = ["blocks.{layer}.attn.hook_pattern", "ln_final.hook_scale"],
 ///     tables = [
 ///         { name = "my_metric", columns = ["layer", "head", "score"], score = "score" },
-///         { name = "my_metric_per_sequence", columns = ["layer", "head", "sequence", "value"] },
+///         // `nan`: columns where NaN means "undefined here" (a 0/0 the metric counts);
+///         // any other NaN or infinity fails the metric.
+///         { name = "my_metric_per_sequence", columns = ["layer", "head", "sequence", "value"], nan = ["value"] },
 ///     ],
 ///     options = [("only_negative", "bool, default false: ...")],
 /// );
@@ -185,6 +187,7 @@ macro_rules! export_plugin {
             name = $tname:expr,
             columns = [$($col:expr),* $(,)?]
             $(, score = $score:expr)?
+            $(, nan = [$($nan:expr),* $(,)?])?
             $(,)?
         }),* $(,)?],
         options = [$(($oname:expr, $odesc:expr)),* $(,)?]
@@ -203,6 +206,7 @@ macro_rules! export_plugin {
                     name: $tname,
                     columns: &[$($col),*],
                     score: $crate::__hg_option!($($score)?),
+                    nan: &[$($($nan),*)?],
                 }),*],
                 options: &[$(($oname, $odesc)),*],
             };

@@ -197,10 +197,12 @@ export_plugin!(
     version = env!("CARGO_PKG_VERSION"),
     description = "per head: direct logit attribution (the built-in direct_logit_attribution, as a plugin)",
     hooks = ["blocks.{layer}.attn.hook_z", "ln_final.hook_scale"],
+    // NaN where the built-in has it: no answers (logit_diff), no next token (the last
+    // position), a sequence of one token (its mean).
     tables = [
-        { name = "plugin_dla", columns = ["layer", "head", "dla", "n_tokens", "logit_diff"], score = "dla" },
-        { name = "plugin_dla_per_sequence", columns = ["layer", "head", "seq", "value", "logit_diff"] },
-        { name = "plugin_dla_per_position", columns = ["layer", "head", "seq", "pos", "token", "value"] },
+        { name = "plugin_dla", columns = ["layer", "head", "dla", "n_tokens", "logit_diff"], score = "dla", nan = ["logit_diff"] },
+        { name = "plugin_dla_per_sequence", columns = ["layer", "head", "seq", "value", "logit_diff"], nan = ["value", "logit_diff"] },
+        { name = "plugin_dla_per_position", columns = ["layer", "head", "seq", "pos", "token", "value"], nan = ["value"] },
     ],
     options = [],
 );

@@ -581,6 +581,7 @@ mod tests {
             name: "t".into(),
             columns: vec!["a".into(), "b".into(), "c".into()],
             score: None,
+            nan: vec!["b".into()],
         };
         let mut t = desc.empty();
         t.push(vec![Value::Int(-3), Value::Float(f64::NAN), "é,x".into()]);
@@ -588,6 +589,8 @@ mod tests {
         let bytes = encode_rows(std::slice::from_ref(&t));
         let back = decode_rows(&bytes, std::slice::from_ref(&desc)).unwrap();
         assert_eq!(back[0].rows.len(), 2);
+        // The declared undefined-NaN column travels with the table, so the NaN is a value.
+        assert_eq!(back[0].non_finite(), None);
         assert!(matches!(back[0].rows[0][1], Value::Float(x) if x.is_nan()));
         assert_eq!(back[0].rows[1], t.rows[1]);
         assert_eq!(back[0].rows[0][2], t.rows[0][2]);

@@ -1,11 +1,13 @@
 //! Test plugin: a working metric with partial state whose descriptor says ABI version 2, as
-//! a plugin built before version 3 (token text, answers, rows per batch) exports it. The
-//! version-2 descriptor is version 3's; only the header differs. The host must still load,
-//! run, shard and resume it.
+//! a plugin built before version 3 (token text, answers, rows per batch, undefined-NaN
+//! columns) exports it: 16 bytes shorter than version 3's. The host must still load, run,
+//! shard and resume it.
 
 use std::sync::OnceLock;
 
-use hookgraph_plugin::abi::{HgPluginDescriptor, HgPluginHeader, HG_PLUGIN_MAGIC};
+use hookgraph_plugin::abi::{
+    HgPluginDescriptor, HgPluginDescriptorV2, HgPluginHeader, HG_PLUGIN_MAGIC,
+};
 use hookgraph_plugin::export::{descriptor, DescriptorHolder, PluginMeta};
 use hookgraph_plugin::{BatchCtx, Ctx, Emitter, PluginMetric};
 
@@ -61,29 +63,30 @@ static META: PluginMeta = PluginMeta {
         name: "abi_v2_count",
         columns: &["layer", "head", "n"],
         score: None,
+        nan: &[],
     }],
     options: &[],
 };
 
-struct V2(HgPluginDescriptor);
+struct V2(HgPluginDescriptorV2);
 // SAFETY: immutable once built; its pointers reach the static holder below.
 unsafe impl Send for V2 {}
 // SAFETY: as above.
 unsafe impl Sync for V2 {}
 
 #[no_mangle]
-pub extern "C" fn hookgraph_plugin_descriptor() -> *const HgPluginDescriptor {
+pub extern "C" fn hookgraph_plugin_descriptor() -> *const HgPluginDescriptorV2 {
     static HOLDER: OnceLock<Option<DescriptorHolder>> = OnceLock::new();
     static DESC: OnceLock<Option<V2>> = OnceLock::new();
     let d = DESC.get_or_init(|| {
         let p: *const HgPluginDescriptor = descriptor::<Count>(&META, &HOLDER);
         // SAFETY: `descriptor` returns null or a pointer into the static HOLDER.
         let d = unsafe { p.as_ref() }?;
-        Some(V2(HgPluginDescriptor {
+        Some(V2(HgPluginDescriptorV2 {
             header: HgPluginHeader {
                 magic: HG_PLUGIN_MAGIC,
                 abi_version: 2,
-                struct_size: std::mem::size_of::<HgPluginDescriptor>() as u32,
+                struct_size: std::mem::size_of::<HgPluginDescriptorV2>() as u32,
             },
             name: d.name,
             version: d.version,
