@@ -554,6 +554,31 @@ fn decode_rows(bytes: &[u8], tables: &[TableDesc]) -> std::result::Result<Vec<Ta
     Ok(out)
 }
 
+/// Expands `{layer}` templates for each layer that has a selected head; keeps order, drops
+/// duplicates.
+pub fn expand_hooks(templates: &[String], heads: &[(usize, usize)]) -> Vec<String> {
+    let mut layers: Vec<usize> = heads.iter().map(|&(l, _)| l).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    let mut out: Vec<String> = Vec::new();
+    for t in templates {
+        let names: Vec<String> = if t.contains("{layer}") {
+            layers
+                .iter()
+                .map(|l| t.replace("{layer}", &l.to_string()))
+                .collect()
+        } else {
+            vec![t.clone()]
+        };
+        for n in names {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
