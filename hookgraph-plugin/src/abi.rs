@@ -28,9 +28,13 @@ use std::ffi::{c_char, c_void};
 pub const HG_PLUGIN_MAGIC: u64 = u64::from_le_bytes(*b"HGPLUGIN");
 
 /// The ABI version this crate speaks. Any change to a `#[repr(C)]` type or a function
-/// signature below bumps it. Version 2 appended `save_state` / `merge_state` (partial state,
-/// for sharded and resumable runs) to [`HgPluginDescriptor`]; nothing else changed.
-pub const HG_PLUGIN_ABI_VERSION: u32 = 2;
+/// signature below bumps it, and only by appending (a field at the end of a struct, never
+/// in the middle of one, never in an array's element type). Version 2 appended
+/// `save_state` / `merge_state` (partial state, for sharded and resumable runs) to
+/// [`HgPluginDescriptor`]. Version 3 appended `ctx_size`, `token_text` and `answers` to the
+/// host-owned [`HgCallCtx`] (older plugins read its first fields only), lets `emit_row`
+/// work in `batch` too, and appended `undefined_nan` / `n_undefined_nan` to the descriptor.
+pub const HG_PLUGIN_ABI_VERSION: u32 = 3;
 
 /// The oldest ABI version a host of this crate still loads: a version-1 plugin (no partial
 /// state) runs as before, and is refused by name for `--shard` and `--resume`.
@@ -90,6 +94,16 @@ pub struct HgTableDesc {
     /// For a per-head table (it has `layer` and `head` columns): the headline column the
     /// summary and heatmaps show. Null otherwise.
     pub score_column: *const c_char,
+}
+
+/// A column of a declared table where NaN means "undefined here" (a 0/0 the metric counts,
+/// e.g. the last position's attribution, which has no next token), not a failure. The
+/// runner fails a metric whose table holds any other NaN or infinity.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct HgColumnRef {
+    pub table: *const c_char,
+    pub column: *const c_char,
 }
 
 /// One option the plugin accepts (keys of its `[[metric]]` table besides `plugin`/`name`).
@@ -160,6 +174,18 @@ pub type HgGetTensorFn = unsafe extern "C" fn(
     out: *mut HgTensorView,
 ) -> HgStatus;
 
+/// `token_text` (ABI >= 3): the text of token `id` as the run's tokenizer decodes it, the
+/// same text the built-ins write in their `token` columns (empty when the run has no
+/// tokenizer). Writes a pointer to UTF-8 bytes (not NUL-terminated) and their length into
+/// `out` / `out_len`; the bytes are the host's, valid until the call that got them returns.
+/// Returns [`HG_OK`], or [`HG_NOT_FOUND`] for an id outside the vocabulary.
+pub type HgTokenTextFn = unsafe extern "C" fn(
+    host_ctx: *mut c_void,
+    id: u32,
+    out: *mut *const u8,
+    out_len: *mut usize,
+) -> HgStatus;
+
 /// `emit_row`: appends one row (`n_values` cells, one per declared column) to `table`. The
 /// host copies everything before returning. Returns [`HG_OK`] or [`HG_INVALID`].
 pub type HgEmitRowFn = unsafe extern "C" fn(
@@ -172,8 +198,14 @@ pub type HgEmitRowFn = unsafe extern "C" fn(
 /// Everything a plugin call may read, owned by the host and valid only during the call.
 ///
 /// `tokens`, `first_sequence` and `get_activation` are for `batch` only (outside it the view
-/// is [`HgTensorView::EMPTY`] and the callback returns [`HG_INVALID`]); `emit_row` works only
-/// in `finish_dataset`; `get_weight` works in all three calls.
+/// is [`HgTensorView::EMPTY`] and the callback returns [`HG_INVALID`]); `emit_row` works in
+/// `batch` (ABI >= 3) and `finish_dataset`; `get_weight` and `token_text` work in all three
+/// calls.
+///
+/// The host owns and allocates this struct, so it grows by appending: a plugin of version
+/// `v` reads only the fields of version `v` (the host never loads a plugin newer than
+/// itself, so they are always there), and `ctx_size` tells a plugin how much a newer host
+/// passed.
 #[repr(C)]
 #[derive(Debug)]
 pub struct HgCallCtx {
@@ -202,6 +234,14 @@ pub struct HgCallCtx {
     pub get_activation: Option<HgGetTensorFn>,
     pub get_weight: Option<HgGetTensorFn>,
     pub emit_row: Option<HgEmitRowFn>,
+    // ---- ABI >= 3 (appended; a version-1 or -2 plugin never reads past `emit_row`) ----
+    /// `size_of::<HgCallCtx>()` as the host was compiled: at least the version-3 size.
+    pub ctx_size: usize,
+    /// Token text for `token` columns and labels (all three calls).
+    pub token_text: Option<HgTokenTextFn>,
+    /// The dataset's answers, `2 * n_sequences` ids (`[correct, wrong]` per sequence, as
+    /// IOI has them), or null for a dataset without answers.
+    pub answers: *const u32,
 }
 
 /// `create`: parses `options_json` (a JSON object, NUL-terminated) and stores a new state in
@@ -281,6 +321,60 @@ pub struct HgPluginDescriptor {
     /// resumed); both set: it can. One without the other is rejected.
     pub save_state: Option<HgSaveStateFn>,
     pub merge_state: Option<HgMergeStateFn>,
+    /// ABI >= 3: the columns where NaN is an undefined value (see [`HgColumnRef`]).
+    pub undefined_nan: *const HgColumnRef,
+    pub n_undefined_nan: usize,
+}
+
+/// The descriptor of ABI version 2 (the version-3 one without its last two fields), which
+/// hosts read from version-2 plugins.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HgPluginDescriptorV2 {
+    pub header: HgPluginHeader,
+    pub name: *const c_char,
+    pub version: *const c_char,
+    pub description: *const c_char,
+    pub hooks: *const *const c_char,
+    pub n_hooks: usize,
+    pub tables: *const HgTableDesc,
+    pub n_tables: usize,
+    pub options: *const HgOptionDesc,
+    pub n_options: usize,
+    pub create: Option<HgCreateFn>,
+    pub begin_dataset: Option<HgCallFn>,
+    pub batch: Option<HgCallFn>,
+    pub finish_dataset: Option<HgCallFn>,
+    pub destroy: Option<HgDestroyFn>,
+    pub save_state: Option<HgSaveStateFn>,
+    pub merge_state: Option<HgMergeStateFn>,
+}
+
+impl HgPluginDescriptorV2 {
+    /// The same descriptor in the current layout, with no undefined-NaN columns.
+    pub fn upgrade(&self) -> HgPluginDescriptor {
+        HgPluginDescriptor {
+            header: self.header,
+            name: self.name,
+            version: self.version,
+            description: self.description,
+            hooks: self.hooks,
+            n_hooks: self.n_hooks,
+            tables: self.tables,
+            n_tables: self.n_tables,
+            options: self.options,
+            n_options: self.n_options,
+            create: self.create,
+            begin_dataset: self.begin_dataset,
+            batch: self.batch,
+            finish_dataset: self.finish_dataset,
+            destroy: self.destroy,
+            save_state: self.save_state,
+            merge_state: self.merge_state,
+            undefined_nan: std::ptr::null(),
+            n_undefined_nan: 0,
+        }
+    }
 }
 
 /// The descriptor of ABI version 1 (the version-2 one without its last two fields), which
@@ -326,6 +420,8 @@ impl HgPluginDescriptorV1 {
             destroy: self.destroy,
             save_state: None,
             merge_state: None,
+            undefined_nan: std::ptr::null(),
+            n_undefined_nan: 0,
         }
     }
 }
@@ -339,6 +435,32 @@ mod tests {
         assert_eq!(std::mem::size_of::<HgPluginHeader>(), 16);
         assert_eq!(std::mem::offset_of!(HgPluginDescriptor, header), 0);
         assert_eq!(&HG_PLUGIN_MAGIC.to_le_bytes(), b"HGPLUGIN");
+    }
+
+    #[test]
+    fn version_3_only_appends_to_the_call_context() {
+        use std::mem::offset_of;
+        // The version-2 context ended with `emit_row`: everything new comes after it.
+        assert!(offset_of!(HgCallCtx, ctx_size) > offset_of!(HgCallCtx, emit_row));
+        assert!(offset_of!(HgCallCtx, token_text) > offset_of!(HgCallCtx, ctx_size));
+        assert!(offset_of!(HgCallCtx, answers) > offset_of!(HgCallCtx, token_text));
+        assert_eq!(
+            offset_of!(HgCallCtx, emit_row) + std::mem::size_of::<usize>(),
+            offset_of!(HgCallCtx, ctx_size)
+        );
+    }
+
+    #[test]
+    fn version_3_only_appends_to_version_2() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(
+            offset_of!(HgPluginDescriptor, undefined_nan),
+            size_of::<HgPluginDescriptorV2>()
+        );
+        assert_eq!(
+            offset_of!(HgPluginDescriptor, merge_state),
+            offset_of!(HgPluginDescriptorV2, merge_state)
+        );
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct TableMeta {
     pub columns: &'static [&'static str],
     /// The headline column of a per-head table.
     pub score: Option<&'static str>,
+    /// Columns where NaN means "undefined here", not a failure (ABI >= 3).
+    pub nan: &'static [&'static str],
 }
 
 /// Owns the C strings and arrays a descriptor points into, so the pointers stay valid for as
@@ -44,6 +46,7 @@ pub struct DescriptorHolder {
     _columns: Vec<Vec<*const c_char>>,
     _tables: Vec<HgTableDesc>,
     _options: Vec<HgOptionDesc>,
+    _undefined_nan: Vec<HgColumnRef>,
 }
 
 // SAFETY: the holder is immutable once built and everything its pointers reach is owned by
@@ -95,6 +98,15 @@ impl DescriptorHolder {
                 })
             })
             .collect::<Result<_, String>>()?;
+        let mut undefined_nan = Vec::new();
+        for t in meta.tables {
+            for col in t.nan {
+                undefined_nan.push(HgColumnRef {
+                    table: c(t.name)?,
+                    column: c(col)?,
+                });
+            }
+        }
         let desc = HgPluginDescriptor {
             header: HgPluginHeader {
                 magic: HG_PLUGIN_MAGIC,
@@ -125,6 +137,8 @@ impl DescriptorHolder {
             } else {
                 None
             },
+            undefined_nan: undefined_nan.as_ptr(),
+            n_undefined_nan: undefined_nan.len(),
         };
         Ok(DescriptorHolder {
             desc,
@@ -133,6 +147,7 @@ impl DescriptorHolder {
             _columns: columns,
             _tables: tables,
             _options: options,
+            _undefined_nan: undefined_nan,
         })
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns: the C ABI between the runner and a plugin ([`abi`]), the safe Rust layer a plugin
 //! is written against ([`PluginMetric`], [`Ctx`], [`BatchCtx`], [`TensorRef`], [`Emitter`]),
-//! and [`export_plugin!`], which generates the one exported symbol. Must not: depend on the
+//! the contractions of attribution metrics ([`contract`]), and [`export_plugin!`], which
+//! generates the one exported symbol. Must not: depend on the
 //! runner (`hookgraph`), or grow dependencies a plugin would have to build (serde_json only,
 //! re-exported as [`serde_json`] so plugins need not pin a version).
 //!
@@ -111,6 +112,12 @@
 //! - [`Ctx::heads`] are the selected heads, sorted; [`Ctx::lengths`] the unpadded length of
 //!   every sequence (GPT-2 right-pads with BOS); [`BatchCtx::first_sequence`] places a batch
 //!   in the dataset.
+//! - [`Ctx::token_text`] is a token's text as the built-ins write it (ABI 3);
+//!   [`Ctx::answers`] the dataset's `[correct, wrong]` ids, if any.
+//! - [`BatchCtx::row`] emits a row from `batch` (ABI 3): a table is its batch rows in order,
+//!   then `finish`'s; the runner keeps batch rows exact under sharding and resume.
+//! - [`contract`]: [`Ctx::unembed_columns`] (`W_U[:, t]` rows), [`Ctx::w_o`] with
+//!   [`OutProj::z_w_o`] (`z @ W_O[h]`), [`dot`], [`centred`].
 //! - Each table declared in `tables` becomes `<name>.csv` with a `dataset` column prepended.
 //!   A table with `layer` and `head` columns and a `score` is a per-head table: the summary
 //!   and heatmaps show its score column.
@@ -133,16 +140,19 @@
 //! | header | first 16 bytes: `magic: u64` = `b"HGPLUGIN"` LE, `abi_version: u32` = [`abi::HG_PLUGIN_ABI_VERSION`], `struct_size: u32`; checked in that order before any other read or call |
 //! | strings, lists | NUL-terminated UTF-8; pointer + length |
 //! | ownership | the plugin owns its descriptor (static) and its state (`create` .. `destroy`); the host owns contexts, tensor views and message buffers; `emit_row` copies the row before returning |
+//! | version 3 | appended `ctx_size`, `token_text`, `answers` to the host-owned `HgCallCtx`; `emit_row` works in `batch` too |
 //! | partial state | ABI version 2, optional: [`PluginMetric::PARTIAL_STATE`] with [`PluginMetric::save_state`] / [`PluginMetric::merge_state`] lets the runner shard (`--shard I/N`, `runner merge`) and resume (`--resume`) the plugin; the host still loads version-1 plugins and refuses to shard them, by name |
 //! | views | read-only, row-major, valid only during the call that produced them |
 //! | status | `0` ok, `1` error, `2` panic (message written into the host's buffer, truncated at its capacity), `3` not found, `4` invalid |
 //! | threading | calls on one state are serialised (maybe from different threads over time: the state must be `Send`); callbacks may be called from any thread during the call |
 
 pub mod abi;
+pub mod contract;
 #[doc(hidden)]
 pub mod export;
 mod safe;
 
+pub use contract::{centred, dot, Matrix, OutProj};
 pub use safe::{BatchCtx, Ctx, Dtype, Emitter, PluginMetric, TensorRef, Value};
 pub use serde_json;
 
@@ -158,7 +168,9 @@ pub use serde_json;
 ///     hooks = ["blocks.{layer}.attn.hook_pattern", "ln_final.hook_scale"],
 ///     tables = [
 ///         { name = "my_metric", columns = ["layer", "head", "score"], score = "score" },
-///         { name = "my_metric_per_sequence", columns = ["layer", "head", "sequence", "value"] },
+///         // `nan`: columns where NaN means "undefined here" (a 0/0 the metric counts);
+///         // any other NaN or infinity fails the metric.
+///         { name = "my_metric_per_sequence", columns = ["layer", "head", "sequence", "value"], nan = ["value"] },
 ///     ],
 ///     options = [("only_negative", "bool, default false: ...")],
 /// );
@@ -175,6 +187,7 @@ macro_rules! export_plugin {
             name = $tname:expr,
             columns = [$($col:expr),* $(,)?]
             $(, score = $score:expr)?
+            $(, nan = [$($nan:expr),* $(,)?])?
             $(,)?
         }),* $(,)?],
         options = [$(($oname:expr, $odesc:expr)),* $(,)?]
@@ -193,6 +206,7 @@ macro_rules! export_plugin {
                     name: $tname,
                     columns: &[$($col),*],
                     score: $crate::__hg_option!($($score)?),
+                    nan: &[$($($nan),*)?],
                 }),*],
                 options: &[$(($oname, $odesc)),*],
             };

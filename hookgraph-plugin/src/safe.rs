@@ -37,7 +37,9 @@ pub trait PluginMetric: Sized + Send + 'static {
         Ok(())
     }
 
-    /// Called once per batch with that batch's activations.
+    /// Called once per batch with that batch's activations. Rows may be emitted here too
+    /// ([`BatchCtx::row`]): per-position rows need not pile up in the metric's state, and
+    /// the runner keeps them exact under `--shard` and `--resume` itself.
     fn batch(&mut self, ctx: &BatchCtx) -> Result<(), String>;
 
     /// Called after the dataset's last batch: emit this dataset's rows into `out`.
@@ -164,6 +166,48 @@ impl<'a> Ctx<'a> {
         self.lengths
     }
 
+    /// The text of token `id`, exactly as the built-ins write it in their `token` columns
+    /// (the run's tokenizer; empty when the run has none). For a per-position table's
+    /// `token` column and for labels. Errors for an id outside the vocabulary.
+    pub fn token_text(&self, id: u32) -> Result<&str, String> {
+        let f = self
+            .raw
+            .token_text
+            .ok_or("token_text: not available from this host")?;
+        let mut p: *const u8 = std::ptr::null();
+        let mut n = 0usize;
+        // SAFETY: callback and host_ctx from the host for this call; `p` and `n` are valid
+        // places to write.
+        match unsafe { f(self.raw.host_ctx, id, &mut p, &mut n) } {
+            HG_OK => {}
+            HG_NOT_FOUND => return Err(format!("token {id} is outside the vocabulary")),
+            s => return Err(format!("token_text({id}): host returned status {s}")),
+        }
+        if n == 0 {
+            return Ok("");
+        }
+        if p.is_null() {
+            return Err(format!("token_text({id}): host returned null"));
+        }
+        // SAFETY: the host's `n` bytes, valid until this call returns, which the borrow of
+        // `self` (the call's context) does not outlive.
+        let bytes = unsafe { std::slice::from_raw_parts(p, n) };
+        std::str::from_utf8(bytes).map_err(|_| format!("token_text({id}) is not UTF-8"))
+    }
+
+    /// The dataset's answers, `[correct, wrong]` per sequence (IOI's IO and S), for logit
+    /// differences at the last real position; `None` for a dataset without answers.
+    pub fn answers(&self) -> Option<&[[u32; 2]]> {
+        if self.raw.answers.is_null() {
+            return None;
+        }
+        // SAFETY: the host passes `2 * n_sequences` ids, valid for the call; `[u32; 2]` has
+        // the alignment of `u32`.
+        Some(unsafe {
+            std::slice::from_raw_parts(self.raw.answers.cast::<[u32; 2]>(), self.raw.n_sequences)
+        })
+    }
+
     /// A processed weight by its TransformerLens state-dict name, e.g. `unembed.W_U`
     /// `[d_model, d_vocab]` or `blocks.3.attn.W_O` `[n_heads, d_head, d_model]`.
     pub fn weight(&self, name: &str) -> Result<TensorRef<'_, f32>, String> {
@@ -246,6 +290,13 @@ impl<'a> BatchCtx<'a> {
         self.ctx.raw.first_sequence
     }
 
+    /// Appends a row to one of the declared tables now, one value per declared column (see
+    /// [`Emitter::row`]). The runner keeps a dataset's batch rows in order and writes them
+    /// before the rows `finish` emits.
+    pub fn row(&self, table: &str, values: &[Value]) -> Result<(), String> {
+        Emitter::new(self.ctx.raw).row(table, values)
+    }
+
     /// Unpadded lengths of this batch's sequences.
     pub fn batch_lengths(&self) -> &[usize] {
         let start = self.first_sequence().min(self.lengths().len());
@@ -312,6 +363,16 @@ impl<'a, T: Dtype> TensorRef<'a, T> {
 }
 
 impl<'a, T: Copy> TensorRef<'a, T> {
+    /// A view of plugin-owned memory (tests, or a plugin's own arrays); panics when `data`
+    /// does not have `shape`'s length.
+    pub fn from_parts(shape: &'a [usize], data: &'a [T]) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape {shape:?}"
+        );
+        TensorRef { shape, data }
+    }
     pub fn shape(&self) -> &'a [usize] {
         self.shape
     }
@@ -401,7 +462,8 @@ impl From<&str> for Value {
     }
 }
 
-/// Where `finish` writes rows: each row goes to the host at once, which copies it.
+/// Where `finish` (and, through [`BatchCtx::row`], `batch`) writes rows: each row goes to
+/// the host at once, which copies it.
 pub struct Emitter<'a> {
     raw: &'a HgCallCtx,
 }
@@ -416,7 +478,7 @@ impl<'a> Emitter<'a> {
         let emit = self
             .raw
             .emit_row
-            .ok_or("rows can be emitted only from finish")?;
+            .ok_or("rows can be emitted only from batch and finish")?;
         let c_table = CString::new(table).map_err(|_| format!("table name '{table}' has a NUL"))?;
         // The CStrings must outlive the call: collect them first, then point at them.
         let strings: Vec<Option<CString>> = values

@@ -76,6 +76,75 @@ fn spec_metrics(spec: &LoadedSpec) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// The columns a plugin's per-position table needs for a view (the built-ins' layout).
+pub const PER_POSITION_COLUMNS: [&str; 6] = ["layer", "head", "seq", "pos", "token", "value"];
+
+/// The index of the plugin `[[metric]]` a view's `metric` names, if any.
+fn plugin_metric(spec: &LoadedSpec, metric: &str) -> Option<usize> {
+    spec.spec.metrics.iter().position(|m| {
+        m.plugin.as_ref().is_some_and(|p| {
+            m.name.as_deref() == Some(metric)
+                || (m.name.is_none() && p.get_ref() == metric)
+                || (m.name.is_none()
+                    && crate::plugin::describe(p.get_ref(), &spec.dir())
+                        .is_ok_and(|info| info.name == metric))
+        })
+    })
+}
+
+/// For a view of a plugin metric: the stem (`<table>` less `_per_position`) of the
+/// per-position table the run writes for it, so the view reads that table. A plugin that
+/// cannot be loaded, or declares no `*_per_position` table with the columns
+/// [`PER_POSITION_COLUMNS`], is an error at the `[[metric]]`'s `plugin` key (file, line and
+/// column), before anything runs: a view never silently draws nothing.
+fn plugin_view_table(spec: &LoadedSpec, metric: &str, view: usize) -> Result<Option<String>> {
+    let Some(i) = plugin_metric(spec, metric) else {
+        return Ok(None);
+    };
+    let m = &spec.spec.metrics[i];
+    let plugin = m.plugin.as_ref().expect("a plugin metric");
+    let err = |why: String| {
+        spec.metric_error(
+            i,
+            "plugin",
+            format!("[[view]] #{} shows metric '{metric}', but {why}", view + 1),
+        )
+    };
+    let info = crate::plugin::describe(plugin.get_ref(), &spec.dir())
+        .map_err(|e| err(format!("its plugin cannot be loaded: {e}")))?;
+    let given = m.name.clone().unwrap_or_else(|| info.name.clone());
+    let names = output::TableNames {
+        own: info.name.clone(),
+        given,
+        declared: info.tables.clone(),
+    };
+    let found = info
+        .tables
+        .iter()
+        .zip(&info.table_columns)
+        .find(|(t, cols)| {
+            t.ends_with("_per_position")
+                && PER_POSITION_COLUMNS
+                    .iter()
+                    .all(|c| cols.iter().any(|x| x == c))
+        });
+    let Some((table, _)) = found else {
+        return Err(err(format!(
+            "plugin '{}' declares no per-position table (a table named `<name>_per_position` with the columns {}; its tables: {})",
+            info.name,
+            PER_POSITION_COLUMNS.join(", "),
+            info.tables.join(", ")
+        )));
+    };
+    let written = names.rename(table);
+    Ok(Some(
+        written
+            .strip_suffix("_per_position")
+            .unwrap_or(&written)
+            .to_string(),
+    ))
+}
+
 /// Checks every `[[view]]` against the spec and the run's heads, and fills in defaults:
 /// an unknown metric or dataset, a metric with no per-position table, a head not among the
 /// run's heads, or two views that would write the same file are errors before anything runs.
@@ -89,11 +158,17 @@ pub fn check_views(
     let mut out: Vec<ResolvedView> = Vec::new();
     for (i, v) in spec.spec.views.iter().enumerate() {
         let at = |msg: String| spec.error(format!("[[view]] #{}: {msg}", i + 1));
-        let metric = v.metric.clone().unwrap_or_else(|| DEFAULT_METRIC.into());
-        let Some((_, kind)) = metrics.iter().find(|(n, _)| *n == metric) else {
+        let requested = v.metric.clone().unwrap_or_else(|| DEFAULT_METRIC.into());
+        // A plugin is named in a view by its `name`, its declared name or its `plugin`
+        // string; the view reads the per-position table its descriptor declares.
+        let (metric, kind) = if let Some(stem) = plugin_view_table(spec, &requested, i)? {
+            (stem, None)
+        } else if let Some((n, kind)) = metrics.iter().find(|(n, _)| *n == requested) {
+            (n.clone(), kind.clone())
+        } else {
             let known: Vec<&str> = metrics.iter().map(|(n, _)| n.as_str()).collect();
             return Err(at(format!(
-                "metric '{metric}' is not a [[metric]] of this spec (its metrics: {})",
+                "metric '{requested}' is not a [[metric]] of this spec (its metrics: {})",
                 known.join(", ")
             )));
         };
@@ -104,7 +179,7 @@ pub fn check_views(
         {
             continue;
         }
-        // A built-in must write a per-position table; a plugin is only known once it runs.
+        // A built-in must write a per-position table (a plugin's was found above).
         if let Some(kind) = kind {
             let per_position = format!("{kind}_per_position");
             let has = BUILTINS

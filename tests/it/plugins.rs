@@ -22,12 +22,14 @@ use hookgraph::Error;
 const PACKAGES: &[&str] = &[
     "hg_source_suppression",
     "hg_attention_entropy",
+    "hg_direct_logit_attribution",
     "hg_test_bad_magic",
     "hg_test_bad_abi",
     "hg_test_no_descriptor",
     "hg_test_panics",
     "hg_test_errors",
     "hg_test_abi_v1",
+    "hg_test_abi_v2",
 ];
 
 /// Builds every plugin once (one cargo invocation for all tests) and returns the directory
@@ -536,4 +538,215 @@ fn runner_keeps_other_results_when_a_plugin_fails() {
         let loss = read_csv(&out.join("loss.csv"));
         assert!(!loss.is_empty(), "{package}: loss.csv is empty");
     }
+}
+
+// ---- ABI version 3: token text, rows per batch, answers, contractions; the harness ----
+
+use hookgraph::output::Value;
+use hookgraph::plugin::testing::Harness;
+
+/// Three texts (batches of 2 leave a short last batch) with answers, on the tiny GPT-2.
+fn dla_harness(batch_size: usize) -> Harness {
+    Harness::tiny()
+        .unwrap()
+        .texts(&[
+            "When Mary and John went to the store, John gave a drink to",
+            "The quick brown fox jumps over the lazy dog",
+            "Hello",
+        ])
+        .unwrap()
+        .answers(vec![[5335, 1757], [3290, 2068], [11, 13]])
+        .batch_size(batch_size)
+}
+
+/// `t`'s rows by the values of its `key` columns (as text), in the table's order.
+fn keyed(t: &Table, key: &[&str]) -> Vec<(Vec<String>, Vec<Value>)> {
+    let k: Vec<usize> = key.iter().map(|c| t.col(c).unwrap()).collect();
+    t.rows
+        .iter()
+        .map(|r| {
+            let kv = k.iter().map(|&i| r[i].to_string()).collect();
+            let rest = (0..r.len())
+                .filter(|i| !k.contains(i))
+                .map(|i| r[i].clone())
+                .collect();
+            (kv, rest)
+        })
+        .collect()
+}
+
+/// Equal cells: text and integers exactly, floats within `rtol` (and 1e-6 absolute), NaN
+/// equal to NaN.
+fn assert_same_cells(what: &str, a: &[Value], b: &[Value], rtol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: cells");
+    for (x, y) in a.iter().zip(b) {
+        match (x, y) {
+            (Value::Float(fx), Value::Float(fy)) => assert!(
+                (fx.is_nan() && fy.is_nan()) || (fx - fy).abs() <= 1e-6 + rtol * fy.abs(),
+                "{what}: {fx} vs {fy}"
+            ),
+            _ => assert_eq!(x, y, "{what}"),
+        }
+    }
+}
+
+/// Plugin table `ours` holds exactly the rows of built-in table `theirs` (any order), keyed
+/// by `key`, with the same columns.
+fn assert_same_table(ours: &Table, theirs: &Table, key: &[&str]) {
+    assert_eq!(ours.columns, theirs.columns, "{} columns", ours.name);
+    let mut a = keyed(ours, key);
+    let mut b = keyed(theirs, key);
+    a.sort_by(|x, y| x.0.cmp(&y.0));
+    b.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(a.len(), b.len(), "{}: rows", ours.name);
+    for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
+        assert_eq!(ka, kb, "{}: keys", ours.name);
+        assert_same_cells(&format!("{} {ka:?}", ours.name), va, vb, 1e-4);
+    }
+}
+
+#[test]
+fn dla_plugin_equals_the_builtin_direct_logit_attribution() {
+    let h = dla_harness(2);
+    let ours = h
+        .run_plugin(library("hg_direct_logit_attribution"), "")
+        .unwrap();
+    let theirs = h.run_builtin("direct_logit_attribution", "").unwrap();
+    for (o, t, key) in [
+        (
+            "plugin_dla",
+            "direct_logit_attribution",
+            &["layer", "head"][..],
+        ),
+        (
+            "plugin_dla_per_sequence",
+            "direct_logit_attribution_per_sequence",
+            &["layer", "head", "seq"],
+        ),
+        (
+            "plugin_dla_per_position",
+            "direct_logit_attribution_per_position",
+            &["layer", "head", "seq", "pos"],
+        ),
+    ] {
+        assert_same_table(ours.get(o).unwrap(), theirs.get(t).unwrap(), key);
+    }
+    let summary = ours.get("plugin_dla").unwrap();
+    assert_eq!(summary.head_score.as_deref(), Some("dla"));
+    // The logit differences are real numbers (the answers reached the plugin) ...
+    let ld = summary.col("logit_diff").unwrap();
+    assert!(summary
+        .rows
+        .iter()
+        .all(|r| r[ld].as_f64().unwrap().is_finite()));
+    // ... and the token column is the tokenizer's text, not empty: ` quick` follows `The`.
+    let pp = ours.get("plugin_dla_per_position").unwrap();
+    let tok = pp.col("token").unwrap();
+    assert!(
+        pp.rows
+            .iter()
+            .any(|r| r[tok] == Value::Str(" quick".into())),
+        "no ' quick' token"
+    );
+    // Rows were emitted in `batch`: every position of every head and sequence is there,
+    // across the short last batch too.
+    let lens: usize = h.dataset().lengths.iter().sum();
+    assert_eq!(pp.rows.len(), lens * 8);
+}
+
+#[test]
+fn rows_emitted_per_batch_do_not_depend_on_the_batch_size() {
+    let lib = library("hg_direct_logit_attribution");
+    let a = dla_harness(1).run_plugin(&lib, "").unwrap();
+    let b = dla_harness(3).run_plugin(&lib, "").unwrap();
+    for name in ["plugin_dla_per_position", "plugin_dla_per_sequence"] {
+        let (ta, tb) = (a.get(name).unwrap(), b.get(name).unwrap());
+        let key = ["layer", "head", "seq"];
+        let (ka, kb) = (keyed(ta, &key), keyed(tb, &key));
+        assert_eq!(ka.len(), kb.len(), "{name}");
+        // The same order too: sequence by sequence, whatever the batches.
+        for ((xa, va), (xb, vb)) in ka.iter().zip(&kb) {
+            assert_eq!(xa, xb, "{name}");
+            assert_same_cells(name, va, vb, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn the_harness_runs_the_example_plugins_in_a_few_lines() {
+    let h = Harness::tiny().unwrap();
+    let t = h
+        .run_plugin(library("hg_attention_entropy"), "mask_bos = false")
+        .unwrap();
+    let e = t.get("attention_entropy").unwrap();
+    assert_eq!(e.rows.len(), 2 * 4);
+    assert!(e.rows.iter().all(|r| r[2].as_f64().unwrap() >= 0.0));
+    let s = h.run_plugin(library("hg_source_suppression"), "").unwrap();
+    assert!(s.get("plugin_source_suppression").is_ok());
+    assert!(s.get("no_such_table").is_err());
+}
+
+#[test]
+fn a_plugin_per_position_table_gets_a_view() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = library("hg_direct_logit_attribution");
+    let (spec, out) = e2e_spec(
+        tmp.path(),
+        &format!(
+            "[[metric]]\nplugin = {plugin:?}\n\n[[view]]\nmetric = \"hg_direct_logit_attribution\"\nheads = [\"0.1\", \"1.2\"]\n"
+        ),
+    );
+    let result = assert_cmd::Command::cargo_bin("runner")
+        .unwrap()
+        .args(["run", "--quiet", "--output"])
+        .arg(&out)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "runner failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    // The view reads the plugin's declared per-position table, as a built-in's.
+    let svg = std::fs::read_to_string(out.join("view_plugin_dla_a.svg")).unwrap();
+    assert!(svg.contains("<svg"), "not an SVG");
+}
+
+#[test]
+fn a_view_of_a_plugin_without_a_per_position_table_is_a_located_error_before_compute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plugin = library("hg_attention_entropy");
+    let (spec, out) = e2e_spec(
+        tmp.path(),
+        &format!(
+            "[[metric]]\nplugin = {plugin:?}\n\n[[view]]\nmetric = \"hg_attention_entropy\"\nheads = [\"0.1\"]\n"
+        ),
+    );
+    let result = assert_cmd::Command::cargo_bin("runner")
+        .unwrap()
+        .args(["run", "--quiet", "--output"])
+        .arg(&out)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        !result.status.success(),
+        "a view with nothing to show must fail"
+    );
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(err.contains("declares no per-position table"), "{err}");
+    // file:line:col of the [[metric]]'s `plugin` key (line 14 of e2e_spec's text).
+    let at = format!("{}:", spec.display());
+    let rest = &err[err.find(&at).unwrap_or_else(|| panic!("no {at} in {err}")) + at.len()..];
+    let mut parts = rest.splitn(3, ':');
+    let (line, col) = (parts.next().unwrap(), parts.next().unwrap());
+    assert!(
+        line.parse::<usize>().is_ok() && col.parse::<usize>().is_ok(),
+        "{err}"
+    );
+    assert!(
+        !out.join("attention_entropy.csv").exists(),
+        "nothing was computed"
+    );
 }

@@ -368,6 +368,45 @@ fn a_plugin_with_partial_state_shards_and_resumes_like_a_builtin() {
 }
 
 #[test]
+fn rows_a_plugin_emits_per_batch_shard_and_resume_exactly() {
+    // hg_direct_logit_attribution emits its per-position and per-sequence rows in `batch`
+    // (ABI version 3): the host keeps them in the plugin's partial state.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = plugin_spec(dir.path(), "hg_direct_logit_attribution");
+    let whole = dir.path().join("whole");
+    run_ok(&spec, &whole, &[]);
+    let rows = std::fs::read_to_string(whole.join("plugin_dla_per_position.csv")).unwrap();
+    let builtin =
+        std::fs::read_to_string(whole.join("direct_logit_attribution_per_position.csv")).unwrap();
+    assert_eq!(
+        rows.lines().count(),
+        builtin.lines().count(),
+        "one row per position"
+    );
+    let sharded = dir.path().join("sharded");
+    for i in 0..3 {
+        run_ok(&spec, &sharded, &["--shard", &format!("{i}/3")]);
+    }
+    runner()
+        .args(["merge", "-q"])
+        .arg(&sharded)
+        .assert()
+        .success();
+    assert_same_results(&whole, &sharded);
+
+    let killed = dir.path().join("killed");
+    runner()
+        .args(["run", "-q", "--output"])
+        .arg(&killed)
+        .arg(&spec)
+        .env("HOOKGRAPH_TEST_ABORT_AFTER_BATCHES", "4")
+        .assert()
+        .failure();
+    run_ok(&spec, &killed, &["--resume"]);
+    assert_same_results(&whole, &killed);
+}
+
+#[test]
 fn a_plugin_built_for_abi_version_1_still_runs_and_is_refused_by_name_when_sharding() {
     let dir = tempfile::tempdir().unwrap();
     let spec = plugin_spec(dir.path(), "hg_test_abi_v1");
@@ -385,6 +424,28 @@ fn a_plugin_built_for_abi_version_1_still_runs_and_is_refused_by_name_when_shard
     let t = std::fs::read_to_string(out.join("abi_v1_count.csv")).unwrap();
     // 2 layers x 4 heads, per dataset; every head saw all 10 ioi sequences.
     assert!(t.contains("ioi,1,3,10"), "{t}");
+}
+
+#[test]
+fn a_plugin_built_for_abi_version_2_still_shards() {
+    // Version 3 only appended to the host's call context: a version-2 plugin with partial
+    // state loads, shards and merges as before.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = plugin_spec(dir.path(), "hg_test_abi_v2");
+    let whole = dir.path().join("whole");
+    run_ok(&spec, &whole, &[]);
+    let t = std::fs::read_to_string(whole.join("abi_v2_count.csv")).unwrap();
+    assert!(t.contains("ioi,1,3,10"), "{t}");
+    let sharded = dir.path().join("sharded");
+    for i in 0..2 {
+        run_ok(&spec, &sharded, &["--shard", &format!("{i}/2")]);
+    }
+    runner()
+        .args(["merge", "-q"])
+        .arg(&sharded)
+        .assert()
+        .success();
+    assert_same_results(&whole, &sharded);
 }
 
 /// A spec in `dir` running the example or test plugin `name` alone on the tiny checkpoint.

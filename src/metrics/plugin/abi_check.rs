@@ -26,17 +26,22 @@ pub(crate) struct TableDesc {
     pub(crate) name: String,
     pub(crate) columns: Vec<String>,
     pub(crate) score: Option<String>,
+    /// Columns where NaN means "undefined here" (ABI >= 3), not a failed metric.
+    pub(crate) nan: Vec<String>,
 }
 
 impl TableDesc {
     /// An empty [`Table`] with this table's columns (per-head when it has a score column).
     pub(crate) fn empty(&self) -> Table {
         let cols: Vec<&str> = self.columns.iter().map(String::as_str).collect();
-        let table = Table::new(&self.name, &cols);
-        match &self.score {
-            Some(s) => table.per_head(s),
-            None => table,
+        let mut table = Table::new(&self.name, &cols);
+        if let Some(s) = &self.score {
+            table = table.per_head(s);
         }
+        for c in &self.nan {
+            table = table.undefined_as_nan(c);
+        }
+        table
     }
 }
 
@@ -130,11 +135,12 @@ pub(crate) fn open(path: &Path) -> std::result::Result<Plugin, OpenError> {
             "plugin ABI version {v} vs this runner's version {HG_PLUGIN_ABI_VERSION} (which also reads versions from {HG_PLUGIN_ABI_MIN_VERSION}): the plugin was built against {which} `hookgraph-plugin`; rebuild it against this hookgraph's"
         )));
     }
-    // Version 1 descriptors end before the partial-state functions.
-    let expected = if v == 1 {
-        std::mem::size_of::<HgPluginDescriptorV1>()
-    } else {
-        std::mem::size_of::<HgPluginDescriptor>()
+    // Version 1 descriptors end before the partial-state functions, version 2 ones before
+    // the undefined-NaN columns.
+    let expected = match v {
+        1 => std::mem::size_of::<HgPluginDescriptorV1>(),
+        2 => std::mem::size_of::<HgPluginDescriptorV2>(),
+        _ => std::mem::size_of::<HgPluginDescriptor>(),
     };
     if header.struct_size as usize != expected {
         return Err(Invalid(format!(
@@ -147,6 +153,10 @@ pub(crate) fn open(path: &Path) -> std::result::Result<Plugin, OpenError> {
         // SAFETY: magic, version and size match: a version-1 descriptor, static in the
         // library, which `lib` keeps loaded; only its own fields are read.
         upgraded = unsafe { &*desc.cast::<HgPluginDescriptorV1>() }.upgrade();
+        &upgraded
+    } else if v == 2 {
+        // SAFETY: as above, a version-2 descriptor.
+        upgraded = unsafe { &*desc.cast::<HgPluginDescriptorV2>() }.upgrade();
         &upgraded
     } else {
         // SAFETY: magic, version and size match: this is an HgPluginDescriptor of our ABI,
@@ -257,6 +267,7 @@ pub(crate) unsafe fn read_metadata(
             name: tname,
             columns,
             score,
+            nan: Vec::new(),
         };
         check_table(&table)?;
         if tables.iter().any(|o| o.name == table.name) {
@@ -266,6 +277,23 @@ pub(crate) unsafe fn read_metadata(
     }
     if tables.is_empty() {
         return Err("it declares no output table".into());
+    }
+    for r in unsafe { read_list(d.undefined_nan, d.n_undefined_nan, "undefined_nan") }? {
+        let t = unsafe { read_str(r.table, "undefined_nan[].table") }?;
+        let c = unsafe { read_str(r.column, "undefined_nan[].column") }?;
+        let Some(table) = tables.iter_mut().find(|x| x.name == t) else {
+            return Err(format!(
+                "undefined-NaN column '{c}' of table '{t}': no such table"
+            ));
+        };
+        if !table.columns.contains(&c) {
+            return Err(format!(
+                "undefined-NaN column '{c}' is not a column of table '{t}'"
+            ));
+        }
+        if !table.nan.contains(&c) {
+            table.nan.push(c);
+        }
     }
     let mut options: Vec<(String, String)> = Vec::new();
     for o in unsafe { read_list(d.options, d.n_options, "options") }? {
@@ -286,6 +314,7 @@ pub(crate) unsafe fn read_metadata(
         path: path.to_path_buf(),
         hooks,
         tables: tables.iter().map(|t| t.name.clone()).collect(),
+        table_columns: tables.iter().map(|t| t.columns.clone()).collect(),
         options,
     };
     Ok((info, tables))
@@ -385,6 +414,7 @@ mod tests {
             name: "t".into(),
             columns: cols.iter().map(|c| c.to_string()).collect(),
             score: score.map(str::to_string),
+            nan: Vec::new(),
         };
         assert!(check_table(&t(&["layer", "head", "x"], Some("x"))).is_ok());
         assert!(check_table(&t(&["x"], Some("x"))).is_err());

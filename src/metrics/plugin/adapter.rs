@@ -13,14 +13,16 @@ use std::sync::Mutex;
 use hookgraph_plugin::abi::*;
 
 use super::abi_check::{open, Plugin, TableDesc};
-use super::host::{host_emit_row, host_get_activation, host_get_weight, HostCtx, HostState, Phase};
+use super::host::{
+    host_emit_row, host_get_activation, host_get_weight, host_token_text, HostCtx, HostState, Phase,
+};
 use super::{locate, plugin_error, PluginInfo};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::metrics::registry::OptType;
 use crate::metrics::state::Array;
 use crate::metrics::{BatchView, Metric, RunContext, State};
-use crate::output::Table;
+use crate::output::{Table, Value};
 
 /// Capacity of the buffer a plugin writes its error or panic message into.
 const MESSAGE_CAP: usize = 16 * 1024;
@@ -89,6 +91,11 @@ pub struct PluginAdapter {
     state: *mut c_void,
     /// Set when the plugin panicked: it is not called again.
     poisoned: Option<String>,
+    /// Rows the plugin emitted in `batch` calls of the current dataset (ABI >= 3), one table
+    /// per declared table. Part of the partial state (`save_state` writes them, `merge_state`
+    /// appends them), so sharded and resumed runs get exactly the unsharded rows; written
+    /// before the rows `finish_dataset` emits.
+    batch_rows: Vec<Table>,
     plugin: Plugin,
 }
 
@@ -154,6 +161,7 @@ impl PluginAdapter {
         Ok(PluginAdapter {
             state,
             poisoned: None,
+            batch_rows: Vec::new(),
             plugin,
         })
     }
@@ -181,8 +189,8 @@ impl PluginAdapter {
         plugin_error(&self.plugin.info.name, msg)
     }
 
-    /// One call into the plugin with a fresh host context; returns the tables emitted (only
-    /// `finish_dataset` may emit).
+    /// One call into the plugin with a fresh host context; returns the tables emitted
+    /// (`batch` and `finish_dataset` may emit; `begin_dataset` returns none).
     fn call(
         &mut self,
         phase: Phase,
@@ -233,12 +241,14 @@ impl PluginAdapter {
             allowed,
             params: ctx.params,
             tables: &self.plugin.tables,
+            tokenizer: ctx.tokenizer,
+            d_vocab: cfg.d_vocab,
             state: Mutex::new(HostState {
                 // Every declared table, so a dataset with no rows still yields its header.
-                tables: if phase == Phase::Finish {
-                    self.plugin.tables.iter().map(TableDesc::empty).collect()
-                } else {
+                tables: if phase == Phase::Begin {
                     Vec::new()
+                } else {
+                    self.plugin.tables.iter().map(TableDesc::empty).collect()
                 },
                 ..HostState::default()
             }),
@@ -270,6 +280,12 @@ impl PluginAdapter {
             get_activation: Some(host_get_activation),
             get_weight: Some(host_get_weight),
             emit_row: Some(host_emit_row),
+            ctx_size: std::mem::size_of::<HgCallCtx>(),
+            token_text: Some(host_token_text),
+            answers: match &dataset.answers {
+                Some(a) if a.len() == n_sequences => a.as_ptr().cast::<u32>(),
+                _ => std::ptr::null(),
+            },
         };
         let f = match phase {
             Phase::Begin => self.plugin.begin_dataset,
@@ -356,16 +372,27 @@ impl Metric for PluginAdapter {
     }
 
     fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()> {
+        self.batch_rows = self.plugin.tables.iter().map(TableDesc::empty).collect();
         self.call(Phase::Begin, ctx, dataset, None).map(drop)
     }
 
+    /// Keeps the rows the batch emitted (only once the call succeeded: a failed batch adds
+    /// nothing).
     fn batch(&mut self, ctx: &RunContext, batch: &BatchView) -> Result<()> {
-        self.call(Phase::Batch, ctx, batch.dataset, Some(batch))
-            .map(drop)
+        let tables = self.call(Phase::Batch, ctx, batch.dataset, Some(batch))?;
+        append_rows(&mut self.batch_rows, tables);
+        Ok(())
     }
 
+    /// The rows emitted per batch, in sequence order, then those `finish_dataset` emitted.
     fn finish_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<Vec<Table>> {
-        self.call(Phase::Finish, ctx, dataset, None)
+        let finished = self.call(Phase::Finish, ctx, dataset, None)?;
+        let mut out = std::mem::take(&mut self.batch_rows);
+        if out.len() != finished.len() {
+            return Ok(finished);
+        }
+        append_rows(&mut out, finished);
+        Ok(out)
     }
 
     /// The plugin's bytes (ABI >= 2, when it opts in), kept as one `u8` array; a plugin
@@ -391,6 +418,7 @@ impl Metric for PluginAdapter {
         describe_status(status, &msg, "save_state").map_err(|m| self.err(m))?;
         let mut st = State::new();
         st.put("bytes", Array::U8(bytes));
+        st.put("batch_rows", Array::U8(encode_rows(&self.batch_rows)));
         Ok(st)
     }
 
@@ -411,8 +439,119 @@ impl Metric for PluginAdapter {
         if status == HG_PANIC {
             self.poisoned = Some(format!("merge_state: {msg}"));
         }
-        describe_status(status, &msg, "merge_state").map_err(|m| self.err(m))
+        describe_status(status, &msg, "merge_state").map_err(|m| self.err(m))?;
+        // States saved before ABI 3 have no batch rows.
+        if st.arrays.contains_key("batch_rows") {
+            let rows = st.u8(&self.plugin.info.name, "batch_rows")?;
+            let tables = decode_rows(rows, &self.plugin.tables)
+                .map_err(|m| self.err(format!("merge_state: saved batch rows: {m}")))?;
+            if self.batch_rows.len() != tables.len() {
+                self.batch_rows = self.plugin.tables.iter().map(TableDesc::empty).collect();
+            }
+            append_rows(&mut self.batch_rows, tables);
+        }
+        Ok(())
     }
+}
+
+/// Appends `more`'s rows to `into`'s, table by table (both in the declared order).
+fn append_rows(into: &mut [Table], more: Vec<Table>) {
+    for (t, m) in into.iter_mut().zip(more) {
+        t.rows.extend(m.rows);
+    }
+}
+
+/// Cell tags of [`encode_rows`].
+const CELL_INT: u8 = 1;
+const CELL_FLOAT: u8 = 2;
+const CELL_STR: u8 = 3;
+
+/// Batch rows as bytes, exactly (floats by their bits): per table, a `u64` row count, then
+/// each cell as a tag and its value (`i64`, `f64` bits, or a `u64` length and UTF-8), all
+/// little-endian. The declared tables fix the columns, so they are not written.
+fn encode_rows(tables: &[Table]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for t in tables {
+        out.extend((t.rows.len() as u64).to_le_bytes());
+        for row in &t.rows {
+            for cell in row {
+                match cell {
+                    Value::Int(i) => {
+                        out.push(CELL_INT);
+                        out.extend(i.to_le_bytes());
+                    }
+                    Value::Float(x) => {
+                        out.push(CELL_FLOAT);
+                        out.extend(x.to_bits().to_le_bytes());
+                    }
+                    Value::Str(s) => {
+                        out.push(CELL_STR);
+                        out.extend((s.len() as u64).to_le_bytes());
+                        out.extend(s.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reads [`encode_rows`]'s bytes front to back.
+struct Reader<'b> {
+    bytes: &'b [u8],
+    at: usize,
+}
+
+impl<'b> Reader<'b> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'b [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or("truncated")?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn word(&mut self) -> std::result::Result<u64, String> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+}
+
+/// The inverse of [`encode_rows`] for the declared `tables`.
+fn decode_rows(bytes: &[u8], tables: &[TableDesc]) -> std::result::Result<Vec<Table>, String> {
+    let mut r = Reader { bytes, at: 0 };
+    let mut out = Vec::with_capacity(tables.len());
+    for desc in tables {
+        let mut t = desc.empty();
+        let n = r.word()? as usize;
+        for _ in 0..n {
+            let mut row = Vec::with_capacity(desc.columns.len());
+            for _ in &desc.columns {
+                let tag = r.take(1)?[0];
+                let cell = match tag {
+                    CELL_INT => Value::Int(r.word()? as i64),
+                    CELL_FLOAT => Value::Float(f64::from_bits(r.word()?)),
+                    CELL_STR => {
+                        let len = r.word()? as usize;
+                        let s = std::str::from_utf8(r.take(len)?)
+                            .map_err(|_| "a string is not UTF-8".to_string())?;
+                        Value::Str(s.to_string())
+                    }
+                    k => return Err(format!("unknown cell tag {k}")),
+                };
+                row.push(cell);
+            }
+            t.push(row);
+        }
+        out.push(t);
+    }
+    if r.at != bytes.len() {
+        return Err(format!("{} bytes left over", bytes.len() - r.at));
+    }
+    Ok(out)
 }
 
 /// Expands `{layer}` templates for each layer that has a selected head; keeps order, drops
@@ -459,6 +598,28 @@ mod tests {
                 "ln_final.hook_scale"
             ]
         );
+    }
+
+    #[test]
+    fn batch_rows_round_trip_exactly() {
+        let desc = TableDesc {
+            name: "t".into(),
+            columns: vec!["a".into(), "b".into(), "c".into()],
+            score: None,
+            nan: vec!["b".into()],
+        };
+        let mut t = desc.empty();
+        t.push(vec![Value::Int(-3), Value::Float(f64::NAN), "é,x".into()]);
+        t.push(vec![Value::Int(7), Value::Float(0.1), "".into()]);
+        let bytes = encode_rows(std::slice::from_ref(&t));
+        let back = decode_rows(&bytes, std::slice::from_ref(&desc)).unwrap();
+        assert_eq!(back[0].rows.len(), 2);
+        // The declared undefined-NaN column travels with the table, so the NaN is a value.
+        assert_eq!(back[0].non_finite(), None);
+        assert!(matches!(back[0].rows[0][1], Value::Float(x) if x.is_nan()));
+        assert_eq!(back[0].rows[1], t.rows[1]);
+        assert_eq!(back[0].rows[0][2], t.rows[0][2]);
+        assert!(decode_rows(&bytes[..bytes.len() - 1], &[desc]).is_err());
     }
 
     #[test]

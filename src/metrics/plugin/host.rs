@@ -1,6 +1,7 @@
 //! The host callbacks a plugin calls during one of its calls: activations (only the hook
-//! points it declared, only in `batch`), processed weights by TransformerLens name, and
-//! `emit_row` (only in `finish_dataset`, checked against the declared tables).
+//! points it declared, only in `batch`), processed weights by TransformerLens name, token
+//! text (ABI >= 3, the built-ins' decoding), and `emit_row` (in `batch` and
+//! `finish_dataset`, checked against the declared tables).
 //!
 //! Owns: [`HostCtx`] (what one call may see) and the `extern "C"` callbacks, each behind
 //! `catch_unwind` so a host panic never unwinds into the plugin. Must not: outlive the call
@@ -18,6 +19,7 @@ use super::abi_check::{read_list, TableDesc};
 use crate::hooks::ActivationCache;
 use crate::model::Params;
 use crate::output::{Table, Value};
+use crate::tokenizer::GptTokenizer;
 
 /// Which plugin function is being called; decides what the callbacks allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,9 @@ pub(crate) struct HostCtx<'a> {
     pub(crate) allowed: Vec<String>,
     pub(crate) params: &'a Params,
     pub(crate) tables: &'a [TableDesc],
+    /// The run's tokenizer: `token_text` decodes as `RunContext::token_text` does.
+    pub(crate) tokenizer: Option<&'a GptTokenizer>,
+    pub(crate) d_vocab: usize,
     /// A mutex, not a `RefCell`: the ABI lets a plugin call back from its own threads.
     pub(crate) state: Mutex<HostState<'a>>,
 }
@@ -49,8 +54,10 @@ pub(crate) struct HostState<'a> {
     /// Shapes and contiguous copies the views point into; boxed so they never move.
     pub(crate) shapes: Vec<Box<[usize]>>,
     pub(crate) copies: Vec<Box<[f32]>>,
-    /// Rows emitted in `finish_dataset`.
+    /// Rows emitted in this call (`batch` or `finish_dataset`), one table per declared one.
     pub(crate) tables: Vec<Table>,
+    /// Token texts handed out, boxed so the pointers stay put while the map grows.
+    pub(crate) texts: HashMap<u32, Box<str>>,
     /// The first row the host rejected, reported after the call.
     pub(crate) emit_error: Option<String>,
 }
@@ -99,9 +106,9 @@ impl<'a> HostCtx<'a> {
     }
 
     fn emit(&self, table: &str, cells: &[HgValue]) -> std::result::Result<(), String> {
-        if self.phase != Phase::Finish {
+        if self.phase == Phase::Begin {
             return Err(format!(
-                "row for table '{table}' emitted outside finish_dataset"
+                "row for table '{table}' emitted in begin_dataset (only batch and finish_dataset may emit)"
             ));
         }
         let desc = self
@@ -155,8 +162,28 @@ impl<'a> HostCtx<'a> {
             .iter()
             .position(|t| t.name == table)
             .expect("found above");
-        st.tables[i].push(row);
+        let t = st
+            .tables
+            .get_mut(i)
+            .ok_or("no table for this call (host error)")?;
+        t.push(row);
         Ok(())
+    }
+
+    /// The text of `id` as a pointer and length into `texts`, valid for the call.
+    fn token_text(&self, id: u32) -> std::result::Result<(*const u8, usize), HgStatus> {
+        if id as usize >= self.d_vocab {
+            return Err(HG_NOT_FOUND);
+        }
+        let mut st = self.state.lock().map_err(|_| HG_INVALID)?;
+        let tokenizer = self.tokenizer;
+        let text = st.texts.entry(id).or_insert_with(|| {
+            tokenizer
+                .map(|t| t.decode_one(id))
+                .unwrap_or_default()
+                .into_boxed_str()
+        });
+        Ok((text.as_ptr(), text.len()))
     }
 }
 
@@ -217,6 +244,34 @@ pub(crate) unsafe extern "C" fn host_get_weight(
 ) -> HgStatus {
     // SAFETY: forwarded from the plugin's call.
     unsafe { host_get_tensor(true, ctx, name, out) }
+}
+
+pub(crate) unsafe extern "C" fn host_token_text(
+    ctx: *mut c_void,
+    id: u32,
+    out: *mut *const u8,
+    out_len: *mut usize,
+) -> HgStatus {
+    host_guard(|| {
+        // SAFETY: see `host_ctx`.
+        let Some(ctx) = (unsafe { host_ctx(ctx) }) else {
+            return HG_INVALID;
+        };
+        if out.is_null() || out_len.is_null() {
+            return HG_INVALID;
+        }
+        match ctx.token_text(id) {
+            Ok((p, n)) => {
+                // SAFETY: both checked non-null; the plugin's slots for this callback.
+                unsafe {
+                    out.write(p);
+                    out_len.write(n);
+                }
+                HG_OK
+            }
+            Err(s) => s,
+        }
+    })
 }
 
 pub(crate) unsafe extern "C" fn host_emit_row(

@@ -20,6 +20,7 @@ pub mod abi_check;
 pub mod adapter;
 mod host;
 pub mod locate;
+pub mod testing;
 mod trust;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ pub struct PluginInfo {
     /// Hook points as declared (`{layer}` templates unexpanded).
     pub hooks: Vec<String>,
     pub tables: Vec<String>,
+    /// Each table's columns, in `tables`' order.
+    #[serde(skip)]
+    pub table_columns: Vec<Vec<String>>,
     /// (name, description).
     pub options: Vec<(String, String)>,
 }

@@ -46,6 +46,7 @@ static META: PluginMeta = PluginMeta {
         name: "abi_v1_count",
         columns: &["layer", "head", "n"],
         score: None,
+        nan: &[],
     }],
     options: &[],
 };
