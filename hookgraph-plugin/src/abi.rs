@@ -326,103 +326,35 @@ pub struct HgPluginDescriptor {
     pub n_undefined_nan: usize,
 }
 
-/// The descriptor of ABI version 2 (the version-3 one without its last two fields), which
-/// hosts read from version-2 plugins.
-#[repr(C)]
-#[derive(Debug)]
-pub struct HgPluginDescriptorV2 {
-    pub header: HgPluginHeader,
-    pub name: *const c_char,
-    pub version: *const c_char,
-    pub description: *const c_char,
-    pub hooks: *const *const c_char,
-    pub n_hooks: usize,
-    pub tables: *const HgTableDesc,
-    pub n_tables: usize,
-    pub options: *const HgOptionDesc,
-    pub n_options: usize,
-    pub create: Option<HgCreateFn>,
-    pub begin_dataset: Option<HgCallFn>,
-    pub batch: Option<HgCallFn>,
-    pub finish_dataset: Option<HgCallFn>,
-    pub destroy: Option<HgDestroyFn>,
-    pub save_state: Option<HgSaveStateFn>,
-    pub merge_state: Option<HgMergeStateFn>,
-}
-
-impl HgPluginDescriptorV2 {
-    /// The same descriptor in the current layout, with no undefined-NaN columns.
-    pub fn upgrade(&self) -> HgPluginDescriptor {
-        HgPluginDescriptor {
-            header: self.header,
-            name: self.name,
-            version: self.version,
-            description: self.description,
-            hooks: self.hooks,
-            n_hooks: self.n_hooks,
-            tables: self.tables,
-            n_tables: self.n_tables,
-            options: self.options,
-            n_options: self.n_options,
-            create: self.create,
-            begin_dataset: self.begin_dataset,
-            batch: self.batch,
-            finish_dataset: self.finish_dataset,
-            destroy: self.destroy,
-            save_state: self.save_state,
-            merge_state: self.merge_state,
-            undefined_nan: std::ptr::null(),
-            n_undefined_nan: 0,
-        }
+/// How many bytes of [`HgPluginDescriptor`] a plugin built for ABI `version` defines. Every
+/// version only appends fields (the prefix-type idea of abi_stable), so an older plugin's
+/// descriptor is a prefix of the current one, read without a copy of its struct: version 1
+/// ends before the partial-state functions, version 2 before the undefined-NaN columns.
+pub const fn descriptor_len(version: u32) -> usize {
+    match version {
+        1 => std::mem::offset_of!(HgPluginDescriptor, save_state),
+        2 => std::mem::offset_of!(HgPluginDescriptor, undefined_nan),
+        _ => std::mem::size_of::<HgPluginDescriptor>(),
     }
 }
 
-/// The descriptor of ABI version 1 (the version-2 one without its last two fields), which
-/// hosts read from version-1 plugins.
-#[repr(C)]
-#[derive(Debug)]
-pub struct HgPluginDescriptorV1 {
-    pub header: HgPluginHeader,
-    pub name: *const c_char,
-    pub version: *const c_char,
-    pub description: *const c_char,
-    pub hooks: *const *const c_char,
-    pub n_hooks: usize,
-    pub tables: *const HgTableDesc,
-    pub n_tables: usize,
-    pub options: *const HgOptionDesc,
-    pub n_options: usize,
-    pub create: Option<HgCreateFn>,
-    pub begin_dataset: Option<HgCallFn>,
-    pub batch: Option<HgCallFn>,
-    pub finish_dataset: Option<HgCallFn>,
-    pub destroy: Option<HgDestroyFn>,
-}
-
-impl HgPluginDescriptorV1 {
-    /// The same descriptor in the current layout, without partial state.
-    pub fn upgrade(&self) -> HgPluginDescriptor {
-        HgPluginDescriptor {
-            header: self.header,
-            name: self.name,
-            version: self.version,
-            description: self.description,
-            hooks: self.hooks,
-            n_hooks: self.n_hooks,
-            tables: self.tables,
-            n_tables: self.n_tables,
-            options: self.options,
-            n_options: self.n_options,
-            create: self.create,
-            begin_dataset: self.begin_dataset,
-            batch: self.batch,
-            finish_dataset: self.finish_dataset,
-            destroy: self.destroy,
-            save_state: None,
-            merge_state: None,
-            undefined_nan: std::ptr::null(),
-            n_undefined_nan: 0,
-        }
+/// A descriptor of ABI `version` in the current layout: its first
+/// [`descriptor_len`]`(version)` bytes, and null, `None` or 0 for every field appended since.
+///
+/// # Safety
+/// `desc` must point to at least `descriptor_len(version)` readable bytes laid out as this
+/// crate's descriptor (a plugin built for `version`).
+pub unsafe fn read_descriptor(desc: *const HgPluginDescriptor, version: u32) -> HgPluginDescriptor {
+    let mut out = std::mem::MaybeUninit::<HgPluginDescriptor>::zeroed();
+    // SAFETY: the caller guarantees the bytes; all-zero is a valid value of every field
+    // (raw pointers, `Option` of functions, integers), so the fields not copied are too.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            desc.cast::<u8>(),
+            out.as_mut_ptr().cast::<u8>(),
+            descriptor_len(version),
+        );
+        out.assume_init()
     }
 }
 
@@ -451,28 +383,20 @@ mod tests {
     }
 
     #[test]
-    fn version_3_only_appends_to_version_2() {
+    fn older_descriptors_are_prefixes_ending_where_their_fields_ended() {
         use std::mem::{offset_of, size_of};
+        // Version 1 ended with `destroy`, version 2 with `merge_state` (both pointer-sized,
+        // so no padding after them): the prefixes end right after those fields.
+        let ptr = size_of::<usize>();
         assert_eq!(
-            offset_of!(HgPluginDescriptor, undefined_nan),
-            size_of::<HgPluginDescriptorV2>()
+            descriptor_len(1),
+            offset_of!(HgPluginDescriptor, destroy) + ptr
         );
         assert_eq!(
-            offset_of!(HgPluginDescriptor, merge_state),
-            offset_of!(HgPluginDescriptorV2, merge_state)
+            descriptor_len(2),
+            offset_of!(HgPluginDescriptor, merge_state) + ptr
         );
-    }
-
-    #[test]
-    fn version_2_only_appends_to_version_1() {
-        use std::mem::{offset_of, size_of};
-        assert_eq!(
-            offset_of!(HgPluginDescriptor, save_state),
-            size_of::<HgPluginDescriptorV1>()
-        );
-        assert_eq!(
-            offset_of!(HgPluginDescriptor, destroy),
-            offset_of!(HgPluginDescriptorV1, destroy)
-        );
+        assert_eq!(descriptor_len(3), size_of::<HgPluginDescriptor>());
+        assert!(descriptor_len(1) < descriptor_len(2) && descriptor_len(2) < descriptor_len(3));
     }
 }

@@ -392,6 +392,29 @@ unsafe extern "C" fn destroy<M: PluginMetric>(st: *mut c_void) {
     }));
 }
 
+/// The descriptor `d` as a plugin built for the older ABI `version` exports it: only its
+/// first [`descriptor_len`]`(version)` bytes, with that version and size in the header, in
+/// an allocation no longer than that (so a host reading past its version's fields reads
+/// past the end). For the tests of hosts that must keep loading old plugins; the words
+/// keep the descriptor's 8-byte alignment.
+#[doc(hidden)]
+pub fn as_older_version(d: &HgPluginDescriptor, version: u32) -> Vec<u64> {
+    let n = descriptor_len(version);
+    let mut words = vec![0u64; n.div_ceil(8)];
+    // SAFETY: `d` is a whole descriptor (at least `n` bytes); `words` holds `n` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            (d as *const HgPluginDescriptor).cast::<u8>(),
+            words.as_mut_ptr().cast::<u8>(),
+            n,
+        );
+        let header = words.as_mut_ptr().cast::<HgPluginHeader>();
+        (*header).abi_version = version;
+        (*header).struct_size = n as u32;
+    }
+    words
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

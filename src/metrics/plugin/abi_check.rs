@@ -135,34 +135,18 @@ pub(crate) fn open(path: &Path) -> std::result::Result<Plugin, OpenError> {
             "plugin ABI version {v} vs this runner's version {HG_PLUGIN_ABI_VERSION} (which also reads versions from {HG_PLUGIN_ABI_MIN_VERSION}): the plugin was built against {which} `hookgraph-plugin`; rebuild it against this hookgraph's"
         )));
     }
-    // Version 1 descriptors end before the partial-state functions, version 2 ones before
-    // the undefined-NaN columns.
-    let expected = match v {
-        1 => std::mem::size_of::<HgPluginDescriptorV1>(),
-        2 => std::mem::size_of::<HgPluginDescriptorV2>(),
-        _ => std::mem::size_of::<HgPluginDescriptor>(),
-    };
+    // An older version's descriptor is a prefix of ours (`descriptor_len`).
+    let expected = hookgraph_plugin::abi::descriptor_len(v);
     if header.struct_size as usize != expected {
         return Err(Invalid(format!(
             "its descriptor is {} bytes but ABI version {v} expects {expected} (built for another platform, or a hand-written descriptor that does not match)",
             header.struct_size
         )));
     }
-    let upgraded;
-    let d: &HgPluginDescriptor = if v == 1 {
-        // SAFETY: magic, version and size match: a version-1 descriptor, static in the
-        // library, which `lib` keeps loaded; only its own fields are read.
-        upgraded = unsafe { &*desc.cast::<HgPluginDescriptorV1>() }.upgrade();
-        &upgraded
-    } else if v == 2 {
-        // SAFETY: as above, a version-2 descriptor.
-        upgraded = unsafe { &*desc.cast::<HgPluginDescriptorV2>() }.upgrade();
-        &upgraded
-    } else {
-        // SAFETY: magic, version and size match: this is an HgPluginDescriptor of our ABI,
-        // static in the library, which `lib` keeps loaded.
-        unsafe { &*desc }
-    };
+    // SAFETY: magic, version and size match: a descriptor of version `v`, static in the
+    // library, which `lib` keeps loaded; only that version's bytes are read.
+    let owned = unsafe { hookgraph_plugin::abi::read_descriptor(desc, v) };
+    let d = &owned;
     // SAFETY: the descriptor's pointers are valid while the library is loaded (ABI contract).
     let (info, tables) = unsafe { read_metadata(d, path) }.map_err(Invalid)?;
     fn need<F>(f: Option<F>, what: &str) -> std::result::Result<F, OpenError> {

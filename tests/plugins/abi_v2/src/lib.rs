@@ -5,10 +5,8 @@
 
 use std::sync::OnceLock;
 
-use hookgraph_plugin::abi::{
-    HgPluginDescriptor, HgPluginDescriptorV2, HgPluginHeader, HG_PLUGIN_MAGIC,
-};
-use hookgraph_plugin::export::{descriptor, DescriptorHolder, PluginMeta};
+use hookgraph_plugin::abi::HgPluginDescriptor;
+use hookgraph_plugin::export::{as_older_version, descriptor, DescriptorHolder, PluginMeta};
 use hookgraph_plugin::{BatchCtx, Ctx, Emitter, PluginMetric};
 
 /// Counts, per selected head, the sequences it saw.
@@ -68,43 +66,18 @@ static META: PluginMeta = PluginMeta {
     options: &[],
 };
 
-struct V2(HgPluginDescriptorV2);
-// SAFETY: immutable once built; its pointers reach the static holder below.
-unsafe impl Send for V2 {}
-// SAFETY: as above.
-unsafe impl Sync for V2 {}
-
 #[no_mangle]
-pub extern "C" fn hookgraph_plugin_descriptor() -> *const HgPluginDescriptorV2 {
+pub extern "C" fn hookgraph_plugin_descriptor() -> *const HgPluginDescriptor {
     static HOLDER: OnceLock<Option<DescriptorHolder>> = OnceLock::new();
-    static DESC: OnceLock<Option<V2>> = OnceLock::new();
+    // The bytes a plugin built for ABI version 2 exports: the current descriptor's prefix.
+    static DESC: OnceLock<Option<Vec<u64>>> = OnceLock::new();
     let d = DESC.get_or_init(|| {
         let p: *const HgPluginDescriptor = descriptor::<Count>(&META, &HOLDER);
         // SAFETY: `descriptor` returns null or a pointer into the static HOLDER.
         let d = unsafe { p.as_ref() }?;
-        Some(V2(HgPluginDescriptorV2 {
-            header: HgPluginHeader {
-                magic: HG_PLUGIN_MAGIC,
-                abi_version: 2,
-                struct_size: std::mem::size_of::<HgPluginDescriptorV2>() as u32,
-            },
-            name: d.name,
-            version: d.version,
-            description: d.description,
-            hooks: d.hooks,
-            n_hooks: d.n_hooks,
-            tables: d.tables,
-            n_tables: d.n_tables,
-            options: d.options,
-            n_options: d.n_options,
-            create: d.create,
-            begin_dataset: d.begin_dataset,
-            batch: d.batch,
-            finish_dataset: d.finish_dataset,
-            destroy: d.destroy,
-            save_state: d.save_state,
-            merge_state: d.merge_state,
-        }))
+        Some(as_older_version(d, 2))
     });
-    d.as_ref().map_or(std::ptr::null(), |v| &v.0)
+    d.as_ref().map_or(std::ptr::null(), |w| {
+        w.as_ptr().cast::<HgPluginDescriptor>()
+    })
 }
