@@ -615,7 +615,7 @@ fn same_file(file: &File, path: &Path) -> bool {
 
 impl Drop for Lock {
     /// An exclusive holder removes the lock file while still holding the lock (a racing
-    /// opener then sees that its file is gone and takes a new one, see [`Lock::at`]). Shared
+    /// opener then sees that its file is gone and takes a new one, see `Lock::at`). Shared
     /// holders leave it: another shard may hold it still. A killed process leaves it too,
     /// harmlessly: the kernel released its lock.
     fn drop(&mut self) {

@@ -784,7 +784,7 @@ pub struct WriteInput<'a, D: SeamDevice> {
     pub loaded: &'a LoadedModel<D>,
     pub heads: &'a [(usize, usize)],
     pub datasets: &'a [Dataset],
-    /// The `[[intervention]]` tables ([`Prepared::intervention_tables`]).
+    /// The `[[intervention]]` tables (`Prepared::intervention_tables`).
     pub intervention_tables: &'a [String],
     pub quiet: bool,
     /// When the run started, and how long loading took (for the manifest).

@@ -54,7 +54,7 @@ pub struct CacheArgs {
     /// Override a key of --spec (as `runner run --set`).
     #[arg(long = "set", value_name = "KEY=VALUE", requires = "spec")]
     pub set: Vec<String>,
-    /// A [[dataset]] of --spec, by name: cache exactly the batches a run of the spec sees.
+    /// A `[[dataset]]` of `--spec`, by name: cache exactly the batches a run of the spec sees.
     #[arg(long, requires = "spec", conflicts_with_all = ["tokens", "prompt"])]
     pub dataset: Option<String>,
     /// JSON file with a list of equal-length token-id lists.

@@ -65,7 +65,7 @@ pub struct RunArgs {
     )]
     pub checkpoint_every: f64,
     /// Override a key of the spec without editing it (repeatable): `model.batch_size=4`,
-    /// `heads="0.1"`, `dataset.0.n=5` (the first [[dataset]]); the manifest records the
+    /// `heads="0.1"`, `dataset.0.n=5` (the first `[[dataset]]`); the manifest records the
     /// spec as run.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,

@@ -3,7 +3,7 @@
 //! Owns: the planned interventions ([`Plan`], checked against the model and the datasets
 //! with `file:line:col` errors before any forward pass), the sweep of each (one
 //! [`Unit`] per head, layer or (layer, position)), the write of a unit into the residual
-//! stream ([`write`]), and the measures ([`measure`]). Runs as a metric
+//! stream (`write`), and the measures (`measure`). Runs as a metric
 //! ([`sweep::Sweep`]): the engine's unchanged pass caches the residual streams and hook
 //! points it needs, and every unit of layer `L` resumes that pass at layer `L`
 //! ([`crate::model::Passes::resume_from`]), so the layers below are computed once per batch,
@@ -164,7 +164,7 @@ pub struct Plan {
     /// The heads swept (z/result).
     pub heads: Vec<(usize, usize)>,
     pub measures: Measures,
-    /// Each of its [[intervention]] keys' spans, for errors found later.
+    /// Each of its `[[intervention]]` keys' spans, for errors found later.
     pub index: usize,
 }
 

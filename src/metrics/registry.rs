@@ -1,5 +1,5 @@
 //! The built-in metric registry: one [`MetricDef`] per built-in, listed once in
-//! [`BUILTINS`] (ripgrep's `flags/defs.rs` is the model), and option checking written once.
+//! `BUILTINS` (ripgrep's `flags/defs.rs` is the model), and option checking written once.
 //!
 //! Owns: each built-in's name, description, typed options with their defaults, planned
 //! tables and constructor; [`check_options`], which turns a `[[metric]]` table's options into
@@ -8,7 +8,7 @@
 //! get the same checks. Must not: know the spec's text (errors carry the option's key; the
 //! runner puts them on the key's `file:line:col`), load models, or run anything.
 //!
-//! Adding a built-in is one entry in [`BUILTINS`] and one `build` function: `runner list`,
+//! Adding a built-in is one entry in `BUILTINS` and one `build` function: `runner list`,
 //! the runner's option errors, views and the docs' option tables all read this list.
 
 use std::collections::BTreeMap;
