@@ -336,6 +336,32 @@ fn a_plugin_without_partial_state_is_refused_by_name_when_sharding() {
     assert!(out.join("plugin_source_suppression.csv").is_file());
 }
 
+/// Runs `spec` as three shards merged, and killed after 4 batches then resumed, into
+/// directories under `dir`; both must equal the uninterrupted run in `whole`.
+fn sharded_and_resumed_equal(dir: &Path, spec: &Path, whole: &Path) {
+    let sharded = dir.join("sharded");
+    for i in 0..3 {
+        run_ok(spec, &sharded, &["--shard", &format!("{i}/3")]);
+    }
+    runner()
+        .args(["merge", "-q"])
+        .arg(&sharded)
+        .assert()
+        .success();
+    assert_same_results(whole, &sharded);
+
+    let killed = dir.join("killed");
+    runner()
+        .args(["run", "-q", "--output"])
+        .arg(&killed)
+        .arg(spec)
+        .env("HOOKGRAPH_TEST_ABORT_AFTER_BATCHES", "4")
+        .assert()
+        .failure();
+    run_ok(spec, &killed, &["--resume"]);
+    assert_same_results(whole, &killed);
+}
+
 #[test]
 fn a_plugin_with_partial_state_shards_and_resumes_like_a_builtin() {
     // hg_attention_entropy implements ABI version 2's save_state / merge_state.
@@ -344,27 +370,7 @@ fn a_plugin_with_partial_state_shards_and_resumes_like_a_builtin() {
     let whole = dir.path().join("whole");
     run_ok(&spec, &whole, &[]);
     assert!(whole.join("attention_entropy.csv").is_file());
-    let sharded = dir.path().join("sharded");
-    for i in 0..3 {
-        run_ok(&spec, &sharded, &["--shard", &format!("{i}/3")]);
-    }
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
-    assert_same_results(&whole, &sharded);
-
-    let killed = dir.path().join("killed");
-    runner()
-        .args(["run", "-q", "--output"])
-        .arg(&killed)
-        .arg(&spec)
-        .env("HOOKGRAPH_TEST_ABORT_AFTER_BATCHES", "4")
-        .assert()
-        .failure();
-    run_ok(&spec, &killed, &["--resume"]);
-    assert_same_results(&whole, &killed);
+    sharded_and_resumed_equal(dir.path(), &spec, &whole);
 }
 
 #[test]
@@ -383,27 +389,7 @@ fn rows_a_plugin_emits_per_batch_shard_and_resume_exactly() {
         builtin.lines().count(),
         "one row per position"
     );
-    let sharded = dir.path().join("sharded");
-    for i in 0..3 {
-        run_ok(&spec, &sharded, &["--shard", &format!("{i}/3")]);
-    }
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
-    assert_same_results(&whole, &sharded);
-
-    let killed = dir.path().join("killed");
-    runner()
-        .args(["run", "-q", "--output"])
-        .arg(&killed)
-        .arg(&spec)
-        .env("HOOKGRAPH_TEST_ABORT_AFTER_BATCHES", "4")
-        .assert()
-        .failure();
-    run_ok(&spec, &killed, &["--resume"]);
-    assert_same_results(&whole, &killed);
+    sharded_and_resumed_equal(dir.path(), &spec, &whole);
 }
 
 #[test]
