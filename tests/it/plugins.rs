@@ -440,6 +440,16 @@ path = {tokens:?}
 }
 
 /// A CSV's rows as maps from column name to text.
+/// `runner run --quiet --output OUT SPEC`, as a user would run it.
+fn run_e2e(spec: &Path, out: &Path) -> std::process::Output {
+    runner()
+        .args(["run", "--quiet", "--output"])
+        .arg(out)
+        .arg(spec)
+        .output()
+        .unwrap()
+}
+
 fn read_csv(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
     let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let header: Vec<String> = r.headers().unwrap().iter().map(str::to_string).collect();
@@ -475,13 +485,7 @@ fn runner_plugin_score_equals_the_builtin() {
         tmp.path(),
         &format!("[[metric]]\nkind = \"source_suppression\"\n\n[[metric]]\nplugin = {plugin:?}\n"),
     );
-    let result = assert_cmd::Command::cargo_bin("runner")
-        .unwrap()
-        .args(["run", "--quiet", "--output"])
-        .arg(&out)
-        .arg(&spec)
-        .output()
-        .unwrap();
+    let result = run_e2e(&spec, &out);
     assert!(
         result.status.success(),
         "runner failed: {}",
@@ -522,13 +526,7 @@ fn runner_keeps_other_results_when_a_plugin_fails() {
             tmp.path(),
             &format!("[[metric]]\nkind = \"loss\"\n\n[[metric]]\nplugin = {plugin:?}\n"),
         );
-        let result = assert_cmd::Command::cargo_bin("runner")
-            .unwrap()
-            .args(["run", "--quiet", "--output"])
-            .arg(&out)
-            .arg(&spec)
-            .output()
-            .unwrap();
+        let result = run_e2e(&spec, &out);
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert_eq!(result.status.code(), Some(3), "{package}: {stderr}");
         assert!(
@@ -696,13 +694,7 @@ fn a_plugin_per_position_table_gets_a_view() {
             "[[metric]]\nplugin = {plugin:?}\n\n[[view]]\nmetric = \"hg_direct_logit_attribution\"\nheads = [\"0.1\", \"1.2\"]\n"
         ),
     );
-    let result = assert_cmd::Command::cargo_bin("runner")
-        .unwrap()
-        .args(["run", "--quiet", "--output"])
-        .arg(&out)
-        .arg(&spec)
-        .output()
-        .unwrap();
+    let result = run_e2e(&spec, &out);
     assert!(
         result.status.success(),
         "runner failed: {}",
@@ -723,13 +715,7 @@ fn a_view_of_a_plugin_without_a_per_position_table_is_a_located_error_before_com
             "[[metric]]\nplugin = {plugin:?}\n\n[[view]]\nmetric = \"hg_attention_entropy\"\nheads = [\"0.1\"]\n"
         ),
     );
-    let result = assert_cmd::Command::cargo_bin("runner")
-        .unwrap()
-        .args(["run", "--quiet", "--output"])
-        .arg(&out)
-        .arg(&spec)
-        .output()
-        .unwrap();
+    let result = run_e2e(&spec, &out);
     assert!(
         !result.status.success(),
         "a view with nothing to show must fail"
