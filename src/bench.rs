@@ -198,7 +198,13 @@ pub fn intervention_flop(cfg: &ModelConfig, b: usize, s: usize, sw: Sweep) -> (f
         } else {
             layer + above
         };
-        shared += units_per_layer as f64 * (rest + unembed);
+        // logit_diff alone: the last MLP on each sequence's last row only.
+        let skipped = if sw.logit_diff_only {
+            mlp * (1.0 - 1.0 / s as f64)
+        } else {
+            0.0
+        };
+        shared += units_per_layer as f64 * (rest - skipped + unembed);
         plain += units_per_layer as f64 * (cfg.n_layers as f64 * layer + full_unembed);
     }
     (shared, plain)

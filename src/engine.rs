@@ -23,7 +23,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::hooks::{HookFilter, Hooks};
 use crate::metrics::{BatchView, Metric, RunContext};
-use crate::model::HookedGpt2;
+use crate::model::{HookedGpt2, Passes};
 use crate::output::Table;
 use crate::seam::SeamDevice;
 
@@ -247,6 +247,16 @@ impl<'m> MetricSet<'m> {
         }
     }
 
+    /// The passes each batch of `dataset` runs: the unchanged one and every active metric's
+    /// own ([`Metric::passes_per_batch`]). Progress bars count these.
+    pub fn passes_per_batch(&self, ctx: &RunContext, dataset: &Dataset) -> usize {
+        1 + (0..self.entries.len())
+            .filter(|&i| self.is_active(i))
+            .filter_map(|i| self.entries[i].metric.as_deref())
+            .map(|m| m.passes_per_batch(ctx, dataset))
+            .sum::<usize>()
+    }
+
     /// Calls `f` on every active metric; a failure deactivates that metric for the dataset.
     /// Returns the seconds each call took, by metric index.
     pub fn for_each_active(
@@ -314,13 +324,62 @@ pub struct Timings {
 /// What happens around each batch besides the model and the metrics.
 #[derive(Default)]
 pub struct LoopOptions<'a> {
-    /// Advanced by each batch's sequence count.
+    /// Counts passes: one per batch for the unchanged pass, then one for every pass a
+    /// metric runs through the model (a resumed pass carrying `k` interventions counts
+    /// `k`), [`MetricSet::passes_per_batch`] in all per batch.
     pub progress: Option<&'a ProgressBar>,
     /// Called after every batch with the metrics, the dataset's timings so far and the index
     /// one past the batch's last sequence (a resumable run writes its checkpoint here). An
     /// error stops the loop.
     #[allow(clippy::type_complexity)]
     pub after_batch: Option<&'a mut dyn FnMut(&MetricSet, &Timings, usize) -> Result<()>>,
+}
+
+/// The model as a batch's metrics see it: every pass they run advances the progress bar
+/// (a resumed pass over `k` stacked copies of the batch counts `k` passes; one resumed at
+/// `ln_final`'s input runs no layer and counts none).
+struct CountedPasses<'a> {
+    model: &'a dyn Passes,
+    /// The batch's sequences.
+    rows: usize,
+    progress: Option<&'a ProgressBar>,
+}
+
+impl CountedPasses<'_> {
+    fn count(&self, sequences: usize) {
+        if let Some(pb) = self.progress {
+            pb.inc(sequences.div_ceil(self.rows.max(1)) as u64);
+        }
+    }
+}
+
+impl Passes for CountedPasses<'_> {
+    fn config(&self) -> &crate::model::ModelConfig {
+        self.model.config()
+    }
+    fn cache_pass(
+        &self,
+        tokens: &ndarray::Array2<u32>,
+        hooks: &[String],
+    ) -> Result<crate::hooks::ActivationCache> {
+        let out = self.model.cache_pass(tokens, hooks)?;
+        self.count(tokens.nrows());
+        Ok(out)
+    }
+    fn resume_from(
+        &self,
+        b: usize,
+        s: usize,
+        at: crate::model::ResumeAt,
+        resid: &[f32],
+        rows: Option<&[usize]>,
+    ) -> Result<Vec<f32>> {
+        let out = self.model.resume_from(b, s, at, resid, rows)?;
+        if at.runs_layers(self.model.config().n_layers) {
+            self.count(b);
+        }
+        Ok(out)
+    }
 }
 
 /// The model, what every metric may read, and the cache filter: the same for a whole run.
@@ -392,7 +451,10 @@ impl<'a, D: SeamDevice> Engine<'a, D> {
         opts: &mut LoopOptions,
     ) -> Result<()> {
         let n = range.end.min(dataset.n_sequences());
-        for start in (range.start..n).step_by(self.batch_size) {
+        let per_batch = metrics.passes_per_batch(self.ctx, dataset) as u64;
+        let first_pass = opts.progress.map_or(0, |pb| pb.position());
+        let mut resync = false;
+        for (done, start) in (range.start..n).step_by(self.batch_size).enumerate() {
             let end = (start + self.batch_size).min(n);
             let tokens = dataset.tokens.slice(ndarray::s![start..end, ..]).to_owned();
             let t = Instant::now();
@@ -400,12 +462,21 @@ impl<'a, D: SeamDevice> Engine<'a, D> {
             self.model.run_hooks(&tokens, &mut hooks)?;
             let cache = hooks.take_cache();
             timings.forward_seconds += t.elapsed().as_secs_f64();
+            if let Some(pb) = opts.progress {
+                pb.inc(1);
+            }
+            let failed_before = metrics.failures().len();
+            let counted = CountedPasses {
+                model: self.model,
+                rows: end - start,
+                progress: opts.progress,
+            };
             let view = BatchView {
                 dataset,
                 start,
                 tokens: tokens.view(),
                 cache: &cache,
-                model: Some(self.model),
+                model: Some(&counted),
             };
             let ctx = self.ctx;
             let seconds = metrics.for_each_active(dataset, |_, m| m.batch(ctx, &view));
@@ -414,7 +485,12 @@ impl<'a, D: SeamDevice> Engine<'a, D> {
                 *timings.metric_seconds.entry(name).or_default() += s;
             }
             if let Some(pb) = opts.progress {
-                pb.inc((end - start) as u64);
+                // A metric that failed left its passes uncounted (and runs no more this
+                // dataset): from then on the bar is put where whole batches leave it.
+                resync |= metrics.failures().len() > failed_before;
+                if resync {
+                    pb.set_position(first_pass + (done as u64 + 1) * per_batch);
+                }
             }
             if let Some(f) = opts.after_batch.as_mut() {
                 f(metrics, timings, end)?;

@@ -527,11 +527,18 @@ impl Plan {
             flop += full - unembed;
             passes += 1;
         }
+        // A logit difference alone runs the last MLP on each sequence's last row only.
+        let last_mlp_skipped = if self.measures.full_vocab() {
+            0.0
+        } else {
+            mlp * (1.0 - 1.0 / s.max(1) as f64)
+        };
         for u in &units {
             let (at, _) = self.hook.resume(u.layer);
             let rest = match at {
-                ResumeAt::Pre(l) => (cfg.n_layers - l) as f64 * layer,
-                ResumeAt::Mid(l) => mlp + (cfg.n_layers - l - 1) as f64 * layer,
+                ResumeAt::Pre(l) if l >= cfg.n_layers => 0.0,
+                ResumeAt::Pre(l) => (cfg.n_layers - l) as f64 * layer - last_mlp_skipped,
+                ResumeAt::Mid(l) => mlp + (cfg.n_layers - l - 1) as f64 * layer - last_mlp_skipped,
             };
             flop += rest + measure;
         }

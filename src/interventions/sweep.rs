@@ -182,6 +182,21 @@ impl Metric for Sweep {
         Ok(())
     }
 
+    /// One pass per intervention (stacked or not) and the source's, as the engine's
+    /// progress bar counts them (a unit resumed at `ln_final`'s input runs no layer).
+    fn passes_per_batch(&self, ctx: &RunContext, dataset: &Dataset) -> usize {
+        let Some(acc) = self.acc.as_ref().filter(|_| self.targets(&dataset.name)) else {
+            return 0;
+        };
+        let n = ctx.cfg.n_layers;
+        let units = acc
+            .units
+            .iter()
+            .filter(|u| self.plan.hook.resume(u.layer).0.runs_layers(n))
+            .count();
+        units + usize::from(self.source_tokens.is_some())
+    }
+
     fn start_dataset(&mut self, ctx: &RunContext, dataset: &Dataset) -> Result<()> {
         if !self.targets(&dataset.name) {
             self.acc = None;
@@ -236,6 +251,7 @@ impl Metric for Sweep {
             s,
             crate::model::ResumeAt::Pre(nl),
             last.as_slice().expect("standard"),
+            None,
         )?;
         let tok_flat = tokens.as_slice().expect("standard");
         let batch_rows = Rows {
@@ -269,6 +285,7 @@ impl Metric for Sweep {
                 s,
                 crate::model::ResumeAt::Pre(nl),
                 last_s.as_slice().expect("standard"),
+                None,
             )?;
             if m.logit_diff {
                 let only_ld = super::Measures {
@@ -281,6 +298,9 @@ impl Metric for Sweep {
             source_cache = Some(c);
         }
 
+        // A logit difference alone reads each sequence's last row (see below), as a sequence
+        // of one position.
+        let ones = vec![1usize; b];
         // Every layer's units, resumed from that layer's residual stream, stacked.
         let per_pass = (self.max_rows / (b * s)).max(1);
         let mut by_layer: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -334,18 +354,38 @@ impl Metric for Sweep {
                 for (c, &j) in chunk.iter().enumerate() {
                     write_unit(&w, &acc.units[j], &mut stacked[c * rows..(c + 1) * rows])?;
                 }
-                let x = model.resume_from(chunk.len() * b, s, at, &stacked)?;
-                // Every unit of the chunk at once: one unembedding per block of rows, from
-                // each unit's position on (the rows before it are the unchanged run's).
-                let firsts: Vec<usize> = chunk
-                    .iter()
-                    .flat_map(|&j| std::iter::repeat(acc.units[j].pos.unwrap_or(0)).take(b))
-                    .collect();
-                let pass_rows = Rows {
-                    first_changed: Some(&firsts),
-                    ..batch_rows.over(&x, d)
+                let n_seq = chunk.len() * b;
+                let scores = if m.full_vocab() {
+                    let x = model.resume_from(n_seq, s, at, &stacked, None)?;
+                    // Every unit of the chunk at once: one unembedding per block of rows,
+                    // from each unit's position on (the rows before it are the unchanged
+                    // run's).
+                    let firsts: Vec<usize> = chunk
+                        .iter()
+                        .flat_map(|&j| std::iter::repeat(acc.units[j].pos.unwrap_or(0)).take(b))
+                        .collect();
+                    let pass_rows = Rows {
+                        first_changed: Some(&firsts),
+                        ..batch_rows.over(&x, d)
+                    };
+                    score(&u, m, &pass_rows, clean.as_ref(), false).0
+                } else {
+                    // The logit difference reads one row per sequence, its last: the last
+                    // MLP and ln_final run on those rows alone, which come back as
+                    // sequences of one position.
+                    let last_rows: Vec<usize> =
+                        (0..n_seq).map(|k| k * s + lens[k % b] - 1).collect();
+                    let x = model.resume_from(n_seq, s, at, &stacked, Some(&last_rows))?;
+                    let pass_rows = Rows {
+                        x: &x,
+                        n_seq,
+                        s: 1,
+                        lens: &ones,
+                        first_changed: None,
+                        ..batch_rows
+                    };
+                    score(&u, m, &pass_rows, None, false).0
                 };
-                let (scores, _) = score(&u, m, &pass_rows, clean.as_ref(), false);
                 for (c, &j) in chunk.iter().enumerate() {
                     acc.scores[j][batch.start..batch.start + b]
                         .copy_from_slice(&scores[c * b..(c + 1) * b]);

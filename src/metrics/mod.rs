@@ -167,6 +167,14 @@ pub trait Metric {
         let _ = means;
         Ok(())
     }
+
+    /// The passes of its own it runs in each batch of `dataset` (after `start_dataset`),
+    /// through [`BatchView::model`]: a resumed pass counts one per intervention it carries.
+    /// The progress bar counts passes, the engine's unchanged one and these.
+    fn passes_per_batch(&self, ctx: &RunContext, dataset: &Dataset) -> usize {
+        let _ = (ctx, dataset);
+        0
+    }
 }
 
 /// The error of a metric without partial state.
@@ -205,6 +213,9 @@ impl<M: Metric + ?Sized> Metric for &mut M {
     }
     fn set_means(&mut self, means: &crate::means::Means) -> Result<()> {
         (**self).set_means(means)
+    }
+    fn passes_per_batch(&self, ctx: &RunContext, dataset: &Dataset) -> usize {
+        (**self).passes_per_batch(ctx, dataset)
     }
 }
 

@@ -274,12 +274,17 @@ impl<D: SeamDevice> HookedGpt2<D> {
     /// (`[b, s, d_model]` on the host, row-major): the layers from `at` on, then `ln_final`,
     /// whose output (`[b * s * d_model]`) comes back; the unembedding is the caller's. Layers
     /// below `at` do not run: every intervention at a layer shares them.
+    ///
+    /// `rows`: when the caller reads only some rows (flat `b * s` indices), the last MLP and
+    /// `ln_final` run on those alone and the output is `[rows.len() * d_model]` in their
+    /// order (hooks past the last attention then see `[rows.len(), 1, ...]`).
     pub fn resume(
         &self,
         b: usize,
         s: usize,
         at: ResumeAt,
         resid: &[f32],
+        rows: Option<&[usize]>,
         hooks: &mut Hooks,
     ) -> Result<Vec<f32>> {
         if resid.len() != b * s * self.cfg.d_model {
@@ -290,7 +295,7 @@ impl<D: SeamDevice> HookedGpt2<D> {
             )));
         }
         match &self.backend {
-            Backend::Host(host) => host.resume(b, s, at, resid, hooks),
+            Backend::Host(host) => host.resume(b, s, at, resid, rows, hooks),
             Backend::Tensors(w) => {
                 // Only the shape of the tokens is read past the embedding.
                 let tokens = Array2::<u32>::zeros((b, s));
@@ -301,7 +306,7 @@ impl<D: SeamDevice> HookedGpt2<D> {
                     resid: None,
                     x: None,
                 };
-                pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid)
+                pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid, rows)
             }
         }
     }
@@ -338,7 +343,14 @@ pub trait Passes {
         hooks: &[String],
     ) -> Result<crate::hooks::ActivationCache>;
     /// [`HookedGpt2::resume`] without hooks.
-    fn resume_from(&self, b: usize, s: usize, at: ResumeAt, resid: &[f32]) -> Result<Vec<f32>>;
+    fn resume_from(
+        &self,
+        b: usize,
+        s: usize,
+        at: ResumeAt,
+        resid: &[f32],
+        rows: Option<&[usize]>,
+    ) -> Result<Vec<f32>>;
 }
 
 impl<D: SeamDevice> Passes for HookedGpt2<D> {
@@ -355,8 +367,15 @@ impl<D: SeamDevice> Passes for HookedGpt2<D> {
         self.run_hooks(tokens, &mut h)?;
         Ok(h.take_cache())
     }
-    fn resume_from(&self, b: usize, s: usize, at: ResumeAt, resid: &[f32]) -> Result<Vec<f32>> {
-        self.resume(b, s, at, resid, &mut Hooks::default())
+    fn resume_from(
+        &self,
+        b: usize,
+        s: usize,
+        at: ResumeAt,
+        resid: &[f32],
+        rows: Option<&[usize]>,
+    ) -> Result<Vec<f32>> {
+        self.resume(b, s, at, resid, rows, &mut Hooks::default())
     }
 }
 
@@ -570,5 +589,22 @@ impl<D: SeamDevice> Steps for TensorPass<'_, D> {
 
     fn final_x(&mut self) -> Result<Vec<f32>> {
         Ok(self.x_take().as_vec())
+    }
+
+    /// A gather along the rows, on the device: nothing goes through the host.
+    fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let r = self.resid_take();
+        let (b, s, d) = *r.shape();
+        if let Some(&i) = rows.iter().find(|&&i| i >= b * s) {
+            return Err(Error::Other(format!(
+                "keep_rows: row {i} of a [{b}, {s}] pass"
+            )));
+        }
+        let flat: T2<D> = r.reshape_like(&(b * s, d));
+        let idx: Tensor<(usize,), usize, D> =
+            self.m.dev.tensor_from_vec(rows.to_vec(), (rows.len(),));
+        let kept: T2<D> = flat.gather(idx);
+        self.resid = Some(kept.reshape_like(&(rows.len(), 1, d)));
+        Ok(())
     }
 }

@@ -218,13 +218,16 @@ impl HostModel {
         Ok(pass::run(&mut steps, hooks, self.cfg.n_layers, logits)?.flatten())
     }
 
-    /// A pass resumed at `at` from `resid` (`[b, s, d_model]`); `ln_final`'s output.
+    /// A pass resumed at `at` from `resid` (`[b, s, d_model]`); `ln_final`'s output (of
+    /// `rows` alone when given: [`pass::run_from`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn resume(
         &self,
         b: usize,
         s: usize,
         at: pass::ResumeAt,
         resid: &[f32],
+        rows: Option<&[usize]>,
         hooks: &mut Hooks,
     ) -> Result<Vec<f32>> {
         let mut steps = HostPass {
@@ -235,7 +238,7 @@ impl HostModel {
             s,
             logits_out: false,
         };
-        pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid)
+        pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid, rows)
     }
 
     /// TL's LayerNorm(Pre) of `sc.resid` into `sc.x`, with `hook_scale` `[B, S, 1]` and
@@ -680,5 +683,22 @@ impl Steps for HostPass<'_> {
     fn final_x(&mut self) -> Result<Vec<f32>> {
         let n = self.b * self.s * self.m.cfg.d_model;
         Ok(self.sc.x[..n].to_vec())
+    }
+
+    fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let (n, d) = (self.b * self.s, self.m.cfg.d_model);
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            return Err(crate::error::Error::Other(format!(
+                "keep_rows: row {r} of a [{}, {}] pass",
+                self.b, self.s
+            )));
+        }
+        let kept: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| self.sc.resid[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        self.sc.resid[..kept.len()].copy_from_slice(&kept);
+        (self.b, self.s) = (rows.len(), 1);
+        Ok(())
     }
 }

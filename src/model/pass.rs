@@ -68,6 +68,12 @@ pub(crate) trait Steps {
 
     /// The input of the unembedding (`ln_final`'s output) on the host, `[batch * seq * d_model]`.
     fn final_x(&mut self) -> Result<Vec<f32>>;
+
+    /// Keeps only the residual stream's rows `rows` (flat indices into `batch * seq`, each
+    /// below it): the pass goes on as `[rows.len(), 1, d_model]`. Only position-wise steps
+    /// (LayerNorm, MLP) may follow, so a resumed pass whose reader needs a few rows runs the
+    /// last MLP and `ln_final` on those rows alone.
+    fn keep_rows(&mut self, rows: &[usize]) -> Result<()>;
 }
 
 /// Where a resumed pass starts: the residual stream given replaces the one the pass would
@@ -80,21 +86,42 @@ pub enum ResumeAt {
     Mid(usize),
 }
 
+impl ResumeAt {
+    /// Whether a pass resumed here runs any layer (`Pre(n_layers)` is `ln_final`'s input:
+    /// only `ln_final` follows).
+    pub fn runs_layers(self, n_layers: usize) -> bool {
+        !matches!(self, ResumeAt::Pre(l) if l >= n_layers)
+    }
+}
+
 /// The forward pass from `at` on, with the residual stream there set to `resid`; returns
 /// `ln_final`'s output on the host (the unembedding is the caller's, so it can read only the
 /// columns it needs). Layers below `at` are not run: resumed passes share them.
+///
+/// `rows`: the only rows (flat `batch * seq` indices) the caller reads, or `None` for all.
+/// Every position's keys and values still feed the last attention, but what follows it is
+/// position-wise: the last MLP and `ln_final` run on `rows` alone, and the output is
+/// `[rows.len() * d_model]` in their order. (A logit difference reads one row per sequence:
+/// this skips `1 - 1/seq` of the last MLP, two thirds of a layer, in every resumed pass.)
 pub(crate) fn run_from<S: Steps>(
     steps: &mut S,
     hooks: &mut Hooks,
     n_layers: usize,
     at: ResumeAt,
     resid: &[f32],
+    rows: Option<&[usize]>,
 ) -> Result<Vec<f32>> {
     steps.set_resid(resid)?;
+    // After the last attention, before the position-wise rest.
+    let trim = |steps: &mut S, l: usize| match rows {
+        Some(r) if l + 1 == n_layers => steps.keep_rows(r),
+        _ => Ok(()),
+    };
     let first = match at {
         ResumeAt::Pre(l) => l,
         ResumeAt::Mid(l) => {
             steps.resid(hooks, &block_hook(l, "hook_resid_mid"))?;
+            trim(steps, l)?;
             steps.layer_norm(hooks, LnSite::Ln2(l))?;
             steps.mlp(hooks, l)?;
             steps.resid(hooks, &block_hook(l, "hook_resid_post"))?;
@@ -106,9 +133,16 @@ pub(crate) fn run_from<S: Steps>(
         steps.layer_norm(hooks, LnSite::Ln1(l))?;
         steps.attention(hooks, l)?;
         steps.resid(hooks, &block_hook(l, "hook_resid_mid"))?;
+        trim(steps, l)?;
         steps.layer_norm(hooks, LnSite::Ln2(l))?;
         steps.mlp(hooks, l)?;
         steps.resid(hooks, &block_hook(l, "hook_resid_post"))?;
+    }
+    if let (ResumeAt::Pre(l), Some(r)) = (at, rows) {
+        if l >= n_layers {
+            // Resumed at ln_final's input: no layer ran, so keep the rows here.
+            steps.keep_rows(r)?;
+        }
     }
     steps.layer_norm(hooks, LnSite::Final)?;
     steps.final_x()

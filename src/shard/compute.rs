@@ -156,12 +156,16 @@ pub fn run<D: SeamDevice>(
                 };
             }
         }
+        // The bar counts passes (the unchanged one and the metrics' own, per batch).
+        let per_batch = metrics.passes_per_batch(ctx, dataset) as u64;
+        let batches = |seqs: usize| seqs.div_ceil(batch_size) as u64;
         let pb = bar(
             opts.quiet,
-            range.len() as u64,
+            batches(range.len()) * per_batch,
             format!("{} ({} seqs)", dataset.name, range.len()),
         );
-        pb.set_position((start - range.start) as u64);
+        pb.set_prefix("passes");
+        pb.set_position(batches(start - range.start) * per_batch);
         {
             let mut checkpoint_seconds = timings.checkpoint_seconds;
             // Ctrl-C/SIGTERM stop after a batch, once its checkpoint is written (whatever

@@ -142,6 +142,44 @@ fn check_dir(golden: &str, dir: &std::path::Path, sha256: Option<&str>, dfdx: bo
             let t = run_case(generic, &loaded, spec, &ds, 2);
             check_table(&format!("{golden} dfdx {spec}"), &t, rows);
         }
+        // `measure = ["logit_diff"]` alone takes another path (the last MLP and ln_final on
+        // each sequence's last row only): the same logit differences as TL's.
+        let mut only = spec.clone();
+        only["measure"] = serde_json::json!(["logit_diff"]);
+        let keep = [
+            "layer",
+            "head",
+            "pos",
+            "logit_diff_orig",
+            "logit_diff",
+            "logit_diff_source",
+            "recovered",
+        ];
+        let ld_rows: Vec<J> = rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.as_object_mut()
+                    .unwrap()
+                    .retain(|k, _| keep.contains(&k.as_str()));
+                r
+            })
+            .collect();
+        let t = run_case(&loaded.model, &loaded, &only, &ds, 3);
+        assert!(t.col("loss").is_none(), "{only}: no loss column");
+        check_table(
+            &format!("{golden} host logit_diff only {only}"),
+            &t,
+            &ld_rows,
+        );
+        if let Some(generic) = &generic {
+            let t = run_case(generic, &loaded, &only, &ds, 2);
+            check_table(
+                &format!("{golden} dfdx logit_diff only {only}"),
+                &t,
+                &ld_rows,
+            );
+        }
     }
 }
 
@@ -287,4 +325,68 @@ fn bad_interventions_point_at_the_key() {
         e.contains("t.toml:9:8") && e.contains("outside the vocabulary"),
         "{e}"
     );
+}
+
+/// The progress bar counts passes: per batch the unchanged one, the patch's source run and
+/// one per intervention (here per (layer, position), stacked into few resumed passes), and
+/// ends exactly at its length. A miscount (a stacked pass counted once, or the `ln_final`
+/// resumes counted) would leave it off.
+#[test]
+fn the_progress_bar_counts_passes() {
+    use hookgraph::engine::{Engine, LoopOptions, MetricSet};
+    let text = std::fs::read_to_string(golden_path("interventions_a.json")).unwrap();
+    let g: J = serde_json::from_str(&text).unwrap();
+    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
+    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let ds = datasets(&g, loaded.cfg().bos_token_id);
+    let cfg = loaded.cfg().clone();
+    let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
+        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
+        .collect();
+    let ctx = RunContext::of(&loaded, &heads);
+    for (spec, batch_size) in [
+        (
+            serde_json::json!({"kind": "patch", "hook": "resid_pre", "per_position": true, "source": "eq_corrupt", "dataset": "eq"}),
+            2,
+        ),
+        (
+            serde_json::json!({"kind": "ablate", "value": "zero", "hook": "z"}),
+            3,
+        ),
+    ] {
+        let spec_text = case_toml(&spec, &ds);
+        let loaded_spec = LoadedSpec::from_str(&spec_text, std::path::Path::new("t.toml")).unwrap();
+        let plan = interventions::plan(&loaded_spec, &cfg, &heads, &ds)
+            .unwrap()
+            .remove(0);
+        let target = ds.iter().find(|d| d.name == plan.datasets[0]).unwrap();
+        let units = plan.units(cfg.n_layers, target.seq_len()).len();
+        let source = usize::from(plan.source.is_some());
+        // Stacks of about three batches: a resumed pass carries several interventions.
+        let sweep = Sweep::new(plan, &ds, 3 * batch_size, target.seq_len(), &cfg);
+        let mut set = MetricSet::new();
+        set.add("t", Box::new(sweep));
+        let engine = Engine::new(&loaded.model, &ctx, &set, batch_size).unwrap();
+        engine.run_mean_passes(&mut set, &ds).unwrap();
+        let pb = indicatif::ProgressBar::hidden();
+        set.start_dataset(&ctx, target);
+        let per_batch = set.passes_per_batch(&ctx, target);
+        assert_eq!(per_batch, 1 + source + units, "{spec}");
+        let batches = target.n_sequences().div_ceil(batch_size);
+        let mut timings = Default::default();
+        engine
+            .run_batches(
+                &mut set,
+                target,
+                0..target.n_sequences(),
+                &mut timings,
+                &mut LoopOptions {
+                    progress: Some(&pb),
+                    after_batch: None,
+                },
+            )
+            .unwrap();
+        assert!(set.failures().is_empty(), "{:?}", set.failures());
+        assert_eq!(pb.position() as usize, batches * per_batch, "{spec}");
+    }
 }
