@@ -368,13 +368,13 @@ impl Passes for CountedPasses<'_> {
     }
     fn resume_from(
         &self,
-        b: usize,
         s: usize,
         at: crate::model::ResumeAt,
-        resid: &[f32],
+        resid: crate::model::Resid,
         rows: Option<&[usize]>,
     ) -> Result<Vec<f32>> {
-        let out = self.model.resume_from(b, s, at, resid, rows)?;
+        let b = resid.sequences(s, self.model.config().d_model);
+        let out = self.model.resume_from(s, at, resid, rows)?;
         if at.runs_layers(self.model.config().n_layers) {
             self.count(b);
         }

@@ -216,6 +216,15 @@ impl ActivationCache {
         })
     }
 
+    /// The activations on device `D`, when this cache holds them there: an op's device
+    /// body reads a second cache (a patch's source run) through this. `None` for a host
+    /// cache or another device's.
+    pub fn device_acts<D: dfdx::tensor_ops::Device<f32> + 'static>(
+        &self,
+    ) -> Option<&seam::DeviceActs<D>> {
+        self.device.as_ref().and_then(DeviceStore::acts_as::<D>)
+    }
+
     /// Whether the activations are on a device (the pass ran as dfdx tensor ops).
     pub fn on_device(&self) -> bool {
         self.device.is_some()

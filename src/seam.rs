@@ -190,6 +190,18 @@ impl DeviceStore {
         }
     }
 
+    /// The activations as device `D`'s (`None` when they are another device's): dfdx
+    /// shapes the device into the type, so the match is a type test.
+    pub fn acts_as<D: Device<f32> + 'static>(&self) -> Option<&DeviceActs<D>> {
+        #[allow(clippy::infallible_destructuring_match)] // one arm per device this build has
+        let any: &dyn std::any::Any = match self {
+            DeviceStore::Cpu(a) => a,
+            #[cfg(feature = "cuda")]
+            DeviceStore::Cuda(a) => a,
+        };
+        any.downcast_ref::<DeviceActs<D>>()
+    }
+
     pub fn host(&self, name: &str) -> Result<&ArrayD<f32>> {
         match self {
             DeviceStore::Cpu(a) => a.host(name),
@@ -282,10 +294,12 @@ seam_device!(dfdx::tensor::Cuda, Cuda, host_kernels = false);
 /// [`crate::hooks::ActivationCache::run`] runs `host` when the activations are host
 /// buffers and `device` when they are on a device.
 pub trait Op {
-    /// What comes back to the host: per-head, per-sequence values, never activations.
+    /// What comes back to the host: per-head, per-sequence values, never activations. (An
+    /// intervention's write is the one op whose output stays where it was made: the written
+    /// residual stream, which the resumed pass takes on the same device.)
     type Output;
     /// The CPU backend: host buffers, read in place through the batch's cache.
     fn host(&self) -> Result<Self::Output>;
     /// The device backend, as dfdx tensor ops where the activations are.
-    fn device<D: Device<f32>>(&self, acts: &DeviceActs<D>) -> Result<Self::Output>;
+    fn device<D: Device<f32> + 'static>(&self, acts: &DeviceActs<D>) -> Result<Self::Output>;
 }

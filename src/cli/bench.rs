@@ -64,6 +64,10 @@ pub fn bench(args: &BenchArgs) -> crate::Result<ExitCode> {
             .arg("--out")
             .arg(&out)
             .args(args.interventions.then_some("--patching"))
+            // The same best-of-N and the same cases as ours, so the two sides match.
+            .arg("--repeats")
+            .arg(args.repeats.to_string())
+            .args(args.only.iter().flat_map(|o| ["--only", o.as_str()]))
             .status()
             .map_err(|e| Error::Other(format!("{}: {e}", py.display())))?;
         if !status.success() {

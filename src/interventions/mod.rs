@@ -15,6 +15,12 @@
 //! W_O[h]` (`z`) or `+= new - old` (`result`, `attn_out`); `mlp_out` likewise adds to
 //! `resid_post[L]`; `resid_pre` and `resid_post` are the residual stream itself. TL's
 //! `run_with_hooks` recomputes the layer instead; the goldens check the two agree.
+//!
+//! Where it runs: a stack of units' writes is one [`crate::seam::Op`]
+//! ([`write::WriteOp`]), so the cache picks the body: host buffers for the host kernels, dfdx
+//! tensor ops on a device, where the resumed passes then start from the written tensor.
+//! What comes back to the host is `ln_final`'s output of the rows the measures read (one row
+//! per sequence for a logit difference alone), never a cached activation.
 
 pub mod measure;
 pub mod sweep;

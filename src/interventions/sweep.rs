@@ -10,13 +10,15 @@ use std::collections::BTreeMap;
 use ndarray::{Array2, ArrayD};
 
 use super::measure::{score, Rows, SeqScore, Unembed};
-use super::write::{write_unit, WriteInputs};
-use super::{Hook, Kind, Plan, Unit, Value};
+use super::write::{CachedResid, WriteOp};
+use super::{Kind, Plan, Unit, Value};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::hooks::ActivationCache;
 use crate::means::{MeanRequest, Means};
 use crate::metrics::state::Array;
 use crate::metrics::{BatchView, Metric, RunContext, State};
+use crate::model::ResumeAt;
 use crate::output::Table;
 
 /// What a dataset's sweep accumulates.
@@ -242,17 +244,20 @@ impl Metric for Sweep {
             v: cfg.d_vocab,
         };
         let cache = batch.cache;
-        let standard = |a: &ArrayD<f32>| a.as_standard_layout().into_owned();
+        // The unchanged residual stream at `name`, where the cache holds it.
+        let cached = |c: &ActivationCache, name: String| {
+            c.run(&CachedResid {
+                cache: c,
+                name,
+                b,
+                s,
+                d,
+            })
+        };
 
         // The unchanged run: its ln_final output, log-probabilities (for KL) and scores.
-        let last = standard(cache.get(&last_resid(nl))?);
-        let x_clean = model.resume_from(
-            b,
-            s,
-            crate::model::ResumeAt::Pre(nl),
-            last.as_slice().expect("standard"),
-            None,
-        )?;
+        let x_clean =
+            model.resume_from(s, ResumeAt::Pre(nl), cached(cache, last_resid(nl))?, None)?;
         let tok_flat = tokens.as_slice().expect("standard");
         let batch_rows = Rows {
             x: &[],
@@ -279,14 +284,8 @@ impl Metric for Sweep {
             names.sort();
             names.dedup();
             let c = model.cache_pass(&rows, &names)?;
-            let last_s = standard(c.get(&last_resid(nl))?);
-            let x_src = model.resume_from(
-                b,
-                s,
-                crate::model::ResumeAt::Pre(nl),
-                last_s.as_slice().expect("standard"),
-                None,
-            )?;
+            let x_src =
+                model.resume_from(s, ResumeAt::Pre(nl), cached(&c, last_resid(nl))?, None)?;
             if m.logit_diff {
                 let only_ld = super::Measures {
                     logit_diff: true,
@@ -309,13 +308,7 @@ impl Metric for Sweep {
         }
         for (l, js) in by_layer {
             let name = self.plan.hook.tl(l);
-            let old = standard(cache.get(&name)?);
-            let (at, resid_name) = self.plan.hook.resume(l);
-            let resid = standard(cache.get(&resid_name)?);
-            let src = match &source_cache {
-                Some(c) => Some(standard(c.get(&name)?)),
-                None => None,
-            };
+            let (at, _) = self.plan.hook.resume(l);
             let mean_key = (
                 self.plan.mean_dataset(&batch.dataset.name).to_string(),
                 name.clone(),
@@ -338,31 +331,32 @@ impl Metric for Sweep {
                 }
                 _ => None,
             };
-            let w_o = ctx.params.blocks[l].attn.w_o.view();
-            let w = WriteInputs {
-                hook: self.plan.hook,
-                kind: self.plan.kind,
-                old: &old,
-                resid: &resid,
-                source: src.as_ref(),
-                mean: mean.as_ref(),
-                w_o: (self.plan.hook == Hook::Z).then_some(w_o),
-            };
             for chunk in js.chunks(per_pass) {
-                let rows = b * s * d;
-                let mut stacked = vec![0f32; chunk.len() * rows];
-                for (c, &j) in chunk.iter().enumerate() {
-                    write_unit(&w, &acc.units[j], &mut stacked[c * rows..(c + 1) * rows])?;
-                }
+                let units: Vec<&Unit> = chunk.iter().map(|&j| &acc.units[j]).collect();
+                // The stack's residual streams, written where the activations are (the
+                // cache picks the op's host or device body).
+                let written = cache.run(&WriteOp {
+                    hook: self.plan.hook,
+                    kind: self.plan.kind,
+                    layer: l,
+                    b,
+                    s,
+                    d,
+                    cache,
+                    source: source_cache.as_ref(),
+                    mean: mean.as_ref(),
+                    w_o: Some(ctx.params.blocks[l].attn.w_o.view()),
+                    units: &units,
+                })?;
                 let n_seq = chunk.len() * b;
                 let scores = if m.full_vocab() {
-                    let x = model.resume_from(n_seq, s, at, &stacked, None)?;
+                    let x = model.resume_from(s, at, written, None)?;
                     // Every unit of the chunk at once: one unembedding per block of rows,
                     // from each unit's position on (the rows before it are the unchanged
                     // run's).
-                    let firsts: Vec<usize> = chunk
+                    let firsts: Vec<usize> = units
                         .iter()
-                        .flat_map(|&j| std::iter::repeat(acc.units[j].pos.unwrap_or(0)).take(b))
+                        .flat_map(|u| std::iter::repeat(u.pos.unwrap_or(0)).take(b))
                         .collect();
                     let pass_rows = Rows {
                         first_changed: Some(&firsts),
@@ -375,7 +369,7 @@ impl Metric for Sweep {
                     // sequences of one position.
                     let last_rows: Vec<usize> =
                         (0..n_seq).map(|k| k * s + lens[k % b] - 1).collect();
-                    let x = model.resume_from(n_seq, s, at, &stacked, Some(&last_rows))?;
+                    let x = model.resume_from(s, at, written, Some(&last_rows))?;
                     let pass_rows = Rows {
                         x: &x,
                         n_seq,

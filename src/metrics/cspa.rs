@@ -336,7 +336,7 @@ impl Op for Values<'_, '_, '_> {
     /// metrics are analytic on a handful of `[S, D]` and `[S, S]` operands per head; their
     /// dfdx version is not written yet, so on a device the op reads the hooks it needs from
     /// the cache (counted as downloads, see [`DeviceActs::downloads`]).
-    fn device<D: Device<f32>>(&self, _acts: &DeviceActs<D>) -> Result<Self::Output> {
+    fn device<D: Device<f32> + 'static>(&self, _acts: &DeviceActs<D>) -> Result<Self::Output> {
         self.host_values()
     }
 }
@@ -371,7 +371,7 @@ impl Op for OrigLoss<'_, '_> {
             })
             .collect())
     }
-    fn device<D: Device<f32>>(&self, _acts: &DeviceActs<D>) -> Result<Self::Output> {
+    fn device<D: Device<f32> + 'static>(&self, _acts: &DeviceActs<D>) -> Result<Self::Output> {
         // The per-token loss op computes this where the logits are.
         let l = self.0.cache.run(&super::ops::PerTokenLoss(self.0))?;
         Ok(l.outer_iter()

@@ -98,7 +98,7 @@ impl Op for Values<'_, '_, '_> {
         self.host_values()
     }
     /// Not yet written in dfdx ops: reads the two hooks through the cache's host views.
-    fn device<D: Device<f32>>(&self, _acts: &DeviceActs<D>) -> Result<HeadValues> {
+    fn device<D: Device<f32> + 'static>(&self, _acts: &DeviceActs<D>) -> Result<HeadValues> {
         self.host_values()
     }
 }

@@ -124,7 +124,7 @@ impl Op for Values<'_, '_, '_> {
         self.host_values()
     }
     /// Not yet written in dfdx ops: reads the residual streams through the host views.
-    fn device<D: Device<f32>>(&self, _acts: &DeviceActs<D>) -> Result<StageValues> {
+    fn device<D: Device<f32> + 'static>(&self, _acts: &DeviceActs<D>) -> Result<StageValues> {
         self.host_values()
     }
 }

@@ -56,7 +56,7 @@ impl crate::seam::Op for PerTokenLoss<'_, '_> {
         Ok(per_token_loss(logits, self.0.tokens))
     }
 
-    fn device<D: dfdx::prelude::Device<f32>>(
+    fn device<D: dfdx::prelude::Device<f32> + 'static>(
         &self,
         acts: &crate::seam::DeviceActs<D>,
     ) -> crate::Result<Array2<f32>> {

@@ -468,7 +468,7 @@ impl Op for Losses<'_, '_, '_> {
         Ok((orig, out))
     }
 
-    fn device<D: Device<f32>>(&self, acts: &DeviceActs<D>) -> Result<Self::Output> {
+    fn device<D: Device<f32> + 'static>(&self, acts: &DeviceActs<D>) -> Result<Self::Output> {
         device::projection_losses(
             acts,
             &self.ctx.heads_by_layer(),

@@ -111,7 +111,7 @@ impl Op for Values<'_, '_, '_> {
         Ok(out)
     }
 
-    fn device<D: Device<f32>>(&self, acts: &DeviceActs<D>) -> Result<Self::Output> {
+    fn device<D: Device<f32> + 'static>(&self, acts: &DeviceActs<D>) -> Result<Self::Output> {
         let tokens = self.batch.tokens;
         let u_tok = device::unembed_rows(acts, tokens);
         let mut out = Vec::with_capacity(self.ctx.heads.len());

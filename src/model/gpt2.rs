@@ -271,42 +271,78 @@ impl<D: SeamDevice> HookedGpt2<D> {
     }
 
     /// A forward pass resumed at `at` with the residual stream there set to `resid`
-    /// (`[b, s, d_model]` on the host, row-major): the layers from `at` on, then `ln_final`,
-    /// whose output (`[b * s * d_model]`) comes back; the unembedding is the caller's. Layers
-    /// below `at` do not run: every intervention at a layer shares them.
+    /// (`[b, s, d_model]`, where it was made: [`Resid`]): the layers from `at` on, then
+    /// `ln_final`, whose output (`[b * s * d_model]`) comes back to the host; the
+    /// unembedding is the caller's. Layers below `at` do not run: every intervention at a
+    /// layer shares them.
     ///
     /// `rows`: when the caller reads only some rows (flat `b * s` indices), the last MLP and
     /// `ln_final` run on those alone and the output is `[rows.len() * d_model]` in their
     /// order (hooks past the last attention then see `[rows.len(), 1, ...]`).
     pub fn resume(
         &self,
-        b: usize,
         s: usize,
         at: ResumeAt,
-        resid: &[f32],
+        resid: Resid,
         rows: Option<&[usize]>,
         hooks: &mut Hooks,
     ) -> Result<Vec<f32>> {
-        if resid.len() != b * s * self.cfg.d_model {
-            return Err(Error::Other(format!(
-                "resume: a residual stream of {} values for [{b}, {s}, {}]",
-                resid.len(),
-                self.cfg.d_model
-            )));
-        }
-        match &self.backend {
-            Backend::Host(host) => host.resume(b, s, at, resid, rows, hooks),
-            Backend::Tensors(w) => {
-                // Only the shape of the tokens is read past the embedding.
+        let d = self.cfg.d_model;
+        let n = self.cfg.n_layers;
+        match (resid, &self.backend) {
+            (Resid::Host(v), backend) => {
+                if s == 0 || v.len() % (s * d) != 0 {
+                    return Err(Error::Other(format!(
+                        "resume: a residual stream of {} values for [_, {s}, {d}]",
+                        v.len()
+                    )));
+                }
+                let b = v.len() / (s * d);
+                match backend {
+                    Backend::Host(host) => host.resume(b, s, at, &v, rows, hooks),
+                    Backend::Tensors(w) => {
+                        // Only the shape of the tokens is read past the embedding.
+                        let tokens = Array2::<u32>::zeros((b, s));
+                        let mut steps = TensorPass {
+                            m: self,
+                            w,
+                            tokens: &tokens,
+                            resid: None,
+                            x: None,
+                        };
+                        pass::run_from(&mut steps, hooks, n, at, Some(&v), rows)
+                    }
+                }
+            }
+            (Resid::Device { tensor, .. }, Backend::Tensors(w)) => {
+                let t: T3<D> = *tensor.downcast::<T3<D>>().map_err(|_| {
+                    Error::Other("resume: a residual stream made on another device".into())
+                })?;
+                let (b, s2, d2) = *t.shape();
+                if (s2, d2) != (s, d) {
+                    return Err(Error::Other(format!(
+                        "resume: a residual stream [{b}, {s2}, {d2}] for [_, {s}, {d}]"
+                    )));
+                }
+                // Started from the device tensor as it is: nothing goes through the host.
                 let tokens = Array2::<u32>::zeros((b, s));
                 let mut steps = TensorPass {
                     m: self,
                     w,
                     tokens: &tokens,
-                    resid: None,
+                    resid: Some(t),
                     x: None,
                 };
-                pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid, rows)
+                pass::run_from(&mut steps, hooks, n, at, None, rows)
+            }
+            (Resid::Device { tensor, .. }, Backend::Host(host)) => {
+                // A host-kernel model's caches are host buffers, so its writes are too; a
+                // device tensor here is dfdx's CPU tensor of a test: read it as host data.
+                let t: T3<D> = *tensor.downcast::<T3<D>>().map_err(|_| {
+                    Error::Other("resume: a residual stream made on another device".into())
+                })?;
+                let (b, _, _) = *t.shape();
+                host.resume(b, s, at, &t.as_vec(), rows, hooks)
             }
         }
     }
@@ -345,12 +381,45 @@ pub trait Passes {
     /// [`HookedGpt2::resume`] without hooks.
     fn resume_from(
         &self,
-        b: usize,
         s: usize,
         at: ResumeAt,
-        resid: &[f32],
+        resid: Resid,
         rows: Option<&[usize]>,
     ) -> Result<Vec<f32>>;
+}
+
+/// The residual stream a resumed pass starts from (`[b, s, d_model]`), kept where it was
+/// made: on the host for the host kernels, on the device for dfdx's tensor ops.
+pub enum Resid {
+    /// Row-major on the host.
+    Host(Vec<f32>),
+    /// A dfdx `T3` tensor on a device. Boxed because the op that made it (the device body
+    /// of a [`crate::seam::Op`]) is generic over the device: the model takes it back by its
+    /// own device type, and refuses another device's.
+    Device {
+        tensor: Box<dyn std::any::Any>,
+        /// `b`: how many sequences it holds.
+        sequences: usize,
+    },
+}
+
+impl Resid {
+    /// A device tensor `[b, s, d_model]`.
+    pub fn device<D: Device<f32> + 'static>(t: Tensor<(usize, usize, usize), f32, D>) -> Self {
+        let sequences = t.shape().0;
+        Resid::Device {
+            tensor: Box::new(t),
+            sequences,
+        }
+    }
+
+    /// How many sequences (`b`) it holds, at `s` positions of `d` values.
+    pub fn sequences(&self, s: usize, d: usize) -> usize {
+        match self {
+            Resid::Host(v) => v.len() / (s * d).max(1),
+            Resid::Device { sequences, .. } => *sequences,
+        }
+    }
 }
 
 impl<D: SeamDevice> Passes for HookedGpt2<D> {
@@ -369,13 +438,12 @@ impl<D: SeamDevice> Passes for HookedGpt2<D> {
     }
     fn resume_from(
         &self,
-        b: usize,
         s: usize,
         at: ResumeAt,
-        resid: &[f32],
+        resid: Resid,
         rows: Option<&[usize]>,
     ) -> Result<Vec<f32>> {
-        self.resume(b, s, at, resid, rows, &mut Hooks::default())
+        self.resume(s, at, resid, rows, &mut Hooks::default())
     }
 }
 

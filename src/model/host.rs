@@ -238,7 +238,7 @@ impl HostModel {
             s,
             logits_out: false,
         };
-        pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, resid, rows)
+        pass::run_from(&mut steps, hooks, self.cfg.n_layers, at, Some(resid), rows)
     }
 
     /// TL's LayerNorm(Pre) of `sc.resid` into `sc.x`, with `hook_scale` `[B, S, 1]` and

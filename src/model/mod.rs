@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use checkpoint::{CheckpointFiles, Params};
 pub use config::ModelConfig;
-pub use gpt2::{HookedGpt2, Passes};
+pub use gpt2::{HookedGpt2, Passes, Resid};
 pub use pass::ResumeAt;
 // The loss is a metric helper (it lives with the others); re-exported for existing callers.
 pub use crate::metrics::ops::per_token_loss;

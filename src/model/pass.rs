@@ -94,7 +94,8 @@ impl ResumeAt {
     }
 }
 
-/// The forward pass from `at` on, with the residual stream there set to `resid`; returns
+/// The forward pass from `at` on, with the residual stream there set to `resid` (or as the
+/// backend already holds it); returns
 /// `ln_final`'s output on the host (the unembedding is the caller's, so it can read only the
 /// columns it needs). Layers below `at` are not run: resumed passes share them.
 ///
@@ -108,10 +109,13 @@ pub(crate) fn run_from<S: Steps>(
     hooks: &mut Hooks,
     n_layers: usize,
     at: ResumeAt,
-    resid: &[f32],
+    resid: Option<&[f32]>,
     rows: Option<&[usize]>,
 ) -> Result<Vec<f32>> {
-    steps.set_resid(resid)?;
+    // `None`: the backend holds the residual stream already (a device tensor).
+    if let Some(r) = resid {
+        steps.set_resid(r)?;
+    }
     // After the last attention, before the position-wise rest.
     let trim = |steps: &mut S, l: usize| match rows {
         Some(r) if l + 1 == n_layers => steps.keep_rows(r),

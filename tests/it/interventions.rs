@@ -390,3 +390,88 @@ fn the_progress_bar_counts_passes() {
         assert_eq!(pb.position() as usize, batches * per_batch, "{spec}");
     }
 }
+
+/// On a device (dfdx's tensors; CUDA's in production) an intervention's write is its device
+/// body: the stack of written residual streams is built where the activations are and the
+/// resumed passes start from it, so no cached activation is copied to the host (the TL
+/// goldens above check the numbers of the same path). Each kind, and a patch, whose source
+/// run is a second device cache.
+#[test]
+fn device_writes_copy_no_activation_to_the_host() {
+    use hookgraph::hooks::{HookFilter, Hooks};
+    use hookgraph::metrics::{BatchView, Metric};
+    let text = std::fs::read_to_string(golden_path("interventions_a.json")).unwrap();
+    let g: J = serde_json::from_str(&text).unwrap();
+    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
+    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let cfg = loaded.cfg().clone();
+    let generic = HookedGpt2::new_generic(Cpu::default(), cfg.clone(), &loaded.params).unwrap();
+    let ds = datasets(&g, cfg.bos_token_id);
+    let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
+        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
+        .collect();
+    let ctx = RunContext::of(&loaded, &heads);
+    for spec in [
+        serde_json::json!({"kind": "ablate", "value": "zero", "hook": "z"}),
+        serde_json::json!({"kind": "ablate", "value": "zero", "hook": "result", "heads": ["1.0", "1.1"], "together": true}),
+        serde_json::json!({"kind": "patch", "hook": "z", "source": "corrupt"}),
+        serde_json::json!({"kind": "patch", "hook": "mlp_out", "source": "corrupt"}),
+        serde_json::json!({"kind": "patch", "hook": "resid_pre", "per_position": true, "source": "eq_corrupt", "dataset": "eq"}),
+        serde_json::json!({"kind": "ablate", "value": "zero", "hook": "attn_out", "measure": ["logit_diff"]}),
+    ] {
+        let spec_text = case_toml(&spec, &ds);
+        let loaded_spec = LoadedSpec::from_str(&spec_text, std::path::Path::new("t.toml")).unwrap();
+        let plan = interventions::plan(&loaded_spec, &cfg, &heads, &ds)
+            .unwrap()
+            .remove(0);
+        let target = ds.iter().find(|d| d.name == plan.datasets[0]).unwrap();
+        let mut tables = Vec::new();
+        for on_device in [false, true] {
+            let mut sweep = Sweep::new(plan.clone(), &ds, 4, target.seq_len(), &cfg);
+            let filter = HookFilter::checked(&sweep.hooks(&ctx), cfg.n_layers).unwrap();
+            let mut hooks = Hooks::caching(filter);
+            if on_device {
+                generic.run_hooks(&target.tokens, &mut hooks).unwrap();
+            } else {
+                loaded.model.run_hooks(&target.tokens, &mut hooks).unwrap();
+            }
+            let cache = hooks.take_cache();
+            assert_eq!(cache.on_device(), on_device);
+            sweep.start_dataset(&ctx, target).unwrap();
+            let model: &dyn hookgraph::model::Passes =
+                if on_device { &generic } else { &loaded.model };
+            sweep
+                .batch(
+                    &ctx,
+                    &BatchView {
+                        dataset: target,
+                        start: 0,
+                        tokens: target.tokens.view(),
+                        cache: &cache,
+                        model: Some(model),
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{spec}: {e}"));
+            assert_eq!(
+                cache.downloads(),
+                0,
+                "{spec}: activations copied to the host"
+            );
+            tables.push(sweep.finish_dataset(&ctx, target).unwrap().remove(0));
+        }
+        // The device body and the host body agree (both are checked against TL above).
+        let (host, dev) = (&tables[0], &tables[1]);
+        assert_eq!(host.columns, dev.columns);
+        for (a, b) in host.rows.iter().zip(&dev.rows) {
+            for (x, y) in a.iter().zip(b) {
+                match (x.as_f64(), y.as_f64()) {
+                    (Some(x), Some(y)) => assert!(
+                        (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                        "{spec}: host {x} vs device {y}"
+                    ),
+                    _ => assert_eq!(x.to_string(), y.to_string()),
+                }
+            }
+        }
+    }
+}
