@@ -24,9 +24,11 @@ use crate::interventions::Measures;
 use crate::kernels::{self, MatPtr, Par};
 
 /// Rows of logits unembedded at once: large enough that the `[rows, d] @ [d, vocab]` matmul
-/// runs near the sgemm peak, small enough that the block (`rows * vocab` floats, 25 MB for
-/// GPT-2) stays far below a plain pass's logits.
-pub const BLOCK: usize = 128;
+/// runs near the sgemm peak (sgemm packs all of `W_U`, 154 MB for GPT-2, once per call: at
+/// 128 rows that packing was 7% of a z sweep's time, measured with `perf`), small enough
+/// that the block (`rows * vocab` floats, 103 MB for GPT-2) keeps a sweep's memory within
+/// 1.5x a plain pass's (`runner bench` reports the peak).
+pub const BLOCK: usize = 512;
 
 /// Per sequence: sums and counts (pooled at the end, in sequence order).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
