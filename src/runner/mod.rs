@@ -1,14 +1,14 @@
 //! The hook graph executor: runs a spec from model to files, in three steps, one module each.
 //!
-//! - [`plan`]: the prepare step — check the output directory, resolve and load the model,
+//! - `plan`: the prepare step — check the output directory, resolve and load the model,
 //!   select heads, build datasets, metrics and interventions, plan and check their table
 //!   names and views: everything that can fail before the first forward pass. `validate`
 //!   stops here.
-//! - [`compute`]: what the compute step hands on ([`Computed`]) and the weight phase
-//!   ([`run_weight_metrics`]: metrics of the weights alone such as `ov_circuit`, once per
+//! - `compute`: what the compute step hands on ([`Computed`]) and the weight phase
+//!   (`run_weight_metrics`: metrics of the weights alone such as `ov_circuit`, once per
 //!   run, not per shard). The batch loop itself is [`crate::engine`]'s, driven through
 //!   [`crate::shard::compute`] (shards, checkpoints, `--resume`).
-//! - [`write`]: the one write phase ([`write_results`]): fail the metrics whose tables hold
+//! - `write`: the one write phase ([`write_results`]): fail the metrics whose tables hold
 //!   NaN or infinity, write CSVs, pictures and the manifest into a staging directory and swap
 //!   it into place whole. A run and `runner merge` both end there, so they write the same
 //!   files.

@@ -327,6 +327,20 @@ fn bad_interventions_point_at_the_key() {
     );
 }
 
+/// `ckpt_a` processed, the datasets of its intervention golden, and every head.
+fn ckpt_a_with_its_golden_datasets() -> (LoadedModel<Cpu>, Vec<Dataset>, Vec<(usize, usize)>) {
+    let text = std::fs::read_to_string(golden_path("interventions_a.json")).unwrap();
+    let g: J = serde_json::from_str(&text).unwrap();
+    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
+    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let ds = datasets(&g, loaded.cfg().bos_token_id);
+    let cfg = loaded.cfg();
+    let heads = (0..cfg.n_layers)
+        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
+        .collect();
+    (loaded, ds, heads)
+}
+
 /// The progress bar counts passes: per batch the unchanged one, the patch's source run and
 /// one per intervention (here per (layer, position), stacked into few resumed passes), and
 /// ends exactly at its length. A miscount (a stacked pass counted once, or the `ln_final`
@@ -334,15 +348,8 @@ fn bad_interventions_point_at_the_key() {
 #[test]
 fn the_progress_bar_counts_passes() {
     use hookgraph::engine::{Engine, LoopOptions, MetricSet};
-    let text = std::fs::read_to_string(golden_path("interventions_a.json")).unwrap();
-    let g: J = serde_json::from_str(&text).unwrap();
-    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
-    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
-    let ds = datasets(&g, loaded.cfg().bos_token_id);
+    let (loaded, ds, heads) = ckpt_a_with_its_golden_datasets();
     let cfg = loaded.cfg().clone();
-    let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
-        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
-        .collect();
     let ctx = RunContext::of(&loaded, &heads);
     for (spec, batch_size) in [
         (
@@ -400,16 +407,9 @@ fn the_progress_bar_counts_passes() {
 fn device_writes_copy_no_activation_to_the_host() {
     use hookgraph::hooks::{HookFilter, Hooks};
     use hookgraph::metrics::{BatchView, Metric};
-    let text = std::fs::read_to_string(golden_path("interventions_a.json")).unwrap();
-    let g: J = serde_json::from_str(&text).unwrap();
-    let files = CheckpointFiles::in_dir(&fixture("ckpt_a")).unwrap();
-    let loaded = model::load(Cpu::default(), files, Processing::ALL, None).unwrap();
+    let (loaded, ds, heads) = ckpt_a_with_its_golden_datasets();
     let cfg = loaded.cfg().clone();
     let generic = HookedGpt2::new_generic(Cpu::default(), cfg.clone(), &loaded.params).unwrap();
-    let ds = datasets(&g, cfg.bos_token_id);
-    let heads: Vec<(usize, usize)> = (0..cfg.n_layers)
-        .flat_map(|l| (0..cfg.n_heads).map(move |h| (l, h)))
-        .collect();
     let ctx = RunContext::of(&loaded, &heads);
     for spec in [
         serde_json::json!({"kind": "ablate", "value": "zero", "hook": "z"}),
