@@ -327,6 +327,20 @@ fn bad_interventions_point_at_the_key() {
     );
 }
 
+/// The one intervention of a golden case's spec, planned.
+fn plan_of(
+    spec: &J,
+    ds: &[Dataset],
+    cfg: &hookgraph::model::ModelConfig,
+    heads: &[(usize, usize)],
+) -> interventions::Plan {
+    let text = case_toml(spec, ds);
+    let loaded_spec = LoadedSpec::from_str(&text, std::path::Path::new("t.toml")).unwrap();
+    interventions::plan(&loaded_spec, cfg, heads, ds)
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .remove(0)
+}
+
 /// `ckpt_a` processed, the datasets of its intervention golden, and every head.
 fn ckpt_a_with_its_golden_datasets() -> (LoadedModel<Cpu>, Vec<Dataset>, Vec<(usize, usize)>) {
     let text = std::fs::read_to_string(golden_path("interventions_a.json")).unwrap();
@@ -361,11 +375,7 @@ fn the_progress_bar_counts_passes() {
             3,
         ),
     ] {
-        let spec_text = case_toml(&spec, &ds);
-        let loaded_spec = LoadedSpec::from_str(&spec_text, std::path::Path::new("t.toml")).unwrap();
-        let plan = interventions::plan(&loaded_spec, &cfg, &heads, &ds)
-            .unwrap()
-            .remove(0);
+        let plan = plan_of(&spec, &ds, &cfg, &heads);
         let target = ds.iter().find(|d| d.name == plan.datasets[0]).unwrap();
         let units = plan.units(cfg.n_layers, target.seq_len()).len();
         let source = usize::from(plan.source.is_some());
@@ -419,11 +429,7 @@ fn device_writes_copy_no_activation_to_the_host() {
         serde_json::json!({"kind": "patch", "hook": "resid_pre", "per_position": true, "source": "eq_corrupt", "dataset": "eq"}),
         serde_json::json!({"kind": "ablate", "value": "zero", "hook": "attn_out", "measure": ["logit_diff"]}),
     ] {
-        let spec_text = case_toml(&spec, &ds);
-        let loaded_spec = LoadedSpec::from_str(&spec_text, std::path::Path::new("t.toml")).unwrap();
-        let plan = interventions::plan(&loaded_spec, &cfg, &heads, &ds)
-            .unwrap()
-            .remove(0);
+        let plan = plan_of(&spec, &ds, &cfg, &heads);
         let target = ds.iter().find(|d| d.name == plan.datasets[0]).unwrap();
         let mut tables = Vec::new();
         for on_device in [false, true] {
