@@ -16,7 +16,7 @@
 //! heads (`result`), or nothing (the other hooks, whose change adds to the stream as it is).
 
 use dfdx::prelude::*;
-use ndarray::ArrayD;
+use ndarray::{ArrayD, ArrayViewD};
 use rayon::prelude::*;
 
 use super::{Hook, Kind, Unit, Value};
@@ -31,12 +31,12 @@ use crate::seam::{self, DeviceActs, DeviceTensor};
 pub struct WriteInputs<'a> {
     pub hook: Hook,
     pub kind: Kind,
-    /// The unchanged activation at the hook.
-    pub old: &'a ArrayD<f32>,
-    /// The residual stream where the pass resumes.
-    pub resid: &'a ArrayD<f32>,
-    /// A patch's source activation at the hook (same shape as `old`).
-    pub source: Option<&'a ArrayD<f32>>,
+    /// The unchanged activation at the hook (standard layout).
+    pub old: ArrayViewD<'a, f32>,
+    /// The residual stream where the pass resumes (standard layout).
+    pub resid: ArrayViewD<'a, f32>,
+    /// A patch's source activation at the hook (same shape as `old`, standard layout).
+    pub source: Option<ArrayViewD<'a, f32>>,
     /// A mean ablation's mean: the hook's shape without batch and position (`[pos, ...]`
     /// per position).
     pub mean: Option<&'a ArrayD<f32>>,
@@ -70,7 +70,7 @@ pub fn write_unit(w: &WriteInputs, unit: &Unit, out: &mut [f32]) -> Result<()> {
         Some(p) => vec![p],
         None => (0..s).collect(),
     };
-    let source = w.source.map(|a| a.as_slice().expect("contiguous"));
+    let source = w.source.as_ref().map(|a| a.as_slice().expect("contiguous"));
     let mean = w.mean.map(|a| a.as_slice().expect("contiguous"));
     let mut new = vec![0f32; width];
     let mut delta = vec![0f32; width];
@@ -187,19 +187,19 @@ impl seam::Op for WriteOp<'_> {
 
     fn host(&self) -> Result<Resid> {
         let (name, resid_name) = self.names();
-        let standard = |a: &ArrayD<f32>| a.as_standard_layout().into_owned();
-        let old = standard(self.cache.get(&name)?);
-        let resid = standard(self.cache.get(&resid_name)?);
+        // Host caches hold standard-layout arrays: these borrow them (no copy per stack).
+        let old = self.cache.get(&name)?.as_standard_layout();
+        let resid = self.cache.get(&resid_name)?.as_standard_layout();
         let source = match self.source {
-            Some(c) => Some(standard(c.get(&name)?)),
+            Some(c) => Some(c.get(&name)?.as_standard_layout()),
             None => None,
         };
         let w = WriteInputs {
             hook: self.hook,
             kind: self.kind,
-            old: &old,
-            resid: &resid,
-            source: source.as_ref(),
+            old: old.view(),
+            resid: resid.view(),
+            source: source.as_ref().map(|a| a.view()),
             mean: self.mean,
             w_o: self
                 .w_o

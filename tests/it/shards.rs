@@ -138,11 +138,7 @@ fn three_shards_merged_equal_the_unsharded_run_for_every_builtin() {
         let s = sharded.join(format!("shards/{i}-of-3"));
         assert!(s.join("state.safetensors").is_file() && s.join("shard.json").is_file());
     }
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
+    merge_ok(&sharded);
     assert_same_results(&whole, &sharded);
     // Every built-in wrote at least one table in both.
     for b in hookgraph::metrics::BUILTINS {
@@ -166,11 +162,7 @@ fn three_shards_merged_equal_the_unsharded_run_for_every_builtin() {
         let s = sharded.join(format!("shards/{i}-of-3/shard.json"));
         assert!(s.is_file(), "{} lost by the merge", s.display());
     }
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
+    merge_ok(&sharded);
     assert_same_results(&whole, &sharded);
 }
 
@@ -220,11 +212,7 @@ fn a_run_killed_after_k_batches_and_resumed_equals_the_uninterrupted_run() {
                 .and(predicates::str::contains("--resume")),
         );
     run_ok(&spec, &sharded, &["--shard", "1/3", "--resume"]);
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
+    merge_ok(&sharded);
     assert_same_results(&whole, &sharded);
 }
 
@@ -336,19 +324,26 @@ fn a_plugin_without_partial_state_is_refused_by_name_when_sharding() {
     assert!(out.join("plugin_source_suppression.csv").is_file());
 }
 
+/// `runner merge` of `out`, which must succeed.
+fn merge_ok(out: &Path) {
+    runner().args(["merge", "-q"]).arg(out).assert().success();
+}
+
+/// Runs `spec` as `n` shards into `sharded`, merges them, and checks the merge equals the
+/// uninterrupted run in `whole`.
+fn shards_merged_equal(spec: &Path, sharded: &Path, n: usize, whole: &Path) {
+    for i in 0..n {
+        run_ok(spec, sharded, &["--shard", &format!("{i}/{n}")]);
+    }
+    merge_ok(sharded);
+    assert_same_results(whole, sharded);
+}
+
 /// Runs `spec` as three shards merged, and killed after 4 batches then resumed, into
 /// directories under `dir`; both must equal the uninterrupted run in `whole`.
 fn sharded_and_resumed_equal(dir: &Path, spec: &Path, whole: &Path) {
     let sharded = dir.join("sharded");
-    for i in 0..3 {
-        run_ok(spec, &sharded, &["--shard", &format!("{i}/3")]);
-    }
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
-    assert_same_results(whole, &sharded);
+    shards_merged_equal(spec, &sharded, 3, whole);
 
     let killed = dir.join("killed");
     runner()
@@ -423,15 +418,7 @@ fn a_plugin_built_for_abi_version_2_still_shards() {
     let t = std::fs::read_to_string(whole.join("abi_v2_count.csv")).unwrap();
     assert!(t.contains("ioi,1,3,10"), "{t}");
     let sharded = dir.path().join("sharded");
-    for i in 0..2 {
-        run_ok(&spec, &sharded, &["--shard", &format!("{i}/2")]);
-    }
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
-    assert_same_results(&whole, &sharded);
+    shards_merged_equal(&spec, &sharded, 2, &whole);
 }
 
 /// A spec in `dir` running the example or test plugin `name` alone on the tiny checkpoint.
@@ -498,15 +485,7 @@ per_position = true
     let whole = dir.path().join("whole");
     run_ok(&spec, &whole, &[]);
     let sharded = dir.path().join("sharded");
-    for i in 0..3 {
-        run_ok(&spec, &sharded, &["--shard", &format!("{i}/3")]);
-    }
-    runner()
-        .args(["merge", "-q"])
-        .arg(&sharded)
-        .assert()
-        .success();
-    assert_same_results(&whole, &sharded);
+    shards_merged_equal(&spec, &sharded, 3, &whole);
     let other = dir.path().join("batch5");
     run_ok(&write("iv5.toml", 5), &other, &[]);
     assert_same_results(&whole, &other);
