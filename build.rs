@@ -1,9 +1,8 @@
-//! Build-time facts for the run manifest: `built` writes `$OUT_DIR/built.rs` with, among
-//! others, `DEPENDENCIES`, every package and version in Cargo.lock, so a crate linked in two
-//! versions (gemm 0.15 through dfdx, 0.19 directly) is listed twice.
-//! [`build_info`](src/build_info.rs) includes it and picks the crates that shape results.
-//! The git commit the runner is built from goes in `HOOKGRAPH_GIT_COMMIT` ("unknown" outside
-//! a git checkout, e.g. a wheel built from a source archive).
+//! Build-time facts for the run manifest. The crate versions come from Cargo.lock, which
+//! [`build_info`](src/build_info.rs) embeds and reads itself; this script adds only what the
+//! source tree cannot say: the git commit the runner is built from, in
+//! `HOOKGRAPH_GIT_COMMIT` ("unknown" outside a git checkout, e.g. a wheel built from a source
+//! archive).
 use std::process::Command;
 
 fn git(args: &[&str]) -> Option<String> {
@@ -16,11 +15,9 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    // Only the lock file and the checked-out commit change what is recorded; without these,
-    // any edit reruns the script.
-    println!("cargo:rerun-if-changed=Cargo.lock");
+    // Only the checked-out commit changes what is recorded; without these, any edit reruns
+    // the script.
     println!("cargo:rerun-if-changed=build.rs");
-    built::write_built_file().expect("collecting build-time information for the manifest");
 
     let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=HOOKGRAPH_GIT_COMMIT={commit}");

@@ -1,15 +1,30 @@
 //! What the binary was built from, for the run manifest.
 //!
 //! Owns: the versions of the crates that shape a run's numbers (the tensor library, the
-//! matmul kernels, the tokenizer, the checkpoint reader, ...), read from `built`'s record of
-//! Cargo.lock (see `build.rs`). Must not: parse Cargo.lock itself or run anything.
+//! matmul kernels, the tokenizer, the checkpoint reader, ...), read from the Cargo.lock the
+//! binary was built with (embedded at compile time, parsed with the `toml` crate the specs
+//! already use). Must not: run anything.
+//!
+//! Why not a build-script crate (`built` with `cargo-lock`, as before): that compiled a
+//! second TOML parser, `url`, `idna` and ICU for the build host, about 15 s of CPU in every
+//! fresh build, the `pip install` of the wheel included, to read one file this crate can read.
 
+use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// The file `built` writes from `build.rs`.
-#[allow(dead_code, clippy::all)]
-mod built_info {
-    include!(concat!(env!("OUT_DIR"), "/built.rs"));
+/// The lock file the binary was built from (the workspace root's; cargo rebuilds this crate
+/// when it changes).
+const CARGO_LOCK: &str = include_str!("../Cargo.lock");
+
+#[derive(Deserialize)]
+struct Lock {
+    package: Vec<Package>,
+}
+
+#[derive(Deserialize)]
+struct Package {
+    name: String,
+    version: String,
 }
 
 /// The git commit the runner was built from ("unknown" outside a git checkout).
@@ -29,7 +44,14 @@ pub const RESULT_CRATES: &[&str] = &[
 /// Each of [`RESULT_CRATES`] with every version in the lock file, ascending and joined by
 /// `", "` (`gemm` -> `"0.15.5, 0.19.0"`: dfdx's kernels and ours).
 pub fn crate_versions() -> BTreeMap<&'static str, String> {
-    versions(&built_info::DEPENDENCIES, RESULT_CRATES)
+    // The file is cargo's own output, embedded at build time: failing to parse it is a bug.
+    let lock: Lock = toml::from_str(CARGO_LOCK).expect("the embedded Cargo.lock parses");
+    let deps: Vec<(&str, &str)> = lock
+        .package
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    versions(&deps, RESULT_CRATES)
 }
 
 fn versions(deps: &[(&str, &str)], wanted: &[&'static str]) -> BTreeMap<&'static str, String> {

@@ -4,9 +4,11 @@
 //! hub's environment read as Python's huggingface_hub reads it ([`HubEnv`]): `HF_ENDPOINT`
 //! (a mirror), `HF_TOKEN` / `HF_TOKEN_PATH` / `$HF_HOME/token`, `HF_HUB_OFFLINE`,
 //! `HF_HUB_CACHE` / `$HF_HOME/hub`. A hub id (`gpt2`, `gpt2-medium`, ...) is looked up in that
-//! cache and, when missing, downloaded into it with `hf-hub` in the layout Python reads
+//! cache and, when missing, downloaded into it in the layout Python reads
 //! (`models--*/blobs`, `snapshots/<commit>/`, `refs/main`), like TransformerLens's
-//! `from_pretrained`. A downloaded LFS blob is checked against its sha256 etag, so a transfer
+//! `from_pretrained`: with `hf-hub` (the `download` feature), or with a Python's
+//! huggingface_hub (`HOOKGRAPH_PYTHON`, and always in a build without the feature: the
+//! wheel). A downloaded LFS blob is checked against its sha256 etag, so a transfer
 //! cut off early never becomes a file the next run takes for complete.
 //! Must not: parse the files it finds.
 
@@ -202,31 +204,133 @@ pub fn resolve_hub(name: &str) -> Result<CheckpointFiles> {
 }
 
 /// Downloads the checkpoint into the shared cache; returns the snapshot directory.
+///
+/// Two clients, one cache layout: the huggingface_hub of a Python when `HOOKGRAPH_PYTHON`
+/// names one (`hookgraph.run` names its own interpreter) or when this binary was built
+/// without hf-hub (the wheel, whose environment has a Python by definition), else hf-hub.
+/// Either way every file is checked against its hash before the run uses it.
 fn download(repo: &str, env: &HubEnv) -> std::result::Result<PathBuf, String> {
-    // Not `ApiBuilder::new()` (always huggingface.co) nor `from_env()` alone (HF_ENDPOINT and
-    // HF_HOME only, and it panics without a home directory): every setting comes from HubEnv,
-    // so each variable follows Python's rules.
-    let cache = hf_hub::Cache::new(env.cache.clone());
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
-        .with_endpoint(env.endpoint.clone())
-        .with_token(env.token.clone())
-        .with_progress(env.progress)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let model = api.model(repo.to_string());
-    let mut dir = None;
-    for f in REQUIRED {
-        let p = model.get(f).map_err(|e| format!("{f}: {e}"))?;
-        verify_blob(&p).map_err(|e| format!("{f}: {e}"))?;
-        dir = p.parent().map(Path::to_path_buf);
-    }
-    for f in OPTIONAL {
-        // GPT-2 repos carry all three; a repo with only one tokenizer form is still fine.
-        if let Ok(p) = model.get(f) {
+    let dir = match python_downloader(|k| std::env::var_os(k)) {
+        Some(python) => download_with_python(&python, repo, env)?,
+        None => rust_client::download(repo, env)?,
+    };
+    for f in REQUIRED.iter().chain(OPTIONAL) {
+        let p = dir.join(f);
+        if p.exists() {
             verify_blob(&p).map_err(|e| format!("{f}: {e}"))?;
         }
     }
-    dir.ok_or_else(|| "download returned no path".into())
+    Ok(dir)
+}
+
+/// The Python whose huggingface_hub downloads, if downloads go through Python:
+/// `HOOKGRAPH_PYTHON`; without the Rust client, the `python3` (or `python`) beside this
+/// binary (a venv's scripts directory, where the wheel installs it), else `python3` on PATH.
+fn python_downloader(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    if let Some(p) = var("HOOKGRAPH_PYTHON").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if rust_client::AVAILABLE {
+        return None;
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let names = if cfg!(windows) {
+        ["python.exe", "python3.exe"]
+    } else {
+        ["python3", "python"]
+    };
+    beside
+        .and_then(|dir| names.iter().map(|n| dir.join(n)).find(|p| p.is_file()))
+        .or_else(|| Some(PathBuf::from(names[0])))
+}
+
+/// Downloads with `python -m hookgraph._download` (python/src/hookgraph/_download.py):
+/// huggingface_hub's `hf_hub_download` into `env.cache` from `env.endpoint`, the token
+/// from the environment by the same rules as [`HubEnv`] (never on a command line). Its
+/// progress bars reach the terminal (stderr is inherited); its last stdout line is
+/// `ok <snapshot dir>` or `error <message>`.
+pub fn download_with_python(
+    python: &Path,
+    repo: &str,
+    env: &HubEnv,
+) -> std::result::Result<PathBuf, String> {
+    let out = std::process::Command::new(python)
+        .args(["-m", "hookgraph._download", repo, "--cache"])
+        .arg(&env.cache)
+        .args(["--endpoint", &env.endpoint, "--required"])
+        .args(REQUIRED)
+        .arg("--optional")
+        .args(OPTIONAL)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| {
+            format!(
+                "could not run {} to download with huggingface_hub ({e}); set \
+                 HOOKGRAPH_PYTHON to a Python with hookgraph and huggingface_hub installed",
+                python.display()
+            )
+        })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or("");
+    match last.split_once(' ') {
+        Some(("ok", dir)) if out.status.success() => Ok(PathBuf::from(dir)),
+        Some(("error", msg)) => Err(format!("huggingface_hub in {}: {msg}", python.display())),
+        _ => Err(format!(
+            "{} -m hookgraph._download exited with {} (is hookgraph installed for it?)",
+            python.display(),
+            out.status
+        )),
+    }
+}
+
+/// The Rust client (hf-hub), when built with the `download` feature.
+#[cfg(feature = "download")]
+mod rust_client {
+    use super::{HubEnv, OPTIONAL, REQUIRED};
+    use std::path::{Path, PathBuf};
+
+    pub const AVAILABLE: bool = true;
+
+    pub fn download(repo: &str, env: &HubEnv) -> std::result::Result<PathBuf, String> {
+        // Not `ApiBuilder::new()` (always huggingface.co) nor `from_env()` alone (HF_ENDPOINT
+        // and HF_HOME only, and it panics without a home directory): every setting comes
+        // from HubEnv, so each variable follows Python's rules.
+        let cache = hf_hub::Cache::new(env.cache.clone());
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+            .with_endpoint(env.endpoint.clone())
+            .with_token(env.token.clone())
+            .with_progress(env.progress)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let model = api.model(repo.to_string());
+        let mut dir = None;
+        for f in REQUIRED {
+            let p = model.get(f).map_err(|e| format!("{f}: {e}"))?;
+            dir = p.parent().map(Path::to_path_buf);
+        }
+        for f in OPTIONAL {
+            // GPT-2 repos carry all three; a repo with only one tokenizer form is still fine.
+            let _ = model.get(f);
+        }
+        dir.ok_or_else(|| "download returned no path".into())
+    }
+}
+
+/// Without the `download` feature there is no Rust client: [`python_downloader`] always
+/// names a Python, so this is never called.
+#[cfg(not(feature = "download"))]
+mod rust_client {
+    use super::HubEnv;
+    use std::path::PathBuf;
+
+    pub const AVAILABLE: bool = false;
+
+    pub fn download(_repo: &str, _env: &HubEnv) -> std::result::Result<PathBuf, String> {
+        Err("built without the `download` feature".into())
+    }
 }
 
 /// Checks a snapshot file against its blob's name when that name is a sha256 (the etag of

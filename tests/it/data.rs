@@ -164,6 +164,26 @@ fn ioi_positions_point_at_the_names() {
     assert_eq!(ds.seq_len(), ds.lengths.iter().copied().max().unwrap());
 }
 
+/// Our tokenizer (the `tokenizers` crate on fancy-regex, Cargo.toml says why) against
+/// Hugging Face's Python tokenizer (Oniguruma), which TL's `to_tokens` uses, on texts that
+/// stress GPT-2's pattern: whitespace runs before words (its lookahead), contractions, other
+/// scripts, emoji, combining marks, the special token. tests/golden/make_tokenizer_golden.py.
+#[test]
+fn tokenizer_matches_hugging_face() {
+    #[derive(serde::Deserialize)]
+    struct Case {
+        text: String,
+        ids: Vec<u32>,
+    }
+    let golden = std::fs::read_to_string(root().join("tests/golden/tokenizer_gpt2.json")).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(&golden).unwrap();
+    assert!(cases.len() >= 20);
+    let tok = gpt2_tok();
+    for c in &cases {
+        assert_eq!(tok.encode(&c.text).unwrap(), c.ids, "{:?}", c.text);
+    }
+}
+
 #[test]
 fn ioi_builtin_names_are_single_gpt2_tokens() {
     let tok = gpt2_tok();

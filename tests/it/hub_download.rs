@@ -181,7 +181,10 @@ fn serve(
             return respond(&mut conn, "404 Not Found", &hdr, b"");
         };
         if f.lfs {
-            let to = format!("http://127.0.0.1:{port}/cdn/{}", f.etag);
+            // The "CDN" is another host name for the same server, as on huggingface.co:
+            // huggingface_hub follows redirects that stay on the hub's host and reads the
+            // metadata from the first one that leaves it.
+            let to = format!("http://localhost:{port}/cdn/{}", f.etag);
             let hdr = [
                 h("Location", to),
                 h("x-repo-commit", COMMIT.into()),
@@ -481,4 +484,86 @@ fn a_download_cut_off_halfway_is_never_taken_for_a_complete_file() {
             );
         }
     }
+}
+
+/// A Python with hookgraph's module and huggingface_hub: `HOOKGRAPH_TEST_PYTHON`, which
+/// `.ci/run` sets to its venv's (so there this test always runs); unset, it is skipped.
+fn test_python() -> Option<PathBuf> {
+    let p = std::env::var_os("HOOKGRAPH_TEST_PYTHON").filter(|p| !p.is_empty());
+    if p.is_none() {
+        eprintln!("skipped: HOOKGRAPH_TEST_PYTHON is not set (a Python with huggingface_hub)");
+    }
+    p.map(PathBuf::from)
+}
+
+/// The wheel's runner has no Rust client: it downloads with the huggingface_hub of the
+/// Python beside it, or of `HOOKGRAPH_PYTHON` (what this test sets, on the cargo-built
+/// runner). Same mirror, same cache layout, same hash check as the Rust client.
+#[test]
+fn downloads_through_python_huggingface_hub() {
+    let Some(python) = test_python() else { return };
+    let py = python.to_str().unwrap();
+    let pythonpath = root().join("python/src");
+    let pythonpath = pythonpath.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let cache_s = cache.to_str().unwrap();
+    let hub = LoopbackHub::start();
+    let ep = hub.endpoint();
+    let base = [
+        ("HOOKGRAPH_PYTHON", py),
+        ("PYTHONPATH", pythonpath),
+        ("HF_HUB_DISABLE_TELEMETRY", "1"),
+        ("HF_ENDPOINT", ep.as_str()),
+        ("HF_HUB_CACHE", cache_s),
+    ];
+    let out = tmp.path().join("a.safetensors");
+
+    // Without the token: huggingface_hub's own error, through the runner's message.
+    let err = stderr(&run_gpt2(&out, &base).code(1));
+    assert!(
+        err.contains("huggingface_hub") && err.contains("401"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let with_token = [&base[..], &[("HF_TOKEN", TOKEN)]].concat();
+    let a = run_gpt2(&out, &with_token).success();
+    assert!(!stderr(&a).contains(TOKEN), "the token leaked into the log");
+    check_logits(&out);
+    check_layout(&cache);
+
+    // A body cut off without a length: huggingface_hub cannot tell, the hash check can.
+    let cache2 = tmp.path().join("hub2");
+    let cut = [
+        ("HOOKGRAPH_PYTHON", py),
+        ("PYTHONPATH", pythonpath),
+        ("HF_HUB_DISABLE_TELEMETRY", "1"),
+        ("HF_ENDPOINT", ep.as_str()),
+        ("HF_HUB_CACHE", cache2.to_str().unwrap()),
+        ("HF_TOKEN", TOKEN),
+    ];
+    hub.mode.store(CUT_WITHOUT_LENGTH, Ordering::SeqCst);
+    let out2 = tmp.path().join("b.safetensors");
+    let err = stderr(&run_gpt2(&out2, &cut).code(1));
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(!out2.exists());
+    assert_eq!(find_in_cache(&cache2, "gpt2"), None);
+    run_gpt2(&out2, &cut).success();
+    check_logits(&out2);
+
+    // A Python that cannot run the helper: a clear error, nothing written.
+    let cache3 = tmp.path().join("hub3");
+    let missing = [
+        ("HOOKGRAPH_PYTHON", "/nonexistent/python3"),
+        ("HF_ENDPOINT", ep.as_str()),
+        ("HF_HUB_CACHE", cache3.to_str().unwrap()),
+    ];
+    let out3 = tmp.path().join("c.safetensors");
+    let err = stderr(&run_gpt2(&out3, &missing).code(1));
+    assert!(
+        err.contains("/nonexistent/python3") && err.contains("HOOKGRAPH_PYTHON"),
+        "{err}"
+    );
+    assert!(!out3.exists());
 }

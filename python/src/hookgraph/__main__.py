@@ -6,15 +6,16 @@ import os
 import subprocess
 import sys
 
-from ._runner import runner_path
+from ._runner import runner_env, runner_path
 
 
 def main() -> int:
     exe = runner_path()
     args = [exe, *sys.argv[1:]]
+    env = runner_env()
     if sys.platform == "win32":
-        return subprocess.run(args).returncode
-    os.execv(exe, args)
+        return subprocess.run(args, env=env).returncode
+    os.execve(exe, args, env)
     return 1  # not reached
 
 

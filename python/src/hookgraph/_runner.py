@@ -3,6 +3,11 @@
 The wheel installs `runner` into the environment's scripts directory (maturin's `bin`
 bindings, as ruff ships its binary). `HOOKGRAPH_RUNNER` points at another one, e.g. the
 runner `cargo test` built in a checkout (`target/debug/runner`), so tests need no wheel.
+
+The runner downloads a hub model it does not find in the cache with the huggingface_hub of
+`HOOKGRAPH_PYTHON`; `runner_env` names this interpreter, so a model fetched from a notebook
+uses the notebook's huggingface_hub (its token, its proxy settings) and lands in the cache
+TransformerLens reads.
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ def runner_path() -> str:
     )
 
 
+def runner_env() -> dict:
+    """The environment the runner gets: this one, with `HOOKGRAPH_PYTHON` set to this
+    interpreter unless the user set it."""
+    env = dict(os.environ)
+    env.setdefault("HOOKGRAPH_PYTHON", sys.executable)
+    return env
+
+
 def call(args: Sequence[str], quiet: bool = True) -> subprocess.CompletedProcess:
     """Runs `runner ARGS`; raises RunnerError on a non-zero exit (exit 3, some metric
     failed but the others were written, is returned: the caller decides)."""
@@ -64,6 +77,7 @@ def call(args: Sequence[str], quiet: bool = True) -> subprocess.CompletedProcess
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=runner_env(),
     )
     if not quiet and proc.stdout:
         sys.stdout.write(proc.stdout)
