@@ -454,4 +454,28 @@ mod tests {
         assert!(err.contains(&sha), "{err}");
         assert!(!blobs.join(&sha).exists() && snap.join("f").symlink_metadata().is_err());
     }
+
+    #[test]
+    fn downloads_go_through_python_when_named_or_without_the_rust_client() {
+        let named = |v: Option<&str>| {
+            python_downloader(|k| {
+                (k == "HOOKGRAPH_PYTHON")
+                    .then(|| v.map(Into::into))
+                    .flatten()
+            })
+        };
+        assert_eq!(
+            named(Some("/opt/py/bin/python3")),
+            Some(PathBuf::from("/opt/py/bin/python3"))
+        );
+        // Unset or empty: the Rust client when built in; else a Python beside the binary or
+        // on PATH.
+        for v in [None, Some("")] {
+            let got = named(v);
+            assert_eq!(got.is_none(), rust_client::AVAILABLE, "{got:?}");
+            if let Some(p) = got {
+                assert!(p.to_string_lossy().contains("python"), "{p:?}");
+            }
+        }
+    }
 }

@@ -502,65 +502,62 @@ fn test_python() -> Option<PathBuf> {
 #[test]
 fn downloads_through_python_huggingface_hub() {
     let Some(python) = test_python() else { return };
-    let py = python.to_str().unwrap();
-    let pythonpath = root().join("python/src");
-    let pythonpath = pythonpath.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let cache = tmp.path().join("hub");
-    let cache_s = cache.to_str().unwrap();
     let hub = LoopbackHub::start();
-    let ep = hub.endpoint();
-    let base = [
-        ("HOOKGRAPH_PYTHON", py),
-        ("PYTHONPATH", pythonpath),
-        ("HF_HUB_DISABLE_TELEMETRY", "1"),
-        ("HF_ENDPOINT", ep.as_str()),
-        ("HF_HUB_CACHE", cache_s),
-    ];
+    // The runner's environment: downloads through `python`, from the loopback hub, into
+    // `cache`, with the token or without.
+    let env = |cache: &Path, token: bool| {
+        let mut v = vec![
+            ("HOOKGRAPH_PYTHON", python.display().to_string()),
+            (
+                "PYTHONPATH",
+                root().join("python/src").display().to_string(),
+            ),
+            ("HF_HUB_DISABLE_TELEMETRY", "1".to_string()),
+            ("HF_ENDPOINT", hub.endpoint()),
+            ("HF_HUB_CACHE", cache.display().to_string()),
+        ];
+        if token {
+            v.push(("HF_TOKEN", TOKEN.to_string()));
+        }
+        v
+    };
+    let run = |out: &Path, env: &[(&str, String)]| {
+        let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_gpt2(out, &vars)
+    };
+    let cache = tmp.path().join("hub");
     let out = tmp.path().join("a.safetensors");
 
     // Without the token: huggingface_hub's own error, through the runner's message.
-    let err = stderr(&run_gpt2(&out, &base).code(1));
+    let err = stderr(&run(&out, &env(&cache, false)).code(1));
     assert!(
         err.contains("huggingface_hub") && err.contains("401"),
         "{err}"
     );
     assert!(!out.exists());
 
-    let with_token = [&base[..], &[("HF_TOKEN", TOKEN)]].concat();
-    let a = run_gpt2(&out, &with_token).success();
+    let a = run(&out, &env(&cache, true)).success();
     assert!(!stderr(&a).contains(TOKEN), "the token leaked into the log");
     check_logits(&out);
     check_layout(&cache);
 
     // A body cut off without a length: huggingface_hub cannot tell, the hash check can.
     let cache2 = tmp.path().join("hub2");
-    let cut = [
-        ("HOOKGRAPH_PYTHON", py),
-        ("PYTHONPATH", pythonpath),
-        ("HF_HUB_DISABLE_TELEMETRY", "1"),
-        ("HF_ENDPOINT", ep.as_str()),
-        ("HF_HUB_CACHE", cache2.to_str().unwrap()),
-        ("HF_TOKEN", TOKEN),
-    ];
     hub.mode.store(CUT_WITHOUT_LENGTH, Ordering::SeqCst);
     let out2 = tmp.path().join("b.safetensors");
-    let err = stderr(&run_gpt2(&out2, &cut).code(1));
+    let err = stderr(&run(&out2, &env(&cache2, true)).code(1));
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(!out2.exists());
     assert_eq!(find_in_cache(&cache2, "gpt2"), None);
-    run_gpt2(&out2, &cut).success();
+    run(&out2, &env(&cache2, true)).success();
     check_logits(&out2);
 
     // A Python that cannot run the helper: a clear error, nothing written.
-    let cache3 = tmp.path().join("hub3");
-    let missing = [
-        ("HOOKGRAPH_PYTHON", "/nonexistent/python3"),
-        ("HF_ENDPOINT", ep.as_str()),
-        ("HF_HUB_CACHE", cache3.to_str().unwrap()),
-    ];
+    let mut missing = env(&tmp.path().join("hub3"), true);
+    missing[0].1 = "/nonexistent/python3".into();
     let out3 = tmp.path().join("c.safetensors");
-    let err = stderr(&run_gpt2(&out3, &missing).code(1));
+    let err = stderr(&run(&out3, &missing).code(1));
     assert!(
         err.contains("/nonexistent/python3") && err.contains("HOOKGRAPH_PYTHON"),
         "{err}"
