@@ -251,14 +251,33 @@ fn python_downloader(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option
 /// from the environment by the same rules as [`HubEnv`] (never on a command line). Its
 /// progress bars reach the terminal (stderr is inherited); its last stdout line is
 /// `ok <snapshot dir>` or `error <message>`.
-pub fn download_with_python(
+///
+/// `python -m` would put the working directory first on `sys.path`, so a `hookgraph/` or
+/// `huggingface_hub.py` lying in whatever directory the user ran from would be imported and
+/// run: the helper runs in the cache directory (the user's own, created here as
+/// huggingface_hub would) with `PYTHONSAFEPATH=1` (Python 3.11+ then adds no directory at
+/// all), and relative `PYTHONPATH` entries are made absolute first, so they still mean
+/// what the user meant.
+fn download_with_python(
     python: &Path,
     repo: &str,
     env: &HubEnv,
 ) -> std::result::Result<PathBuf, String> {
-    let out = std::process::Command::new(python)
+    let cache = std::fs::create_dir_all(&env.cache)
+        .and_then(|()| std::fs::canonicalize(&env.cache))
+        .map_err(|e| format!("creating the cache {}: {e}", env.cache.display()))?;
+    let mut cmd = std::process::Command::new(python);
+    if let (Some(paths), Ok(here)) = (std::env::var_os("PYTHONPATH"), std::env::current_dir()) {
+        let absolute = std::env::split_paths(&paths).map(|p| here.join(p));
+        if let Ok(joined) = std::env::join_paths(absolute) {
+            cmd.env("PYTHONPATH", joined);
+        }
+    }
+    let out = cmd
+        .current_dir(&cache)
+        .env("PYTHONSAFEPATH", "1")
         .args(["-m", "hookgraph._download", repo, "--cache"])
-        .arg(&env.cache)
+        .arg(&cache)
         .args(["--endpoint", &env.endpoint, "--required"])
         .args(REQUIRED)
         .arg("--optional")

@@ -266,7 +266,13 @@ fn send_range(
 
 /// `runner cache --model gpt2` with a clean hub environment plus `vars`, bounded in time.
 fn run_gpt2(out: &Path, vars: &[(&str, &str)]) -> assert_cmd::assert::Assert {
+    run_gpt2_in(&root(), out, vars)
+}
+
+/// [`run_gpt2`] with `cwd` as the working directory.
+fn run_gpt2_in(cwd: &Path, out: &Path, vars: &[(&str, &str)]) -> assert_cmd::assert::Assert {
     let mut cmd = runner();
+    cmd.current_dir(cwd);
     for k in [
         "HF_HUB_OFFLINE",
         "HF_HUB_CACHE",
@@ -291,17 +297,12 @@ fn run_gpt2(out: &Path, vars: &[(&str, &str)]) -> assert_cmd::assert::Assert {
     for (k, v) in vars {
         cmd.env(k, v);
     }
-    cmd.args([
-        "cache",
-        "--model",
-        "gpt2",
-        "--tokens",
-        "tests/golden/tokens_a.json",
-    ])
-    .args(["--hooks", "logits", "--out"])
-    .arg(out)
-    .timeout(Duration::from_secs(120))
-    .assert()
+    cmd.args(["cache", "--model", "gpt2", "--tokens"])
+        .arg(root().join("tests/golden/tokens_a.json"))
+        .args(["--hooks", "logits", "--out"])
+        .arg(out)
+        .timeout(Duration::from_secs(120))
+        .assert()
 }
 
 fn check_logits(out: &Path) {
@@ -552,6 +553,31 @@ fn downloads_through_python_huggingface_hub() {
     assert_eq!(find_in_cache(&cache2, "gpt2"), None);
     run(&out2, &env(&cache2, true)).success();
     check_logits(&out2);
+
+    // Run from a directory holding a planted `hookgraph` package, with a relative
+    // PYTHONPATH: the helper imports the real module (the relative entry still resolves
+    // from where the user ran), never the planted one (`python -m` puts the working
+    // directory first on sys.path; the runner runs it elsewhere, with PYTHONSAFEPATH).
+    let planted = tmp.path().join("planted");
+    std::fs::create_dir_all(planted.join("hookgraph")).unwrap();
+    let marker = tmp.path().join("planted-code-ran");
+    std::fs::write(planted.join("hookgraph/__init__.py"), "").unwrap();
+    std::fs::write(
+        planted.join("hookgraph/_download.py"),
+        format!(
+            "open({:?}, 'w').close()\nprint('ok /nowhere')\n",
+            marker.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(root().join("python/src"), planted.join("src")).unwrap();
+    let mut relative = env(&tmp.path().join("hub4"), true);
+    relative[1].1 = "src".into();
+    let vars: Vec<(&str, &str)> = relative.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out4 = tmp.path().join("d.safetensors");
+    run_gpt2_in(&planted, &out4, &vars).success();
+    assert!(!marker.exists(), "the planted hookgraph/_download.py ran");
+    check_logits(&out4);
 
     // A Python that cannot run the helper: a clear error, nothing written.
     let mut missing = env(&tmp.path().join("hub3"), true);
