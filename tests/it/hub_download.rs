@@ -265,12 +265,19 @@ fn send_range(
 }
 
 /// `runner cache --model gpt2` with a clean hub environment plus `vars`, bounded in time.
-fn run_gpt2(out: &Path, vars: &[(&str, &str)]) -> assert_cmd::assert::Assert {
+fn run_gpt2<V: AsRef<std::ffi::OsStr>>(
+    out: &Path,
+    vars: &[(&str, V)],
+) -> assert_cmd::assert::Assert {
     run_gpt2_in(&root(), out, vars)
 }
 
 /// [`run_gpt2`] with `cwd` as the working directory.
-fn run_gpt2_in(cwd: &Path, out: &Path, vars: &[(&str, &str)]) -> assert_cmd::assert::Assert {
+fn run_gpt2_in<V: AsRef<std::ffi::OsStr>>(
+    cwd: &Path,
+    out: &Path,
+    vars: &[(&str, V)],
+) -> assert_cmd::assert::Assert {
     let mut cmd = runner();
     cmd.current_dir(cwd);
     for k in [
@@ -295,7 +302,7 @@ fn run_gpt2_in(cwd: &Path, out: &Path, vars: &[(&str, &str)]) -> assert_cmd::ass
         cmd.env_remove(k);
     }
     for (k, v) in vars {
-        cmd.env(k, v);
+        cmd.env(k, v.as_ref());
     }
     cmd.args(["cache", "--model", "gpt2", "--tokens"])
         .arg(root().join("tests/golden/tokens_a.json"))
@@ -356,7 +363,11 @@ fn downloads_from_hf_endpoint_into_the_python_cache_layout_then_runs_offline() {
     let out = tmp.path().join("a.safetensors");
 
     // Without the token the gated repo refuses, and the error names the mirror.
-    let a = run_gpt2(&out, &[("HF_ENDPOINT", &ep), ("HF_HUB_CACHE", cache_s)]).code(1);
+    let a = run_gpt2(
+        &out,
+        &[("HF_ENDPOINT", ep.as_str()), ("HF_HUB_CACHE", cache_s)],
+    )
+    .code(1);
     let err = stderr(&a);
     assert!(
         err.contains("401") && err.contains(ep.trim_end_matches('/')),
@@ -418,7 +429,6 @@ fn token_file_under_hf_home_and_its_hub_cache() {
         ("HF_ENDPOINT", hub.endpoint()),
         ("HF_HOME", home.display().to_string()),
     ];
-    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     run_gpt2(&out, &vars).success();
     check_logits(&out);
     check_layout(&home.join("hub"));
@@ -523,22 +533,18 @@ fn downloads_through_python_huggingface_hub() {
         }
         v
     };
-    let run = |out: &Path, env: &[(&str, String)]| {
-        let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        run_gpt2(out, &vars)
-    };
     let cache = tmp.path().join("hub");
     let out = tmp.path().join("a.safetensors");
 
     // Without the token: huggingface_hub's own error, through the runner's message.
-    let err = stderr(&run(&out, &env(&cache, false)).code(1));
+    let err = stderr(&run_gpt2(&out, &env(&cache, false)).code(1));
     assert!(
         err.contains("huggingface_hub") && err.contains("401"),
         "{err}"
     );
     assert!(!out.exists());
 
-    let a = run(&out, &env(&cache, true)).success();
+    let a = run_gpt2(&out, &env(&cache, true)).success();
     assert!(!stderr(&a).contains(TOKEN), "the token leaked into the log");
     check_logits(&out);
     check_layout(&cache);
@@ -547,11 +553,11 @@ fn downloads_through_python_huggingface_hub() {
     let cache2 = tmp.path().join("hub2");
     hub.mode.store(CUT_WITHOUT_LENGTH, Ordering::SeqCst);
     let out2 = tmp.path().join("b.safetensors");
-    let err = stderr(&run(&out2, &env(&cache2, true)).code(1));
+    let err = stderr(&run_gpt2(&out2, &env(&cache2, true)).code(1));
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(!out2.exists());
     assert_eq!(find_in_cache(&cache2, "gpt2"), None);
-    run(&out2, &env(&cache2, true)).success();
+    run_gpt2(&out2, &env(&cache2, true)).success();
     check_logits(&out2);
 
     // Run from a directory holding a planted `hookgraph` package, with a relative
@@ -573,9 +579,8 @@ fn downloads_through_python_huggingface_hub() {
     std::os::unix::fs::symlink(root().join("python/src"), planted.join("src")).unwrap();
     let mut relative = env(&tmp.path().join("hub4"), true);
     relative[1].1 = "src".into();
-    let vars: Vec<(&str, &str)> = relative.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let out4 = tmp.path().join("d.safetensors");
-    run_gpt2_in(&planted, &out4, &vars).success();
+    run_gpt2_in(&planted, &out4, &relative).success();
     assert!(!marker.exists(), "the planted hookgraph/_download.py ran");
     check_logits(&out4);
 
@@ -583,7 +588,7 @@ fn downloads_through_python_huggingface_hub() {
     let mut missing = env(&tmp.path().join("hub3"), true);
     missing[0].1 = "/nonexistent/python3".into();
     let out3 = tmp.path().join("c.safetensors");
-    let err = stderr(&run(&out3, &missing).code(1));
+    let err = stderr(&run_gpt2(&out3, &missing).code(1));
     assert!(
         err.contains("/nonexistent/python3") && err.contains("HOOKGRAPH_PYTHON"),
         "{err}"
